@@ -1,0 +1,103 @@
+"""MixLoraLinear: a frozen linear layer plus n LoRA experts, combined by a router."""
+
+from __future__ import annotations
+
+import math
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+from transformers.pytorch_utils import Conv1D
+
+from loramix.losses import ExpertMemoryQueue
+from loramix.routing.base import ExpertSample, Router, RoutingContext
+
+CONTRAST_TOKENS = 64  # tokens per layer and step whose experts enter the contrastive loss
+
+
+def linear_features(layer: nn.Module) -> tuple[int, int]:
+    """(in_features, out_features) of an nn.Linear or a GPT-2 style Conv1D."""
+    if isinstance(layer, nn.Linear):
+        return layer.in_features, layer.out_features
+    if isinstance(layer, Conv1D):
+        return layer.weight.shape[0], layer.weight.shape[1]
+    raise TypeError(f"cannot adapt {type(layer).__name__}: loramix adapts nn.Linear and transformers' Conv1D")
+
+
+class MixLoraLinear(nn.Module):
+    """y = W0 x + scale * sum_i w_i B_i A_i x, with weights w from the router.
+
+    The experts are stored stacked, A: (n, r, d_in) and B: (n, d_out, r), so that all of them are applied by
+    two matrix products over the flattened (n r) rank dimension: no loop over experts or tokens. B starts at
+    zero: a freshly wrapped layer computes exactly what the base layer does.
+    """
+
+    def __init__(
+        self,
+        base_layer: nn.Module,
+        num_experts: int,
+        rank: int,
+        dropout: float,
+        router: Router,
+        context: RoutingContext,
+        owns_router: bool = True,
+        slot: int | None = None,
+        memory_queue_size: int = 0,
+    ) -> None:
+        super().__init__()
+        self.base_layer = base_layer
+        self.in_features, self.out_features = linear_features(base_layer)
+        self.num_experts, self.rank, self.slot = num_experts, rank, slot
+        weight = base_layer.weight
+        self.lora_A = nn.Parameter(torch.empty(num_experts, rank, self.in_features, device=weight.device))
+        self.lora_B = nn.Parameter(torch.zeros(num_experts, self.out_features, rank, device=weight.device))
+        nn.init.kaiming_uniform_(self.lora_A.view(-1, self.in_features), a=math.sqrt(5))
+        self.dropout = nn.Dropout(dropout) if dropout > 0 else nn.Identity()
+        self.context = context
+        if owns_router:
+            self.router = router
+        else:  # a router shared by several layers is owned by the MixLoraModel, not registered here
+            object.__setattr__(self, "router", router)
+        self.memory = (
+            ExpertMemoryQueue(num_experts, memory_queue_size, self.out_features) if memory_queue_size else None
+        )
+
+    def forward(self, x: Tensor) -> Tensor:
+        result = self.base_layer(x)
+        routing = self.router.route(x, self.context)
+        weights = routing.weights if self.slot is None else routing.weights[..., self.slot : self.slot + 1]
+        hidden = F.linear(self.dropout(x), self.lora_A.flatten(0, 1)).unflatten(-1, (self.num_experts, self.rank))
+        if self.memory is not None and self.training:
+            self._sample_for_contrast(hidden, routing.indices)
+        gates = (weights * self.router.expert_scale).unsqueeze(-1).to(hidden.dtype)
+        update = F.linear((hidden * gates).flatten(-2), self.lora_B.transpose(0, 1).flatten(1))
+        return result + update.to(result.dtype)
+
+    def _sample_for_contrast(self, hidden: Tensor, indices: Tensor) -> None:
+        """Keep the expert activations of a few random real tokens for the contrastive loss."""
+        mask = self.context.token_mask(hidden).flatten()
+        count = min(CONTRAST_TOKENS, mask.numel())
+        picks = (torch.rand(mask.shape, device=mask.device) + mask).topk(count).indices
+        picks = picks[mask[picks]]
+        active = indices.expand(*hidden.shape[:2], -1).flatten(0, 1)[picks]
+        self.context.expert_samples.append(ExpertSample(self, hidden.flatten(0, 1)[picks], active))
+
+    def expert_outputs(self, hidden: Tensor) -> Tensor:
+        """(S, n, d_out) each expert's output B_i h_i for rank-space activations h: (S, n, r)."""
+        return torch.einsum("snr,nor->sno", hidden, self.lora_B)
+
+    def delta_weight(self, expert_weights: Tensor) -> Tensor:
+        """scale * sum_i w_i B_i A_i as a (d_out, d_in) matrix, for expert weights w: (n,)."""
+        gates = (expert_weights * self.router.expert_scale).repeat_interleave(self.rank).to(self.lora_B.dtype)
+        return (self.lora_B.transpose(0, 1).flatten(1) * gates) @ self.lora_A.flatten(0, 1)
+
+    @torch.no_grad()
+    def merge_into_base(self, expert_weights: Tensor) -> nn.Module:
+        """Add the update for fixed expert weights to the base layer's weight and return the base layer."""
+        delta = self.delta_weight(expert_weights)
+        weight = self.base_layer.weight
+        weight += (delta.T if isinstance(self.base_layer, Conv1D) else delta).to(weight.dtype)
+        return self.base_layer
+
+    def extra_repr(self) -> str:
+        return f"experts={self.num_experts}, rank={self.rank}, in={self.in_features}, out={self.out_features}"

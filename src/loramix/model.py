@@ -1,0 +1,424 @@
+"""wrap(model, config): a Hugging Face causal LM with mixture-of-LoRA layers; save, load, merge."""
+
+from __future__ import annotations
+
+import copy
+import os
+import re
+import tempfile
+from contextlib import contextmanager
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+from safetensors import SafetensorError
+from safetensors.torch import load_file, save_file
+from torch import Tensor, nn
+from transformers.pytorch_utils import Conv1D
+
+from loramix.config import MixLoraConfig
+from loramix.layer import MixLoraLinear, linear_features
+from loramix.losses import expert_contrastive_loss, load_balance_loss, rloo_surrogate, router_z_loss
+from loramix.routing import ROUTERS, Router, RoutingContext
+
+CONFIG_NAME = "loramix_config.json"
+WEIGHTS_NAME = "adapter.safetensors"
+_DECODER_LAYER = re.compile(r"^(.*?\.\d+)\.")
+
+
+def linear_layer_names(model: nn.Module) -> list[str]:
+    """Names of the layers loramix can adapt (nn.Linear, Conv1D), the output head excluded."""
+    head = model.get_output_embeddings() if hasattr(model, "get_output_embeddings") else None
+    return [
+        name
+        for name, module in model.named_modules()
+        if isinstance(module, (nn.Linear, Conv1D)) and module is not head and not isinstance(module, MixLoraLinear)
+    ]
+
+
+def find_targets(model: nn.Module, target_modules: list[str] | str) -> list[str]:
+    """The names of the layers selected by `target_modules` (suffixes or 'all-linear')."""
+    candidates = linear_layer_names(model)
+    if target_modules == "all-linear":
+        return candidates
+    selected = [name for name in candidates if any(name == t or name.endswith("." + t) for t in target_modules)]
+    missing = [t for t in target_modules if not any(n == t or n.endswith("." + t) for n in selected)]
+    if missing:
+        suffixes = sorted({name.rsplit(".", 1)[-1] for name in candidates})
+        raise ValueError(
+            f"target_modules {missing} match no linear layer of {type(model).__name__}; "
+            f"its linear layers end in {suffixes} (for example {candidates[:3]}), or use 'all-linear'"
+        )
+    return selected
+
+
+def decoder_layer_of(name: str) -> str:
+    """'model.layers.3.self_attn.q_proj' -> 'model.layers.3' (the enclosing numbered block)."""
+    match = _DECODER_LAYER.match(name)
+    if match is None:
+        raise ValueError(f"the 'prompt' router groups modules by decoder layer, but {name!r} is in none")
+    return match.group(1)
+
+
+class MixLoraModel(nn.Module):
+    """A frozen causal LM whose target linear layers are MixLoraLinear; only experts and routers train."""
+
+    def __init__(self, model: nn.Module, config: MixLoraConfig) -> None:
+        super().__init__()
+        if any(isinstance(m, MixLoraLinear) for m in model.modules()):
+            raise ValueError("this model is already wrapped by loramix; call unload() first")
+        self.base_model = model
+        self.config = config
+        self.context = RoutingContext()
+        self.shared_routers = nn.ModuleDict()
+        self._requires_grad = {name: p.requires_grad for name, p in model.named_parameters()}
+        model.requires_grad_(False)
+        self._hooks: list[tuple[str, torch.utils.hooks.RemovableHandle]] = []
+        self.layers: dict[str, MixLoraLinear] = {}
+        targets = find_targets(model, config.target_modules)
+        if config.router == "prompt":
+            self._wrap_by_decoder_layer(targets)
+        else:
+            self._wrap_each(targets)
+        self._add_hook("", model.register_forward_pre_hook(self._before_forward, with_kwargs=True))
+
+    # ---- construction -------------------------------------------------------------------------------------
+    def _replace(self, name: str, layer: MixLoraLinear) -> None:
+        parent_name, _, child = name.rpartition(".")
+        setattr(self.base_model.get_submodule(parent_name), child, layer)
+        self.layers[name] = layer
+
+    def _new_layer(self, name: str, router: Router, owns_router: bool, num_experts: int, slot=None):
+        config = self.config
+        queue = config.memory_queue_size if config.contrastive_loss_weight > 0 else 0
+        base = self.base_model.get_submodule(name)
+        layer = MixLoraLinear(
+            base,
+            num_experts,
+            config.expert_rank,
+            config.dropout,
+            router,
+            self.context,
+            owns_router,
+            slot,
+            queue,
+        )
+        self._replace(name, layer)
+
+    def _wrap_each(self, targets: list[str]) -> None:
+        config = self.config
+        router_class = ROUTERS[config.router]
+        device = next(self.base_model.parameters()).device
+        shared = None
+        if config.router == "task" and config.shared_task_gate:
+            shared = router_class(config, 0, config.num_experts, key="task").to(device)
+            self.shared_routers["task"] = shared
+        for name in targets:
+            in_features, _ = linear_features(self.base_model.get_submodule(name))
+            router = shared or router_class(config, in_features, config.num_experts, key=name).to(device)
+            self._new_layer(name, router, owns_router=shared is None, num_experts=config.num_experts)
+
+    def _wrap_by_decoder_layer(self, targets: list[str]) -> None:
+        groups: dict[str, list[str]] = {}
+        for name in targets:
+            groups.setdefault(decoder_layer_of(name), []).append(name)
+        hidden_size = self.base_model.config.hidden_size
+        device = next(self.base_model.parameters()).device
+        for block, names in groups.items():
+            if self.config.top_k > len(names):
+                raise ValueError(
+                    f"MixLoraConfig.top_k={self.config.top_k} is invalid for the 'prompt' router: decoder layer "
+                    f"{block!r} has only {len(names)} adapted modules {names}"
+                )
+            router = ROUTERS["prompt"](self.config, hidden_size, len(names), key=block).to(device)
+            self.shared_routers[block.replace(".", "_")] = router
+            for slot, name in enumerate(names):
+                self._new_layer(name, router, owns_router=False, num_experts=1, slot=slot)
+            hook = self.base_model.get_submodule(block).register_forward_pre_hook(
+                self._capture_layer_input(block), with_kwargs=True
+            )
+            self._add_hook(block, hook)
+
+    def _add_hook(self, module_name: str, handle: torch.utils.hooks.RemovableHandle) -> None:
+        self._hooks.append((module_name, handle))
+
+    # ---- routing inputs -----------------------------------------------------------------------------------
+    def _before_forward(self, module: nn.Module, args: tuple, kwargs: dict) -> None:
+        self.context.new_forward(kwargs.get("attention_mask"))
+
+    def _capture_layer_input(self, block: str):
+        context = self.context
+
+        def capture(module: nn.Module, args: tuple, kwargs: dict) -> None:
+            context.layer_inputs[block] = args[0] if args else kwargs["hidden_states"]
+
+        return capture
+
+    def _check_task_ids(self, task_ids: Tensor | None) -> None:
+        if task_ids is None:
+            if self.config.router == "task":
+                raise ValueError("the 'task' router needs task_ids: a LongTensor of shape (batch,)")
+            return
+        if not isinstance(task_ids, Tensor) or task_ids.is_floating_point() or task_ids.dim() != 1:
+            raise ValueError(f"task_ids must be an integer tensor of shape (batch,), got {task_ids!r}")
+        limit = self.config.num_tasks
+        if limit is not None and task_ids.numel() and (task_ids.min() < 0 or task_ids.max() >= limit):
+            raise ValueError(f"task ids must lie in [0, {limit}) (num_tasks={limit}), got {task_ids.tolist()}")
+
+    @contextmanager
+    def _routing_inputs(self, task_ids: Tensor | None, prompt_mask: Tensor | None, generating: bool = False):
+        self._check_task_ids(task_ids)
+        context = self.context
+        context.task_ids, context.prompt_mask, context.generating = task_ids, prompt_mask, generating
+        context.sequence_routes.clear()
+        try:
+            yield
+        finally:
+            context.task_ids, context.prompt_mask, context.generating = None, None, False
+            context.sequence_routes.clear()
+
+    # ---- the model's API ----------------------------------------------------------------------------------
+    def forward(self, task_ids: Tensor | None = None, prompt_mask: Tensor | None = None, **inputs):
+        """The base model's output. `prompt_mask` marks the tokens sequence-level routing pools over
+        (default: the tokens without labels if `labels` are given, else every real token)."""
+        if prompt_mask is None and inputs.get("labels") is not None:
+            prompt_mask = inputs["labels"] == -100
+        with self._routing_inputs(task_ids, prompt_mask):
+            return self.base_model(**inputs)
+
+    def generate(self, *args, task_ids: Tensor | None = None, **kwargs):
+        """`generate` of the base model; prompt-level routes are computed on the prompt and reused."""
+        with self._routing_inputs(task_ids, None, generating=True):
+            return self.base_model.generate(*args, **kwargs)
+
+    def compute_loss(self, batch: dict[str, Tensor]) -> Tensor:
+        """Cross-entropy on the labelled tokens + weighted auxiliary losses (+ the ReMix RLOO surrogate).
+
+        `batch` holds input_ids, attention_mask, labels (-100 = ignored) and optionally task_ids.
+        """
+        input_ids, labels = batch["input_ids"], batch["labels"]
+        attention_mask = batch.get("attention_mask")
+        if attention_mask is None:
+            attention_mask = torch.ones_like(input_ids)
+        task_ids = batch.get("task_ids")
+        samples = self.config.remix_samples if self.config.router == "remix" and self.training else 1
+        if samples > 1:  # one forward over the batch repeated M times: M routing samples per sequence
+            input_ids, attention_mask, labels = (t.repeat(samples, 1) for t in (input_ids, attention_mask, labels))
+            task_ids = task_ids.repeat(samples) if task_ids is not None else None
+        prompt_mask = attention_mask.bool() & (labels == -100)
+        logits = self(input_ids=input_ids, attention_mask=attention_mask, task_ids=task_ids, prompt_mask=prompt_mask)
+        logits = logits.logits[:, :-1]
+        targets = labels[:, 1:]
+        token_losses = F.cross_entropy(
+            logits.flatten(0, 1).float(), targets.flatten(), ignore_index=-100, reduction="none"
+        ).view_as(targets)
+        labelled = targets != -100
+        loss = token_losses.sum() / labelled.sum().clamp_min(1)
+        parts = {"ce": loss.detach()}
+        total = loss + self._auxiliary_losses(parts)
+        if samples > 1:
+            sequence_losses = token_losses.sum(1) / labelled.sum(1).clamp_min(1)
+            log_probs = sum(
+                (r.routing.log_prob * r.mask).sum(1) for r in self.context.records if r.routing.log_prob is not None
+            )
+            surrogate = rloo_surrogate(sequence_losses.view(samples, -1), log_probs.view(samples, -1))
+            parts["rloo"] = surrogate.detach()
+            total = total + surrogate
+        self.last_losses = parts
+        return total
+
+    def _auxiliary_losses(self, parts: dict[str, Tensor]) -> Tensor:
+        config, records = self.config, self.context.records
+        total = torch.zeros((), device=next(self.parameters()).device)
+        balanced = [r for r in records if r.router.balance_loss and r.routing.indices is not None]
+        if config.balance_loss_weight > 0 and balanced:
+            loss = sum(load_balance_loss(r.routing.probs, r.routing.indices[..., 0], r.mask) for r in balanced)
+            parts["balance"] = (loss / len(balanced)).detach()
+            total = total + config.balance_loss_weight * loss / len(balanced)
+        scored = [r for r in records if r.routing.logits is not None]
+        if config.z_loss_weight > 0 and scored:
+            loss = sum(router_z_loss(r.routing.logits, r.mask) for r in scored) / len(scored)
+            parts["z"] = loss.detach()
+            total = total + config.z_loss_weight * loss
+        samples = [s for s in self.context.expert_samples if len(s.hidden)]
+        if config.contrastive_loss_weight > 0 and samples:
+            losses = []
+            for sample in samples:
+                representations = F.normalize(sample.layer.expert_outputs(sample.hidden).float(), dim=-1)
+                losses.append(
+                    expert_contrastive_loss(
+                        representations, sample.active, sample.layer.memory, config.contrastive_temperature
+                    )
+                )
+                chosen = representations.gather(
+                    1, sample.active.unsqueeze(-1).expand(-1, -1, representations.shape[-1])
+                )
+                sample.layer.memory.push(chosen.flatten(0, 1).detach(), sample.active.flatten())
+            loss = torch.stack(losses).mean()
+            parts["contrastive"] = loss.detach()
+            total = total + config.contrastive_loss_weight * loss
+        return total
+
+    # ---- statistics ---------------------------------------------------------------------------------------
+    def routers(self) -> dict[str, Router]:
+        """Each adapted module's name -> its router (shared routers appear under several names)."""
+        return {name: layer.router for name, layer in self.layers.items()}
+
+    def routing_stats(self) -> dict[str, dict]:
+        """Per adapted module: {"load": share of routed real tokens per expert, "ess": mean effective support
+        size of the routing weights}, accumulated since `reset_routing_stats()`."""
+        by_router: dict[int, dict] = {}
+        stats = {}
+        for name, router in self.routers().items():
+            if id(router) not in by_router:
+                by_router[id(router)] = router.stats()
+            stats[name] = by_router[id(router)]
+        return stats
+
+    def reset_routing_stats(self) -> None:
+        for router in {id(r): r for r in self.routers().values()}.values():
+            router.reset_stats()
+
+    def count_parameters(self) -> dict[str, int]:
+        """{"trainable": parameters that train, "active_per_token": adapter parameters one token uses}."""
+        trainable = sum(p.numel() for p in self.parameters() if p.requires_grad)
+        routers = {id(r): r for r in self.routers().values()}.values()
+        active = sum(r.active_parameters() for r in routers)
+        for layer in self.layers.values():
+            per_expert = layer.rank * (layer.in_features + layer.out_features)
+            router = layer.router
+            if layer.slot is not None:  # prompt routing: k of the m modules of a decoder layer are active
+                active += per_expert * router.top_k / router.num_experts
+            elif router.name in ("soft", "task"):
+                active += per_expert * layer.num_experts
+            else:
+                active += per_expert * router.top_k
+        return {"trainable": trainable, "active_per_token": round(active)}
+
+    # ---- saving and loading -------------------------------------------------------------------------------
+    def adapter_state_dict(self) -> dict[str, Tensor]:
+        """The trainable tensors (experts and routers), named as in the saved file."""
+        prefix = "base_model."
+        return {
+            name.removeprefix(prefix): p.detach().contiguous() for name, p in self.named_parameters() if p.requires_grad
+        }
+
+    def load_adapter_state_dict(self, state: dict[str, Tensor], source: str = "state dict") -> None:
+        """Load tensors saved by `adapter_state_dict`; every name and shape must match."""
+        own = self.adapter_state_dict()
+        missing, unexpected = sorted(set(own) - set(state)), sorted(set(state) - set(own))
+        wrong = [
+            f"{n}: {tuple(state[n].shape)} != {tuple(own[n].shape)}"
+            for n in own
+            if n in state and state[n].shape != own[n].shape
+        ]
+        if missing or unexpected or wrong:
+            raise ValueError(
+                f"{source} does not match this model and config: missing {missing[:5]}, unexpected "
+                f"{unexpected[:5]}, wrong shapes {wrong[:5]}"
+            )
+        parameters = dict(self.named_parameters())
+        with torch.no_grad():
+            for name, tensor in state.items():
+                target = parameters.get("base_model." + name, parameters.get(name))
+                target.copy_(tensor)
+
+    def save_pretrained(self, directory: str | Path) -> None:
+        """Write loramix_config.json and adapter.safetensors (adapter and router tensors only), atomically."""
+        directory = Path(directory)
+        directory.mkdir(parents=True, exist_ok=True)
+        state = {name: tensor.cpu() for name, tensor in self.adapter_state_dict().items()}
+        base = getattr(getattr(self.base_model, "config", None), "_name_or_path", "") or ""
+        _atomic_write(
+            directory / WEIGHTS_NAME,
+            lambda path: save_file(
+                state, path, metadata={"format": "pt", "library": "loramix", "base_model": str(base)}
+            ),
+        )
+        _atomic_write(directory / CONFIG_NAME, self.config.to_json)
+
+    # ---- merging ------------------------------------------------------------------------------------------
+    def task_weights(self, task_id: int) -> dict[str, Tensor]:
+        """Each adapted module's expert weights (n,) for a task (task router only)."""
+        if self.config.router != "task":
+            raise ValueError(f"merging by task needs router='task', this model uses {self.config.router!r}")
+        self._check_task_ids(torch.tensor([task_id]))
+        ids = torch.tensor([task_id], device=next(self.parameters()).device)
+        with torch.no_grad():
+            return {name: layer.router.task_logits(ids)[0].softmax(-1) for name, layer in self.layers.items()}
+
+    @torch.no_grad()
+    def merge_task(self, task_id: int) -> nn.Module:
+        """A copy of the base model with task `task_id`'s update merged into its weights (task router only).
+
+        The wrapped model is left as it is; the copy runs at the base model's speed.
+        """
+        weights = self.task_weights(task_id)
+        bases = {id(layer): copy.deepcopy(layer.base_layer) for layer in self.layers.values()}
+        memo = dict(bases)
+        merged = copy.deepcopy(self.base_model, memo)
+        for module_name, handle in self._hooks:
+            module = merged.get_submodule(module_name)
+            module._forward_pre_hooks.pop(handle.id, None)
+            module._forward_pre_hooks_with_kwargs.pop(handle.id, None)
+        for name, layer in self.layers.items():
+            copied = bases[id(layer)]
+            delta = layer.delta_weight(weights[name])
+            copied.weight += (delta.T if isinstance(copied, Conv1D) else delta).to(copied.weight.dtype)
+        for name, parameter in merged.named_parameters():
+            parameter.requires_grad_(self._requires_grad.get(name, False))
+        return merged
+
+    def unload(self) -> nn.Module:
+        """Remove every adapter and hook and return the base model as it was before `wrap`."""
+        for _, handle in self._hooks:
+            handle.remove()
+        self._hooks.clear()
+        for name, layer in self.layers.items():
+            parent_name, _, child = name.rpartition(".")
+            setattr(self.base_model.get_submodule(parent_name), child, layer.base_layer)
+        self.layers.clear()
+        for name, parameter in self.base_model.named_parameters():
+            parameter.requires_grad_(self._requires_grad.get(name, False))
+        return self.base_model
+
+
+def _atomic_write(path: Path, write) -> None:
+    """Call write(temporary path) beside `path`, then move it into place."""
+    descriptor, temporary = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    os.close(descriptor)
+    try:
+        write(temporary)
+        os.replace(temporary, path)
+    except BaseException:
+        Path(temporary).unlink(missing_ok=True)
+        raise
+
+
+def wrap(model: nn.Module, config: MixLoraConfig) -> MixLoraModel:
+    """Freeze `model`, replace its target linear layers by mixtures of LoRA experts, and return the wrapper."""
+    return MixLoraModel(model, config)
+
+
+def load(model: nn.Module, directory: str | Path) -> MixLoraModel:
+    """Wrap `model` with the adapter saved in `directory` by `save_pretrained` (safetensors only)."""
+    directory = Path(directory)
+    if not directory.is_dir():
+        raise FileNotFoundError(f"no loramix adapter folder at {directory}")
+    config = MixLoraConfig.from_json(directory / CONFIG_NAME)
+    weights = directory / WEIGHTS_NAME
+    if not weights.is_file():
+        raise FileNotFoundError(
+            f"{weights} is missing: a loramix adapter folder holds {CONFIG_NAME} and {WEIGHTS_NAME}"
+        )
+    try:
+        state = load_file(weights)
+    except (SafetensorError, OSError) as error:
+        raise ValueError(f"{weights} is not a readable safetensors file (truncated or corrupt?): {error}") from None
+    wrapped = wrap(model, config)
+    try:
+        wrapped.load_adapter_state_dict(state, source=str(weights))
+    except ValueError:
+        wrapped.unload()
+        raise
+    return wrapped

@@ -1,0 +1,238 @@
+"""The router interface, its registry, the Routing result and the per-forward routing context."""
+
+from __future__ import annotations
+
+from abc import ABC, abstractmethod
+from dataclasses import dataclass, field
+from typing import TYPE_CHECKING
+
+import torch
+from torch import Tensor, nn
+
+if TYPE_CHECKING:
+    from loramix.config import MixLoraConfig
+
+ROUTERS: dict[str, type[Router]] = {}
+
+
+def register_router(name: str):
+    """Class decorator: make a Router subclass available as `MixLoraConfig(router=name)`."""
+
+    def add(cls: type[Router]) -> type[Router]:
+        if name in ROUTERS:
+            raise ValueError(f"a router named {name!r} is already registered ({ROUTERS[name].__name__})")
+        ROUTERS[name] = cls
+        cls.name = name
+        return cls
+
+    return add
+
+
+@dataclass
+class Routing:
+    """One routing decision for a batch; T' is the token count, or 1 when routed once per sequence.
+
+    weights:  (B, T', n) combination weights of the experts, zero for inactive ones.
+    probs:    (B, T', n) the router's distribution (load balance, statistics), if it has one.
+    logits:   (B, T', n) pre-softmax scores (z-loss), if any.
+    indices:  (B, T', k) the active experts for sparse routers, best first.
+    log_prob: (B, T') log-probability of a sampled selection (ReMix in training).
+    """
+
+    weights: Tensor
+    probs: Tensor | None = None
+    logits: Tensor | None = None
+    indices: Tensor | None = None
+    log_prob: Tensor | None = None
+
+    def expert_share(self) -> Tensor:
+        """(B, T', n) each expert's share of a token: 1/k per active expert, or the dense weight share."""
+        if self.indices is not None:
+            share = torch.zeros_like(self.weights)
+            return share.scatter_(-1, self.indices, 1.0 / self.indices.shape[-1])
+        return self.weights / self.weights.sum(-1, keepdim=True).clamp_min(1e-12)
+
+
+@dataclass
+class RoutingRecord:
+    """What one routing decision leaves behind for the losses: the routing and its (B, T') token mask."""
+
+    router: Router
+    routing: Routing
+    mask: Tensor
+
+
+@dataclass
+class ExpertSample:
+    """Rank-space expert activations of a few tokens of one layer, kept for the contrastive loss.
+
+    hidden: (S, n, r) A_i x for every expert i of S sampled tokens; active: (S, k) their active experts.
+    """
+
+    layer: nn.Module
+    hidden: Tensor
+    active: Tensor
+
+
+@dataclass
+class RoutingContext:
+    """State shared by the routers of one wrapped model during one forward (or one `generate`) call."""
+
+    task_ids: Tensor | None = None
+    attention_mask: Tensor | None = None
+    prompt_mask: Tensor | None = None
+    generating: bool = False
+    layer_inputs: dict[str, Tensor] = field(default_factory=dict)
+    step_routes: dict[str, Routing] = field(default_factory=dict)
+    sequence_routes: dict[str, Routing] = field(default_factory=dict)
+    records: list[RoutingRecord] = field(default_factory=list)
+    expert_samples: list[ExpertSample] = field(default_factory=list)
+
+    def new_forward(self, attention_mask: Tensor | None) -> None:
+        """Forget what the previous forward routed; keep what `generate` caches across steps."""
+        self.attention_mask = attention_mask
+        self.layer_inputs.clear()
+        self.step_routes.clear()
+        self.records.clear()
+        self.expert_samples.clear()
+
+    def token_mask(self, x: Tensor) -> Tensor:
+        """(B, T) bool mask of the real (non-padding) tokens among the T tokens of x."""
+        batch, length = x.shape[:2]
+        mask = self.attention_mask
+        if mask is None or mask.shape[0] != batch or mask.shape[1] < length:
+            return torch.ones(batch, length, dtype=torch.bool, device=x.device)
+        return mask[:, -length:].bool()
+
+    def pooling_mask(self, x: Tensor) -> Tensor:
+        """(B, T) bool mask of the prompt tokens that sequence-level routing pools over.
+
+        The prompt mask given to the forward (in training: non-padding tokens without labels), else the
+        attention mask. A row with no prompt token pools over all its real tokens.
+        """
+        tokens = self.token_mask(x)
+        prompt = self.prompt_mask
+        if prompt is None or prompt.shape != tokens.shape:
+            return tokens
+        prompt = prompt.bool() & tokens
+        return torch.where(prompt.any(-1, keepdim=True), prompt, tokens)
+
+    def task_ids_for(self, batch: int) -> Tensor:
+        """The task ids, repeated if `generate` expanded the batch (beams, several return sequences)."""
+        if self.task_ids is None:
+            raise ValueError("the 'task' router needs task ids: pass task_ids=LongTensor of shape (batch,)")
+        ids = self.task_ids
+        if ids.shape[0] != batch:
+            if batch % ids.shape[0]:
+                raise ValueError(f"task_ids has {ids.shape[0]} rows but the batch has {batch}")
+            ids = ids.repeat_interleave(batch // ids.shape[0])
+        return ids
+
+
+class PromptPooling(nn.Module):
+    """Pools (B, T, d) hidden states over the prompt tokens into (B, 1, d): attention, mean or last."""
+
+    def __init__(self, dim: int, mode: str) -> None:
+        super().__init__()
+        self.mode = mode
+        # Zero init: attention pooling starts as the mean.
+        self.score = nn.Parameter(torch.zeros(dim)) if mode == "attention" else None
+
+    def forward(self, hidden: Tensor, mask: Tensor) -> Tensor:
+        if self.mode == "last":
+            positions = torch.arange(mask.shape[1], device=mask.device).expand_as(mask)
+            last = torch.where(mask, positions, -1).argmax(-1)
+            return hidden[torch.arange(hidden.shape[0], device=hidden.device), last].unsqueeze(1)
+        if self.mode == "mean":
+            attention = mask.to(hidden.dtype) / mask.sum(-1, keepdim=True).clamp_min(1).to(hidden.dtype)
+        else:
+            scores = (hidden.float() @ self.score.float()).masked_fill(~mask, float("-inf"))
+            attention = scores.softmax(-1).to(hidden.dtype)
+        return (attention.unsqueeze(1) @ hidden).to(hidden.dtype)
+
+
+class Router(nn.Module, ABC):
+    """Chooses expert weights for the inputs of an adapted layer.
+
+    Subclasses implement `forward(x, context) -> Routing` for x of shape (B, T, d); `route` adds what every
+    router shares: routing once per sequence, reusing a route across decoding steps, statistics.
+    """
+
+    name = "router"
+    balance_loss = False  # does the Switch load-balance loss apply to this router?
+
+    def __init__(self, config: MixLoraConfig, in_features: int, num_experts: int, key: str) -> None:
+        super().__init__()
+        self.key = key
+        self.num_experts = num_experts
+        self.top_k = min(config.top_k, num_experts)
+        self.expert_scale = config.alpha / config.expert_rank
+        self.sequence_level = config.routing_level == "sequence"
+        self.pool = PromptPooling(in_features, config.prompt_pooling) if self.sequence_level else None
+        self.register_buffer("stat_load", torch.zeros(num_experts), persistent=False)
+        self.register_buffer("stat_ess", torch.zeros(()), persistent=False)
+        self.register_buffer("stat_count", torch.zeros(()), persistent=False)
+
+    @abstractmethod
+    def forward(self, x: Tensor, context: RoutingContext) -> Routing:
+        """The Routing of x, (B, T, d) hidden states."""
+
+    def routing_input(self, x: Tensor, context: RoutingContext) -> Tensor:
+        """The hidden states this router decides from (the adapted layer's input by default)."""
+        return x
+
+    def route(self, x: Tensor, context: RoutingContext) -> Routing:
+        """The Routing for this forward, computed once and shared by every layer that uses this router."""
+        routing = context.step_routes.get(self.key)
+        if routing is not None:
+            return routing
+        if self.sequence_level:
+            routing = context.sequence_routes.get(self.key) if context.generating else None
+            if routing is None:
+                hidden = self.routing_input(x, context)
+                routing = self(self.pool(hidden, context.pooling_mask(hidden)), context)
+                self.record(routing, torch.ones(hidden.shape[0], 1, dtype=torch.bool, device=x.device), context)
+                if context.generating:
+                    context.sequence_routes[self.key] = routing
+        else:
+            hidden = self.routing_input(x, context)
+            routing = self(hidden, context)
+            mask = (
+                context.token_mask(hidden)
+                if routing.weights.shape[1] > 1
+                else hidden.new_ones(hidden.shape[0], 1, dtype=torch.bool)
+            )
+            self.record(routing, mask, context)
+        context.step_routes[self.key] = routing
+        return routing
+
+    @torch.no_grad()
+    def _accumulate(self, routing: Routing, mask: Tensor) -> None:
+        weight = mask.unsqueeze(-1).to(routing.weights.dtype)
+        self.stat_load += (routing.expert_share().detach() * weight).sum((0, 1))
+        self.stat_ess += (effective_support_size(routing.weights.detach()) * weight[..., 0]).sum()
+        self.stat_count += mask.sum()
+
+    def record(self, routing: Routing, mask: Tensor, context: RoutingContext) -> None:
+        """Keep the routing for this step's auxiliary losses and add it to the statistics."""
+        context.records.append(RoutingRecord(self, routing, mask))
+        self._accumulate(routing, mask)
+
+    def active_parameters(self) -> int:
+        """How many of this router's parameters one token uses."""
+        return sum(p.numel() for p in self.parameters())
+
+    def reset_stats(self) -> None:
+        self.stat_load.zero_()
+        self.stat_ess.zero_()
+        self.stat_count.zero_()
+
+    def stats(self) -> dict:
+        count = self.stat_count.clamp_min(1)
+        total = self.stat_load.sum().clamp_min(1e-12)
+        return {"load": (self.stat_load / total).tolist(), "ess": float(self.stat_ess / count)}
+
+
+def effective_support_size(weights: Tensor) -> Tensor:
+    """ESS = (sum_i w_i)^2 / sum_i w_i^2 over the last dimension: 1 for one expert, n for uniform."""
+    return weights.sum(-1).square() / weights.square().sum(-1).clamp_min(1e-24)

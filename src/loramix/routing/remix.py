@@ -1,0 +1,54 @@
+"""`remix`: reinforcement routing (ReMix, arXiv 2603.10160).
+
+Every active expert gets the same constant weight, so no expert can dominate (ESS == k). In training the
+k experts are sampled from the router's distribution without replacement and the router learns from the
+RLOO estimator (see `losses.rloo_surrogate`); at inference the k most probable experts are used.
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+from torch import Tensor, nn
+
+from loramix.routing.base import Router, Routing, RoutingContext, register_router
+
+
+def sample_without_replacement(log_probs: Tensor, k: int) -> Tensor:
+    """k distinct indices per row, in the order of k sequential categorical draws (Gumbel top-k)."""
+    uniform = torch.rand_like(log_probs).clamp_(1e-20, 1.0)
+    return (log_probs - (-uniform.log()).log()).topk(k, dim=-1).indices
+
+
+def selection_log_prob(log_probs: Tensor, indices: Tensor) -> Tensor:
+    """log Q(I) = sum_j [log q_{i_j} - log(1 - sum_{j' < j} q_{i_j'})] for ordered draws I."""
+    chosen = log_probs.gather(-1, indices)
+    before = chosen.exp().cumsum(-1) - chosen.exp()
+    return (chosen - torch.log1p(-before.clamp(max=1 - 1e-6))).sum(-1)
+
+
+@register_router("remix")
+class ReMixRouter(Router):
+    """q = softmax(P x); the active set is sampled (training) or the top-k (inference); weights constant."""
+
+    def __init__(self, config, in_features: int, num_experts: int, key: str) -> None:
+        super().__init__(config, in_features, num_experts, key)
+        self.gate = nn.Linear(in_features, num_experts, bias=False)
+        active_rank = self.top_k * config.expert_rank
+        if config.remix_scaling == "rslora":
+            self.expert_scale = config.alpha / math.sqrt(active_rank)
+        else:
+            self.expert_scale = config.alpha / active_rank
+
+    def forward(self, x: Tensor, context: RoutingContext) -> Routing:
+        logits = self.gate(x).float()
+        log_probs = logits.log_softmax(-1)
+        if self.training:
+            indices = sample_without_replacement(log_probs.detach(), self.top_k)
+            log_prob = selection_log_prob(log_probs, indices)
+        else:
+            indices = log_probs.topk(self.top_k, dim=-1).indices
+            log_prob = None
+        weights = torch.zeros_like(logits).scatter(-1, indices, 1.0)
+        return Routing(weights=weights, probs=log_probs.exp(), logits=logits, indices=indices, log_prob=log_prob)
