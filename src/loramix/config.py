@@ -98,8 +98,12 @@ class MixLoraConfig:
             _fail("remix_scaling", self.remix_scaling, f"allowed: {list(REMIX_SCALINGS)}")
         if not self.contrastive_temperature > 0:
             _fail("contrastive_temperature", self.contrastive_temperature, "expected a number > 0")
-        if self.contrastive_loss_weight > 0 and self.router not in ("topk", "remix", "soft"):
-            _fail("contrastive_loss_weight", self.contrastive_loss_weight, "contrast needs expert routing: topk")
+        if self.contrastive_loss_weight > 0 and self.router not in ("topk", "remix"):
+            _fail(
+                "contrastive_loss_weight",
+                self.contrastive_loss_weight,
+                "the contrastive loss needs a sparse expert router: topk or remix",
+            )
         if self.prompt_pooling not in PROMPT_POOLINGS:
             _fail("prompt_pooling", self.prompt_pooling, f"allowed: {list(PROMPT_POOLINGS)}")
 

@@ -81,7 +81,7 @@ def expert_contrastive_loss(
     positive_logits = queries @ queries.transpose(1, 2) / temperature  # (S, k, k)
     is_active = torch.zeros(tokens, num_experts, dtype=torch.bool, device=active.device)
     is_active.scatter_(1, active, True)
-    negatives = queue.queue.to(queries.dtype)  # (n, Q, d)
+    negatives = queue.queue.to(queries.dtype, copy=True)  # (n, Q, d); a copy: the queue moves on before backward
     negative_logits = torch.einsum("skd,nqd->sknq", queries, negatives) / temperature
     usable = (~is_active)[:, None, :, None] & queue.filled[None, None]
     negative_logits = negative_logits.masked_fill(~usable, float("-inf")).flatten(2)  # (S, k, n Q)

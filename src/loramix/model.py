@@ -80,7 +80,7 @@ class MixLoraModel(nn.Module):
             self._wrap_by_decoder_layer(targets)
         else:
             self._wrap_each(targets)
-        self._add_hook("", model.register_forward_pre_hook(self._before_forward, with_kwargs=True))
+        self._add_hook("", model.register_forward_pre_hook(self._start_forward(), with_kwargs=True))
 
     # ---- construction -------------------------------------------------------------------------------------
     def _replace(self, name: str, layer: MixLoraLinear) -> None:
@@ -143,8 +143,15 @@ class MixLoraModel(nn.Module):
         self._hooks.append((module_name, handle))
 
     # ---- routing inputs -----------------------------------------------------------------------------------
-    def _before_forward(self, module: nn.Module, args: tuple, kwargs: dict) -> None:
-        self.context.new_forward(kwargs.get("attention_mask"))
+    # Hooks are closures over the context, not bound methods: `merge_task` deep-copies the base model and
+    # must not copy this wrapper along with them.
+    def _start_forward(self):
+        context = self.context
+
+        def start(module: nn.Module, args: tuple, kwargs: dict) -> None:
+            context.new_forward(kwargs.get("attention_mask"))
+
+        return start
 
     def _capture_layer_input(self, block: str):
         context = self.context

@@ -1,0 +1,277 @@
+"""The wrapped model: equality at initialisation, gradients, every router end to end, save/load/merge."""
+
+import pytest
+import torch
+from loramix.models import tiny_gpt2, tiny_llama
+
+import loramix
+from loramix import MixLoraConfig
+
+ROUTER_SETTINGS = [
+    ("soft", "token"),
+    ("soft", "sequence"),
+    ("topk", "token"),
+    ("topk", "sequence"),
+    ("remix", "token"),
+    ("remix", "sequence"),
+    ("task", "token"),
+    ("prompt", "token"),
+]
+BUILDERS = {"llama": tiny_llama, "gpt2": tiny_gpt2}
+
+
+def config_for(router: str, level: str = "token", **overrides) -> MixLoraConfig:
+    values = dict(router=router, routing_level=level, num_experts=4, expert_rank=2, top_k=2)
+    values["num_tasks"] = 3 if router == "task" else None
+    values.update(overrides)
+    return MixLoraConfig("all-linear", **values)
+
+
+def randomise_experts(model: loramix.MixLoraModel, seed: int = 1) -> None:
+    """B starts at zero; give it values so that the adapters change the outputs."""
+    generator = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for layer in model.layers.values():
+            layer.lora_B.copy_(torch.randn(layer.lora_B.shape, generator=generator) * 0.2)
+
+
+def batch(vocab: int = 128):
+    generator = torch.Generator().manual_seed(0)
+    input_ids = torch.randint(0, vocab, (3, 10), generator=generator)
+    attention_mask = torch.ones(3, 10, dtype=torch.long)
+    attention_mask[1, 7:] = 0
+    attention_mask[2, 5:] = 0
+    labels = input_ids.clone()
+    labels[:, :4] = -100
+    labels[attention_mask == 0] = -100
+    task_ids = torch.tensor([0, 1, 2])
+    return {"input_ids": input_ids, "attention_mask": attention_mask, "labels": labels, "task_ids": task_ids}
+
+
+@pytest.mark.parametrize("architecture", BUILDERS)
+@pytest.mark.parametrize(("router", "level"), ROUTER_SETTINGS)
+def test_fresh_wrap_computes_exactly_the_base_model(architecture, router, level):
+    model = BUILDERS[architecture]().eval()
+    data = batch()
+    expected = model(input_ids=data["input_ids"], attention_mask=data["attention_mask"]).logits
+    wrapped = loramix.wrap(model, config_for(router, level))
+    got = wrapped(input_ids=data["input_ids"], attention_mask=data["attention_mask"], task_ids=data["task_ids"])
+    assert torch.equal(got.logits, expected)
+
+
+@pytest.mark.parametrize("architecture", BUILDERS)
+@pytest.mark.parametrize(("router", "level"), ROUTER_SETTINGS)
+def test_gradients_reach_exactly_the_expert_and_router_parameters(architecture, router, level):
+    wrapped = loramix.wrap(BUILDERS[architecture](), config_for(router, level)).train()
+    randomise_experts(wrapped)
+    wrapped.compute_loss(batch()).backward()
+    trainable = {name for name, p in wrapped.named_parameters() if p.requires_grad}
+    assert trainable and all(".lora_" in n or "router" in n for n in trainable)
+    assert all(p.grad is None for n, p in wrapped.named_parameters() if n not in trainable)
+    with_gradient = {n for n, p in wrapped.named_parameters() if p.grad is not None and p.grad.abs().sum() > 0}
+    assert any(".lora_A" in n for n in with_gradient) and any(".lora_B" in n for n in with_gradient)
+    assert any("router" in n for n in with_gradient), "the router learns nothing"
+
+
+@pytest.mark.parametrize(("router", "level"), ROUTER_SETTINGS)
+def test_every_router_generates(router, level):
+    wrapped = loramix.wrap(tiny_llama(), config_for(router, level)).eval()
+    randomise_experts(wrapped)
+    data = batch()
+    prompt = data["input_ids"][:, :5]
+    out = wrapped.generate(
+        input_ids=prompt,
+        attention_mask=torch.ones_like(prompt),
+        task_ids=data["task_ids"],
+        max_new_tokens=4,
+        do_sample=False,
+        pad_token_id=0,
+    )
+    assert out.shape == (3, 9) and torch.equal(out[:, :5], prompt)
+
+
+@pytest.mark.parametrize(("router", "level"), [s for s in ROUTER_SETTINGS if s[1] == "sequence" or s[0] == "prompt"])
+def test_sequence_routing_is_the_same_with_and_without_the_kv_cache(router, level):
+    wrapped = loramix.wrap(tiny_llama(), config_for(router, level)).eval()
+    randomise_experts(wrapped)
+    prompt = batch()["input_ids"][:, :6]
+    mask = torch.ones_like(prompt)
+    mask[0, :2] = 0  # left padding, as in batched generation
+    runs = [
+        wrapped.generate(
+            input_ids=prompt,
+            attention_mask=mask,
+            max_new_tokens=5,
+            do_sample=False,
+            pad_token_id=0,
+            use_cache=use_cache,
+            return_dict_in_generate=True,
+            output_scores=True,
+        )
+        for use_cache in (True, False)
+    ]
+    assert torch.equal(runs[0].sequences, runs[1].sequences)
+    for cached, uncached in zip(runs[0].scores, runs[1].scores, strict=True):
+        torch.testing.assert_close(cached, uncached, atol=1e-5, rtol=1e-5)
+
+
+def test_sequence_routing_decodes_without_running_a_router():
+    wrapped = loramix.wrap(tiny_llama(), config_for("topk", "sequence")).eval()
+    calls = []
+    for layer in wrapped.layers.values():
+        layer.router.register_forward_hook(lambda *args: calls.append(1))
+    prompt = batch()["input_ids"][:, :6]
+    wrapped.generate(input_ids=prompt, attention_mask=torch.ones_like(prompt), max_new_tokens=4, do_sample=False)
+    assert len(calls) == len(wrapped.layers)  # once, on the prompt
+
+
+def test_task_ids_select_the_task_update_and_are_required():
+    wrapped = loramix.wrap(tiny_llama(), config_for("task")).eval()
+    randomise_experts(wrapped)
+    with torch.no_grad():
+        wrapped.shared_routers["task"].embedding.weight.normal_()
+    ids = batch()["input_ids"][:1].repeat(2, 1)
+    logits = wrapped(input_ids=ids, task_ids=torch.tensor([0, 2])).logits
+    assert not torch.allclose(logits[0], logits[1])
+    with pytest.raises(ValueError, match="task_ids"):
+        wrapped(input_ids=ids)
+    with pytest.raises(ValueError, match=r"\[0, 3\)"):
+        wrapped(input_ids=ids, task_ids=torch.tensor([0, 3]))
+
+
+def test_remix_weights_are_constant_and_ess_is_k():
+    wrapped = loramix.wrap(tiny_llama(), config_for("remix", top_k=3)).train()
+    data = batch()
+    wrapped.compute_loss(data)
+    for record in wrapped.context.records:
+        active = record.routing.weights[record.routing.weights > 0]
+        assert torch.equal(active, torch.ones_like(active))
+        assert (record.routing.weights > 0).sum(-1).eq(3).all()
+    stats = wrapped.routing_stats()
+    assert all(s["ess"] == pytest.approx(3.0) for s in stats.values())
+    scale = next(iter(wrapped.layers.values())).router.expert_scale
+    assert scale == pytest.approx(16.0 / (3 * 2) ** 0.5)  # rsLoRA-type: alpha / sqrt(k r)
+
+
+def test_remix_replicates_the_batch_once_per_sample():
+    wrapped = loramix.wrap(tiny_llama(), config_for("remix", remix_samples=3)).train()
+    wrapped.compute_loss(batch())
+    record = wrapped.context.records[0]
+    assert record.routing.log_prob.shape == (9, 10)
+    assert "rloo" in wrapped.last_losses
+    wrapped.eval()
+    wrapped.compute_loss(batch())
+    assert wrapped.context.records[0].routing.log_prob is None
+
+
+def test_routing_stats_ignore_padding():
+    def stats_for(pad: int):
+        wrapped = loramix.wrap(tiny_llama(), config_for("topk")).eval()
+        data = batch()
+        ids = torch.nn.functional.pad(data["input_ids"], (0, pad), value=7)
+        mask = torch.nn.functional.pad(data["attention_mask"], (0, pad), value=0)
+        wrapped(input_ids=ids, attention_mask=mask)
+        return wrapped.routing_stats()
+
+    plain, padded = stats_for(0), stats_for(5)
+    for name in plain:
+        assert plain[name]["load"] == pytest.approx(padded[name]["load"], abs=1e-6)
+        assert sum(plain[name]["load"]) == pytest.approx(1.0)
+        assert plain[name]["ess"] == pytest.approx(padded[name]["ess"], abs=1e-6)
+
+
+def test_count_parameters():
+    wrapped = loramix.wrap(tiny_llama(), MixLoraConfig(["q_proj"], num_experts=4, expert_rank=2, top_k=1))
+    # tiny llama: hidden 32, 2 layers; q_proj 32 -> 32; router 4 x 32
+    per_layer_experts = 4 * 2 * (32 + 32)
+    assert wrapped.count_parameters() == {
+        "trainable": 2 * (per_layer_experts + 4 * 32),
+        "active_per_token": 2 * (2 * (32 + 32) + 4 * 32),
+    }
+
+
+def test_unknown_target_lists_the_linear_layers():
+    with pytest.raises(ValueError, match=r"'q_proj'.*'v_proj'"):
+        loramix.wrap(tiny_llama(), MixLoraConfig(["query"]))
+
+
+def test_wrapping_twice_is_refused():
+    wrapped = loramix.wrap(tiny_llama(), config_for("topk"))
+    with pytest.raises(ValueError, match="already wrapped"):
+        loramix.wrap(wrapped.base_model, config_for("topk"))
+
+
+@pytest.mark.parametrize(("router", "level"), ROUTER_SETTINGS)
+def test_save_and_load_give_identical_outputs(tmp_path, router, level):
+    wrapped = loramix.wrap(tiny_llama(), config_for(router, level)).eval()
+    randomise_experts(wrapped)
+    with torch.no_grad():
+        for name, parameter in wrapped.named_parameters():
+            if parameter.requires_grad and ".lora_" not in name:
+                parameter.normal_(std=0.1)
+    data = batch()
+    expected = wrapped(**{k: data[k] for k in ("input_ids", "attention_mask", "task_ids")}).logits
+    wrapped.save_pretrained(tmp_path / "adapter")
+    assert sorted(p.name for p in (tmp_path / "adapter").iterdir()) == ["adapter.safetensors", "loramix_config.json"]
+    loaded = loramix.load(tiny_llama(), tmp_path / "adapter").eval()
+    got = loaded(**{k: data[k] for k in ("input_ids", "attention_mask", "task_ids")}).logits
+    assert torch.equal(got, expected)
+
+
+def test_load_refuses_bad_checkpoints(tmp_path):
+    wrapped = loramix.wrap(tiny_llama(), config_for("topk"))
+    wrapped.save_pretrained(tmp_path / "good")
+    with pytest.raises(FileNotFoundError, match="no loramix adapter folder"):
+        loramix.load(tiny_llama(), tmp_path / "nowhere")
+
+    truncated = tmp_path / "truncated"
+    wrapped.save_pretrained(truncated)
+    weights = truncated / "adapter.safetensors"
+    weights.write_bytes(weights.read_bytes()[:100])
+    with pytest.raises(ValueError, match="truncated or corrupt"):
+        loramix.load(tiny_llama(), truncated)
+
+    missing = tmp_path / "missing"
+    wrapped.save_pretrained(missing)
+    (missing / "adapter.safetensors").unlink()
+    with pytest.raises(FileNotFoundError, match="adapter.safetensors is missing"):
+        loramix.load(tiny_llama(), missing)
+
+    mismatched = tmp_path / "mismatched"
+    wrapped.save_pretrained(mismatched)
+    config = MixLoraConfig.from_json(mismatched / "loramix_config.json")
+    config.expert_rank = 3
+    config.to_json(mismatched / "loramix_config.json")
+    base = tiny_llama()
+    with pytest.raises(ValueError, match="wrong shapes"):
+        loramix.load(base, mismatched)
+    assert not any(isinstance(m, loramix.MixLoraLinear) for m in base.modules()), "a failed load left adapters"
+
+
+@pytest.mark.parametrize("architecture", BUILDERS)
+def test_merge_task_matches_the_unmerged_model(architecture):
+    wrapped = loramix.wrap(BUILDERS[architecture](), config_for("task")).eval()
+    randomise_experts(wrapped)
+    with torch.no_grad():
+        wrapped.shared_routers["task"].embedding.weight.normal_()
+    ids = batch()["input_ids"]
+    for task in range(3):
+        merged = wrapped.merge_task(task)
+        assert not any(isinstance(m, loramix.MixLoraLinear) for m in merged.modules())
+        expected = wrapped(input_ids=ids, task_ids=torch.full((3,), task)).logits
+        torch.testing.assert_close(merged(input_ids=ids).logits, expected, atol=1e-5, rtol=1e-5)
+    with pytest.raises(ValueError, match="router='task'"):
+        loramix.wrap(tiny_llama(), config_for("topk")).merge_task(0)
+
+
+def test_unload_returns_the_untouched_base_model():
+    base = tiny_llama().eval()
+    ids = batch()["input_ids"]
+    expected = base(input_ids=ids).logits
+    wrapped = loramix.wrap(base, config_for("prompt"))
+    randomise_experts(wrapped)
+    restored = wrapped.unload()
+    assert restored is base
+    assert not any(isinstance(m, loramix.MixLoraLinear) for m in restored.modules())
+    assert all(p.requires_grad for p in restored.parameters())
+    assert torch.equal(restored(input_ids=ids).logits, expected)
