@@ -8,6 +8,7 @@ import shutil
 import tempfile
 from pathlib import Path
 
+import tokenizers
 import torch
 from transformers import (
     AutoModelForCausalLM,
@@ -18,6 +19,7 @@ from transformers import (
     LlamaForCausalLM,
     PreTrainedModel,
     PreTrainedTokenizerBase,
+    PreTrainedTokenizerFast,
 )
 
 DEFAULT_MODEL = "SmolLM2-135M-Instruct"
@@ -87,8 +89,7 @@ def load_model(
     if name_or_path in (None, DEFAULT_MODEL):
         source = str(cache_default_model(cache_dir))
     elif name_or_path in TINY_MODELS:
-        model = TINY_MODELS[name_or_path]().to(device=device, dtype=dtype)
-        return model, None
+        return TINY_MODELS[name_or_path]().to(device=device, dtype=dtype), tiny_tokenizer()
     else:
         source = str(name_or_path)
     tokenizer = AutoTokenizer.from_pretrained(source)
@@ -118,6 +119,29 @@ def tiny_gpt2(vocab_size: int = 128, hidden_size: int = 32, num_layers: int = 2,
     torch.manual_seed(seed)
     config = GPT2Config(vocab_size=vocab_size, n_embd=hidden_size, n_layer=num_layers, n_head=4, n_positions=256)
     return GPT2LMHeadModel(config)
+
+
+TINY_CHAT_TEMPLATE = (
+    "{% for m in messages %}<|im_start|>{{ m['role'] }}\n{{ m['content'] }}<|im_end|>\n{% endfor %}"
+    "{% if add_generation_prompt %}<|im_start|>assistant\n{% endif %}"
+)
+
+
+def tiny_tokenizer() -> PreTrainedTokenizerFast:
+    """A character-level tokenizer with a ChatML template and 101 ids, for the tiny models (vocabulary 128)."""
+    specials = ["<|im_end|>", "<|im_start|>", "<unk>"]
+    vocabulary = {token: i for i, token in enumerate(specials + ["\n"] + [chr(c) for c in range(32, 127)])}
+    model = tokenizers.Tokenizer(tokenizers.models.WordLevel(vocabulary, unk_token="<unk>"))
+    model.pre_tokenizer = tokenizers.pre_tokenizers.Split(tokenizers.Regex("."), behavior="isolated")
+    model.decoder = tokenizers.decoders.Fuse()
+    model.add_special_tokens(specials)
+    return PreTrainedTokenizerFast(
+        tokenizer_object=model,
+        eos_token="<|im_end|>",
+        pad_token="<|im_end|>",
+        unk_token="<unk>",
+        chat_template=TINY_CHAT_TEMPLATE,
+    )
 
 
 TINY_MODELS = {"tiny-llama": tiny_llama, "tiny-gpt2": tiny_gpt2}
