@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import copy
+import inspect
 import os
 import re
 import tempfile
@@ -81,6 +82,7 @@ class MixLoraModel(nn.Module):
         else:
             self._wrap_each(targets)
         self._add_hook("", model.register_forward_pre_hook(self._start_forward(), with_kwargs=True))
+        self._takes_logits_to_keep = "logits_to_keep" in inspect.signature(model.forward).parameters
 
     # ---- construction -------------------------------------------------------------------------------------
     def _replace(self, name: str, layer: MixLoraLinear) -> None:
@@ -213,18 +215,25 @@ class MixLoraModel(nn.Module):
             input_ids, attention_mask, labels = (t.repeat(samples, 1) for t in (input_ids, attention_mask, labels))
             task_ids = task_ids.repeat(samples) if task_ids is not None else None
         prompt_mask = attention_mask.bool() & (labels == -100)
-        logits = self(input_ids=input_ids, attention_mask=attention_mask, task_ids=task_ids, prompt_mask=prompt_mask)
-        logits = logits.logits[:, :-1]
-        targets = labels[:, 1:]
-        token_losses = F.cross_entropy(
-            logits.flatten(0, 1).float(), targets.flatten(), ignore_index=-100, reduction="none"
-        ).view_as(targets)
-        labelled = targets != -100
-        loss = token_losses.sum() / labelled.sum().clamp_min(1)
+        # Only the positions that predict a labelled token need the (vocabulary-sized) output projection.
+        predicts_label = F.pad(labels[:, 1:] != -100, (0, 1), value=False)
+        inputs = {"input_ids": input_ids, "attention_mask": attention_mask}
+        if self._takes_logits_to_keep:
+            inputs["logits_to_keep"] = predicts_label
+        logits = self(task_ids=task_ids, prompt_mask=prompt_mask, **inputs).logits
+        if not self._takes_logits_to_keep:
+            logits = logits[predicts_label]
+        token_losses = F.cross_entropy(logits.float(), labels[:, 1:][predicts_label[:, :-1]], reduction="none")
+        rows = predicts_label.nonzero()[:, 0]
+        loss = token_losses.sum() / max(len(token_losses), 1)
         parts = {"ce": loss.detach()}
         total = loss + self._auxiliary_losses(parts)
         if samples > 1:
-            sequence_losses = token_losses.sum(1) / labelled.sum(1).clamp_min(1)
+            labelled = torch.zeros(len(input_ids), device=loss.device).index_add_(
+                0, rows, torch.ones_like(token_losses)
+            )
+            summed = torch.zeros_like(labelled).index_add(0, rows, token_losses)
+            sequence_losses = summed / labelled.clamp_min(1)
             log_probs = sum(
                 (r.routing.log_prob * r.mask).sum(1) for r in self.context.records if r.routing.log_prob is not None
             )
