@@ -1,22 +1,22 @@
-"""Tasks: examples, splits, answer parsing, metrics, and the string-keyed task registry."""
+"""Tasks: examples, answer parsing, scoring, the majority baseline, and the string-keyed task registry."""
 
 from __future__ import annotations
 
-import os
-import random
 import re
 from abc import ABC, abstractmethod
 from collections import Counter
 from dataclasses import dataclass
 from pathlib import Path
 
-DATA_ENV = "LORAMIX_DATA_DIR"
-SPLIT_SEED = 0
+from loramix.data.metrics import accuracy, macro_f1
+from loramix.data.paths import resolve_data_dir
+
+SPLIT_SEED = 0  # the seed of every split made in code (recorded in a run's splits.json)
 
 
 @dataclass(frozen=True)
 class Example:
-    """One prompt (the user's message) and the exact answer the model should give."""
+    """One prompt (the user's message) and the exact answer the model should give; `id` names it in its source."""
 
     task: str
     prompt: str
@@ -25,100 +25,67 @@ class Example:
     id: str = ""
 
 
-def resolve_data_dir(data_dir: str | Path | None = None) -> Path:
-    """The medical data folder: the argument, else $LORAMIX_DATA_DIR, else ../shared/data/medical."""
-    if data_dir is not None:
-        candidates = [Path(data_dir)]
-    elif os.environ.get(DATA_ENV):
-        candidates = [Path(os.environ[DATA_ENV])]
-    else:
-        repository = Path(__file__).resolve().parents[3]
-        candidates = [repository.parent / "shared/data/medical", Path.cwd().parent / "shared/data/medical"]
-    for candidate in candidates:
-        if candidate.is_dir():
-            return candidate
-    raise FileNotFoundError(
-        f"no medical data folder; looked in {[str(c) for c in candidates]}. Pass --data-dir or set {DATA_ENV}."
-    )
-
-
-def require_file(folder: Path, name: str) -> Path:
-    path = folder / name
-    if not path.is_file():
-        raise FileNotFoundError(f"missing data file {path}")
-    return path
-
-
-def stratified_split(
-    examples: list[Example], test_fraction: float, seed: int = SPLIT_SEED
-) -> tuple[list[Example], list[Example]]:
-    """Split deterministically, keeping each answer's share in both parts."""
-    by_answer: dict[str, list[Example]] = {}
-    for example in examples:
-        by_answer.setdefault(example.answer, []).append(example)
-    rng = random.Random(seed)
-    train, test = [], []
-    for answer in sorted(by_answer):
-        group = by_answer[answer][:]
-        rng.shuffle(group)
-        cut = round(len(group) * test_fraction)
-        test += group[:cut]
-        train += group[cut:]
-    rng.shuffle(train)
-    rng.shuffle(test)
-    return train, test
-
-
 def normalise(text: str) -> str:
-    return re.sub(r"\s+", " ", text.strip().lower()).strip(" .")
+    """Lower case, single spaces, no surrounding spaces or punctuation: the form answers are compared in."""
+    return re.sub(r"\s+", " ", text.lower()).strip(" .,;:!?'\"")
 
 
-def accuracy(predictions: list[str], golds: list[str]) -> float:
-    return sum(p == g for p, g in zip(predictions, golds, strict=True)) / max(len(golds), 1)
-
-
-def macro_f1(predictions: list[str], golds: list[str], labels: tuple[str, ...]) -> float:
-    """Mean over the labels of the per-label F1 (a label never predicted nor present scores 0)."""
-    scores = []
-    for label in labels:
-        tp = sum(p == label and g == label for p, g in zip(predictions, golds, strict=True))
-        predicted, actual = predictions.count(label), golds.count(label)
-        scores.append(2 * tp / (predicted + actual) if predicted + actual else 0.0)
-    return sum(scores) / len(scores)
+def first_choice(text: str, choices: tuple[str, ...]) -> str | None:
+    """The choice named earliest in `text` as whole words, ignoring case (the longest one at a tie), or None."""
+    found = []
+    for choice in choices:
+        words = r"\s+".join(re.escape(word) for word in normalise(choice).split())
+        match = re.search(rf"(?<!\w){words}(?!\w)", text.lower())
+        if match:
+            found.append((match.start(), -len(choice), choice))
+    return min(found)[2] if found else None
 
 
 class Task(ABC):
-    """A named task: how to read its files, what a good answer is, and how to score answers."""
+    """A named task: how to read its files, what a good answer is, and how to score answers.
+
+    Subclasses set `name`, implement `read`, and set `choices` for classification (the allowed answers; the
+    default `parse` maps generated text to the first choice it names). `metrics` names what `score` reports;
+    the default `score` knows "accuracy" and "macro_f1" (the latter only with choices).
+    """
 
     name: str = ""
     trainable: bool = True
     max_new_tokens: int = 8
     choices: tuple[str, ...] | None = None
+    metrics: tuple[str, ...] = ("accuracy", "macro_f1")
 
     @abstractmethod
     def read(self, folder: Path) -> dict[str, list[Example]]:
-        """Every split of the task from its data folder."""
+        """Every split of the task ("train", "test", maybe "validation") from the medical data folder."""
 
     def load(self, data_dir: str | Path | None = None) -> dict[str, list[Example]]:
+        """The task's splits, read from `resolve_data_dir(data_dir)`."""
         return self.read(resolve_data_dir(data_dir))
 
     def parse(self, generated: str) -> str:
-        """A normalised prediction from generated text: the first allowed answer it names, else the text."""
-        text = normalise(generated)
-        if not self.choices:
-            return text
-        found = [(text.find(normalise(c)), -len(c), c) for c in self.choices if normalise(c) in text]
-        return min(found)[2] if found else text
+        """A prediction from generated text: the first allowed answer it names, else the normalised text."""
+        if self.choices:
+            choice = first_choice(generated, self.choices)
+            if choice is not None:
+                return choice
+        return normalise(generated)
 
     def score(self, predictions: list[str], examples: list[Example]) -> dict[str, float]:
-        golds = [e.answer for e in examples]
-        scores = {"accuracy": accuracy(predictions, golds)}
-        if self.choices and len(self.choices) <= 5:
-            scores["macro_f1"] = macro_f1(predictions, golds, self.choices)
+        """The task's metrics of parsed predictions against the examples' answers (compared normalised)."""
+        if len(predictions) != len(examples):
+            raise ValueError(f"{len(predictions)} predictions for {len(examples)} examples of {self.name}")
+        predicted = [normalise(p) for p in predictions]
+        gold = [normalise(e.answer) for e in examples]
+        scores = {"accuracy": accuracy(predicted, gold)}
+        if "macro_f1" in self.metrics and self.choices:
+            scores["macro_f1"] = macro_f1(predicted, gold, tuple(normalise(c) for c in self.choices))
         return scores
 
     def majority(self, train: list[Example], test: list[Example]) -> dict[str, float]:
-        """The scores of always answering the most frequent training answer."""
+        """The scores on `test` of always answering the most frequent answer of `train`."""
+        if not train:
+            raise ValueError(f"no training examples of {self.name} to take the majority answer from")
         most_common = Counter(e.answer for e in train).most_common(1)[0][0]
         return self.score([most_common] * len(test), test)
 
@@ -127,14 +94,16 @@ TASKS: dict[str, Task] = {}
 
 
 def register_task(task: Task) -> Task:
+    """Add (or replace) a task in the registry under its name; returns it."""
     if not task.name:
-        raise ValueError("a task needs a name")
+        raise ValueError(f"a task needs a non-empty name, got {task.name!r}")
     TASKS[task.name] = task
     return task
 
 
 def get_task(name: str) -> Task:
+    """The registered task called `name`."""
     try:
         return TASKS[name]
     except KeyError:
-        raise ValueError(f"unknown task {name!r}; known tasks: {sorted(TASKS)}") from None
+        raise ValueError(f"unknown task {name!r}; known tasks: {', '.join(sorted(TASKS))}") from None

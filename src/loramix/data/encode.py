@@ -6,56 +6,93 @@ import torch
 
 from loramix.data.base import Example
 
+PROMPT_SLOT = "<<loramix prompt>>"
+ANSWER_SLOT = "<<loramix answer>>"
+MIDDLE_CUT_FROM = 128  # prompt room (tokens) from which truncation cuts the middle rather than the start
+KEPT_FROM_START = 0.25  # then: the share of the room kept from the prompt's start; the rest comes from its end
+ELISION = " ... "  # marks a middle cut
 
-def _render(tokenizer, example: Example) -> tuple[str, str, str, str]:
-    """(text before the prompt, the prompt, text after it up to the answer, the answer with its end of turn)."""
-    if getattr(tokenizer, "chat_template", None):
-        user = [{"role": "user", "content": example.prompt}]
-        head = tokenizer.apply_chat_template(user, tokenize=False, add_generation_prompt=True)
-        whole = tokenizer.apply_chat_template([*user, {"role": "assistant", "content": example.answer}], tokenize=False)
-        if not whole.startswith(head):
-            raise ValueError("the tokenizer's chat template renders the answer turn inconsistently")
-        at = head.index(example.prompt)
-        return head[:at], example.prompt, head[at + len(example.prompt) :], whole[len(head) :]
-    eos = tokenizer.eos_token or ""
-    return "", example.prompt, "\nAnswer: ", example.answer + eos
+
+def template_parts(tokenizer) -> tuple[str, str, str, str]:
+    """The texts around a prompt and its answer: (before the prompt, after it, before the answer, after the answer).
+
+    With a chat template: the user's turn holds the prompt and the assistant's turn the answer; the first two
+    parts make the generation prompt (add_generation_prompt=True), the last is the end of the assistant's turn
+    without trailing white space (the eos token if the template ends the turn with nothing). Without one:
+    "prompt\\nAnswer: answer<eos>", the space before the answer being the answer's (as BPE vocabularies expect).
+    """
+    if not getattr(tokenizer, "chat_template", None):
+        return "", "\nAnswer:", " ", tokenizer.eos_token or ""
+    user = [{"role": "user", "content": PROMPT_SLOT}]
+    generation = tokenizer.apply_chat_template(user, tokenize=False, add_generation_prompt=True)
+    whole = tokenizer.apply_chat_template([*user, {"role": "assistant", "content": ANSWER_SLOT}], tokenize=False)
+    if not (isinstance(generation, str) and generation.count(PROMPT_SLOT) == 1 and whole.count(ANSWER_SLOT) == 1):
+        raise ValueError("the tokenizer's chat template does not render one user and one assistant message as text")
+    if not whole.startswith(generation):
+        raise ValueError(
+            "the tokenizer's chat template renders the assistant's turn differently from its generation prompt; "
+            f"generation prompt {generation!r}, conversation {whole!r}"
+        )
+    before, after = generation.split(PROMPT_SLOT)
+    answer_before, answer_after = whole[len(generation) :].split(ANSWER_SLOT)
+    return before, after + answer_before, "", answer_after.rstrip() or (tokenizer.eos_token or "")
 
 
 def encode_example(example: Example, tokenizer, max_length: int, with_answer: bool = True) -> dict:
-    """input_ids, attention_mask and labels (-100 except on the answer) of an example, at most max_length tokens.
+    """input_ids, attention_mask and labels (-100 except on the answer and its end of turn) of an example, at most
+    max_length tokens, and `truncated`. with_answer=False gives the generation prompt alone (for evaluation).
 
-    Too long an input loses tokens from the start of the prompt (the context), never the template, the end of
-    the prompt (question and instructions come last) or the answer; `truncated` says whether that happened.
+    Too long an input loses prompt tokens, never template or answer ones: from the prompt's start, or when at
+    least MIDDLE_CUT_FROM prompt tokens fit, from its middle (a quarter of what is kept comes from the start, the
+    rest from the end, where questions and instructions are; " ... " marks the cut).
     """
-    before, prompt, after, answer = _render(tokenizer, example)
+    before, after, lead, end = template_parts(tokenizer)
 
     def ids(text: str) -> list[int]:
-        return tokenizer(text, add_special_tokens=False)["input_ids"] if text else []
+        return list(tokenizer(text, add_special_tokens=False)["input_ids"]) if text else []
 
-    head, body, tail = ids(before), ids(prompt), ids(after)
-    target = ids(answer) if with_answer else []
+    head, body, tail = ids(before), ids(example.prompt), ids(after)
+    target = ids(lead + example.answer + end) if with_answer else []
     room = max_length - len(head) - len(tail) - len(target)
     if room < 1:
-        raise ValueError(f"max_length={max_length} leaves no room for the prompt of {example.task} {example.id!r}")
+        raise ValueError(
+            f"max_length={max_length} leaves no room for the prompt of {example.task} example {example.id!r}: "
+            f"the template and answer alone take {max_length - room} tokens"
+        )
     truncated = len(body) > room
-    body = body[-room:]
+    if truncated:
+        elision = ids(ELISION) if room >= MIDDLE_CUT_FROM else []
+        kept = room - len(elision)
+        start = int(kept * KEPT_FROM_START) if elision else 0
+        body = body[:start] + elision + body[len(body) - (kept - start) :]
     input_ids = head + body + tail + target
     labels = [-100] * (len(input_ids) - len(target)) + target
     return {"input_ids": input_ids, "attention_mask": [1] * len(input_ids), "labels": labels, "truncated": truncated}
 
 
 def collate(rows: list[dict], pad_token_id: int, padding_side: str = "right") -> dict[str, torch.Tensor]:
-    """Pad encoded rows into tensors (labels padded with -100); rows' `task_id` become `task_ids`."""
+    """Pad encoded rows into LongTensors: input_ids with pad_token_id, attention_mask with 0, labels with -100
+    (rows without labels get -100 throughout); the rows' `task_id` (all or none of them) become `task_ids`."""
     if padding_side not in ("left", "right"):
         raise ValueError(f"padding_side={padding_side!r}; allowed: 'left', 'right'")
-    length = max(len(r["input_ids"]) for r in rows)
-    batch: dict[str, list] = {"input_ids": [], "attention_mask": [], "labels": []}
+    if not rows:
+        raise ValueError("no rows to collate")
+    with_task = sum("task_id" in row for row in rows)
+    if with_task not in (0, len(rows)):
+        raise ValueError(f"{with_task} of {len(rows)} rows have a task_id; give it to all rows or none")
+    length = max(len(row["input_ids"]) for row in rows)
+    batch: dict[str, list[list[int]]] = {"input_ids": [], "attention_mask": [], "labels": []}
     for row in rows:
         pad = length - len(row["input_ids"])
-        for key, value in (("input_ids", pad_token_id), ("attention_mask", 0), ("labels", -100)):
-            values = row.get(key, [-100] * len(row["input_ids"])) if key == "labels" else row[key]
-            batch[key].append([value] * pad + values if padding_side == "left" else values + [value] * pad)
-    tensors = {key: torch.tensor(values, dtype=torch.long) for key, values in batch.items()}
-    if all("task_id" in r for r in rows):
-        tensors["task_ids"] = torch.tensor([r["task_id"] for r in rows], dtype=torch.long)
+        values = {
+            "input_ids": (row["input_ids"], pad_token_id),
+            "attention_mask": (row["attention_mask"], 0),
+            "labels": (row.get("labels", [-100] * len(row["input_ids"])), -100),
+        }
+        for key, (sequence, filler) in values.items():
+            padded = [filler] * pad + list(sequence) if padding_side == "left" else list(sequence) + [filler] * pad
+            batch[key].append(padded)
+    tensors = {key: torch.tensor(value, dtype=torch.long) for key, value in batch.items()}
+    if with_task:
+        tensors["task_ids"] = torch.tensor([row["task_id"] for row in rows], dtype=torch.long)
     return tensors
