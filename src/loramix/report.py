@@ -1,0 +1,380 @@
+"""The report of a run: plots of training and routing, and the per-task score table (report.md)."""
+
+from __future__ import annotations
+
+import json
+import math
+import re
+from pathlib import Path
+
+import matplotlib
+
+matplotlib.use("Agg")
+import matplotlib.pyplot as plt  # noqa: E402  (the backend must be chosen first)
+import yaml  # noqa: E402
+from rich.table import Table  # noqa: E402
+
+COLUMNS = ("model", "zero_shot", "majority")
+LABELS = {"model": "model", "zero_shot": "zero-shot", "majority": "majority"}
+COLOURS = {"model": "#1f77b4", "zero_shot": "#ff7f0e", "majority": "#9e9e9e"}
+DENSE_ROUTERS = ("soft", "task")  # every expert is active: top_k means nothing for them
+MAX_HEATMAP_ROWS = 40
+
+
+# ---- reading the run folder ---------------------------------------------------------------------------------
+def _read_json(path: Path) -> dict | None:
+    return json.loads(path.read_text()) if path.is_file() else None
+
+
+def read_history(run_dir: Path) -> list[dict]:
+    """The logged training steps of history.jsonl (empty if there is none)."""
+    path = run_dir / "history.jsonl"
+    if not path.is_file():
+        return []
+    return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
+
+
+def _adapter_config(run_dir: Path) -> dict:
+    """The loramix adapter settings (router, top_k, num_experts), or {} for a peft adapter."""
+    return _read_json(run_dir / "adapter" / "loramix_config.json") or {}
+
+
+# ---- the score table ----------------------------------------------------------------------------------------
+def score_rows(metrics: dict) -> list[tuple[str, str, dict[str, float | None]]]:
+    """(task, metric, {column: value}) for every task's metrics and a final average row.
+
+    A task's first metric is its main one. The average row averages the main metrics over the same tasks
+    in every column: those scored in each column that has any score (e.g. not a task the model skipped).
+    """
+    rows, main = [], {}
+    for task, result in metrics.get("tasks", {}).items():
+        names = list(dict.fromkeys(name for column in COLUMNS for name in (result.get(column) or {})))
+        for name in names:
+            rows.append((task, name, {column: (result.get(column) or {}).get(name) for column in COLUMNS}))
+        if names:
+            main[task] = rows[-len(names)][2]
+    filled = [column for column in COLUMNS if any(values[column] is not None for values in main.values())]
+    common = [values for values in main.values() if all(values[column] is not None for column in filled)]
+    if common:
+        average = {c: sum(v[c] for v in common) / len(common) if c in filled else None for c in COLUMNS}
+        label = "main metric" if len(common) == len(main) else f"main metric, {len(common)} of {len(main)} tasks"
+        rows.append(("average", label, average))
+    return rows
+
+
+def _format(value: float | None) -> str:
+    return "—" if value is None else f"{value:.3f}"
+
+
+def summary_table(run_dir: str | Path) -> Table:
+    """A rich table of the run's per-task metrics (model, zero-shot, majority) with an average row."""
+    run_dir = Path(run_dir)
+    metrics = _read_json(run_dir / "metrics.json")
+    if metrics is None:
+        raise FileNotFoundError(f"{run_dir / 'metrics.json'} is missing: run `loramix eval --run {run_dir}` first")
+    table = Table(title=f"{run_dir.name}: test scores")
+    table.add_column("task")
+    table.add_column("metric")
+    for column in COLUMNS:
+        table.add_column(LABELS[column], justify="right")
+    table.add_column("n", justify="right")
+    previous = None
+    rows = score_rows(metrics)
+    for index, (task, name, values) in enumerate(rows):
+        last = index == len(rows) - 1
+        n = "" if last or task == previous else str(metrics["tasks"][task].get("n", ""))
+        table.add_row(
+            "" if task == previous else task,
+            name,
+            *(_format(values[column]) for column in COLUMNS),
+            n,
+            end_section=not last and rows[index + 1][0] != task,
+            style="bold" if last else None,
+        )
+        previous = task
+    return table
+
+
+def _markdown_table(metrics: dict) -> str:
+    lines = ["| task | metric | model | zero-shot | majority | n |", "|---|---|---:|---:|---:|---:|"]
+    for task, name, values in score_rows(metrics):
+        n = metrics["tasks"].get(task, {}).get("n", "")
+        cells = [task, name, *(_format(values[column]) for column in COLUMNS), str(n)]
+        if task == "average":
+            cells = [f"**{cell}**" if cell else "" for cell in cells]
+        lines.append("| " + " | ".join(cells) + " |")
+    return "\n".join(lines)
+
+
+# ---- plots --------------------------------------------------------------------------------------------------
+def _smooth(values: list[float], window: int) -> list[float]:
+    """Trailing moving average."""
+    out, total = [], 0.0
+    for index, value in enumerate(values):
+        total += value
+        if index >= window:
+            total -= values[index - window]
+        out.append(total / min(index + 1, window))
+    return out
+
+
+def _save(figure: plt.Figure, path: Path) -> Path:
+    figure.tight_layout()
+    figure.savefig(path, dpi=110)
+    plt.close(figure)
+    return path
+
+
+def plot_loss(history: list[dict], path: Path) -> Path | None:
+    """Training loss and cross-entropy, and the auxiliary losses beside them."""
+    logged = [h for h in history if "loss" in h]
+    if not logged:
+        return None
+    steps = [h["step"] for h in logged]
+    aux_names = sorted({name for h in logged for name in h.get("aux") or {}})
+    figure, axes = plt.subplots(1, 2 if aux_names else 1, figsize=(11 if aux_names else 6.5, 4), squeeze=False)
+    axis = axes[0][0]
+    window = max(1, len(logged) // 20)
+    for key, colour in (("loss", "#1f77b4"), ("ce", "#d62728")):
+        values = [h.get(key) for h in logged]
+        if any(v is None for v in values) or (key == "ce" and values == [h["loss"] for h in logged]):
+            continue
+        axis.plot(steps, values, color=colour, alpha=0.3 if window > 1 else 1.0, linewidth=1)
+        if window > 1:
+            axis.plot(steps, _smooth(values, window), color=colour, linewidth=2, label=f"{key} (mean of {window})")
+        else:
+            axis.plot([], [], color=colour, label=key)
+    axis.set(xlabel="step", ylabel="loss", title="training loss")
+    axis.legend()
+    axis.grid(alpha=0.3)
+    if aux_names:
+        axis = axes[0][1]
+        for name in aux_names:
+            points = [(h["step"], h["aux"][name]) for h in logged if name in (h.get("aux") or {})]
+            axis.plot(*zip(*points, strict=True), label=name, linewidth=1.5)
+        axis.set(xlabel="step", ylabel="value (before weighting)", title="auxiliary losses")
+        axis.legend()
+        axis.grid(alpha=0.3)
+    return _save(figure, path)
+
+
+def _layer_and_kind(module: str) -> tuple[str, str]:
+    """'model.layers.3.self_attn.q_proj' -> ('3', 'q_proj'); names without a number -> ('', name)."""
+    match = re.search(r"\.(\d+)\.(?:.*\.)?([^.]+)$", module)
+    return (match.group(1), match.group(2)) if match else ("", module)
+
+
+Rows = list[tuple[str, list[float]]]
+
+
+def _mean_sorted_rows(groups: dict[str, list[list[float]]]) -> Rows:
+    """Per group, the mean over its modules of the loads sorted from the busiest expert down (expert i of
+    one module has nothing to do with expert i of another, but how concentrated the load is compares)."""
+    rows = []
+    for label, loads in groups.items():
+        ranked = [sorted(load, reverse=True) for load in loads]
+        rows.append((label, [sum(column) / len(column) for column in zip(*ranked, strict=True)]))
+    return rows
+
+
+def _load_panels(routing: dict[str, dict]) -> list[tuple[str, Rows, str]]:
+    """Heatmap panels (title, (label, load) rows, x label): one row per module, modules sharing a router (equal loads)
+    merged; when that leaves too many rows to read, sorted loads averaged per decoder layer and per kind."""
+    merged: list[tuple[list[str], list[float]]] = []
+    for module, stats in routing.items():
+        load = list(stats["load"])
+        if merged and merged[-1][1] == load:
+            merged[-1][0].append(module)
+        else:
+            merged.append(([module], load))
+    rows = []
+    for modules, load in merged:
+        layers = {_layer_and_kind(m)[0] for m in modules}
+        if len(modules) == 1:
+            layer, kind = _layer_and_kind(modules[0])
+            label = f"{layer}.{kind}" if layer else kind
+        else:
+            label = f"layer {layers.pop()}" if len(layers) == 1 else f"{len(modules)} modules (shared router)"
+        rows.append((label, load))
+    if len(rows) <= MAX_HEATMAP_ROWS:
+        return [("per module", rows, "expert")]
+    by_layer: dict[str, list[list[float]]] = {}
+    by_kind: dict[str, list[list[float]]] = {}
+    for module, stats in routing.items():
+        layer, kind = _layer_and_kind(module)
+        by_layer.setdefault(f"layer {layer}", []).append(stats["load"])
+        by_kind.setdefault(kind, []).append(stats["load"])
+    label = "experts sorted by load, busiest first"
+    return [
+        ("mean per decoder layer", _mean_sorted_rows(by_layer), label),
+        ("mean per module kind", _mean_sorted_rows(by_kind), label),
+    ]
+
+
+def plot_expert_load(routing: dict[str, dict], path: Path, top_k: int | None = None) -> Path | None:
+    """Heatmap of each adapted module's (or layer's) share of routed tokens per expert."""
+    panels = [panel for panel in _load_panels(routing) if panel[1]]
+    if not panels:
+        return None
+    width = max(len(load) for _, rows, _ in panels for _, load in rows)
+    grids = [[load + [math.nan] * (width - len(load)) for _, load in rows] for _, rows, _ in panels]
+    highest = max(v for grid in grids for row in grid for v in row if not math.isnan(v))
+    sizes = [len(rows) for _, rows, _ in panels]
+    figure, axes = plt.subplots(
+        len(panels),
+        1,
+        figsize=(max(5.5, 3.0 + 0.55 * width), min(2.0 + 0.22 * sum(sizes) + 0.6 * len(panels), 18.0)),
+        height_ratios=[size + 1.5 for size in sizes],
+        squeeze=False,
+    )
+    for axis, (title, rows, xlabel), grid in zip(axes[:, 0], panels, grids, strict=True):
+        image = axis.imshow(grid, aspect="auto", cmap="viridis", vmin=0.0, vmax=highest, interpolation="nearest")
+        axis.set_yticks(range(len(rows)), [label for label, _ in rows], fontsize=8 if len(rows) > 20 else 9)
+        axis.set_xticks(range(width), [str(i) for i in range(width)])
+        axis.set_title(title, fontsize=9)
+        axis.set_xlabel(xlabel, fontsize=9)
+        if len(rows) * width <= 160:
+            for r, load in enumerate(grid):
+                for c, value in enumerate(load):
+                    if not math.isnan(value):
+                        colour = "black" if value > 0.6 * highest else "white"
+                        axis.text(c, r, f"{value:.2f}", ha="center", va="center", fontsize=7, color=colour)
+        figure.colorbar(image, ax=axis, label="share of routed tokens")
+    reference = f"uniform = {1 / width:.2f}" + (f", k = {top_k}" if top_k else "")
+    figure.suptitle(f"expert load at the end of training ({reference})")
+    return _save(figure, path)
+
+
+def plot_ess(history: list[dict], path: Path, top_k: int | None = None, num_experts: int | None = None) -> Path | None:
+    """Mean effective support size over training, with the range over layers, and k for reference."""
+    logged = [h for h in history if h.get("ess") is not None]
+    if not logged:
+        return None
+    steps = [h["step"] for h in logged]
+    figure, axis = plt.subplots(figsize=(6.5, 4))
+    per_layer = [list((h.get("ess_per_layer") or {}).values()) for h in logged]
+    if all(per_layer):
+        axis.fill_between(
+            steps, [min(v) for v in per_layer], [max(v) for v in per_layer], alpha=0.2, label="range over layers"
+        )
+    axis.plot(steps, [h["ess"] for h in logged], linewidth=2, label="mean over layers")
+    if top_k:
+        axis.axhline(top_k, linestyle="--", color="black", linewidth=1, label=f"k = {top_k}")
+    if num_experts and not top_k:
+        axis.axhline(num_experts, linestyle=":", color="grey", linewidth=1, label=f"n = {num_experts} (uniform)")
+    axis.set(xlabel="step", ylabel="ESS = (Σw)² / Σw²", title="effective support size of the routing weights")
+    axis.set_ylim(bottom=0)
+    axis.legend()
+    axis.grid(alpha=0.3)
+    return _save(figure, path)
+
+
+def plot_scores(metrics: dict, path: Path) -> Path | None:
+    """Per task, the main metric of the model, the zero-shot base model and the majority class."""
+    rows = [(task, name, values) for task, name, values in score_rows(metrics)]
+    main = [row for index, row in enumerate(rows) if index == 0 or row[0] != rows[index - 1][0]]
+    if not main:
+        return None
+    figure, axis = plt.subplots(figsize=(max(6.0, 1.6 * len(main) + 1.5), 4.5))
+    bar = 0.8 / len(COLUMNS)
+    for offset, column in enumerate(COLUMNS):
+        xs = [i + (offset - 1) * bar for i in range(len(main))]
+        heights = [values[column] if values[column] is not None else 0.0 for _, _, values in main]
+        bars = axis.bar(xs, heights, bar, label=LABELS[column], color=COLOURS[column])
+        for rectangle, (_, _, values) in zip(bars, main, strict=True):
+            text = "n/a" if values[column] is None else f"{values[column]:.2f}"
+            axis.annotate(
+                text,
+                (rectangle.get_x() + bar / 2, rectangle.get_height()),
+                ha="center",
+                va="bottom",
+                fontsize=7,
+                xytext=(0, 2),
+                textcoords="offset points",
+            )
+    axis.set_xticks(range(len(main)), [f"{task}\n({name})" for task, name, _ in main], fontsize=8)
+    axis.set(ylabel="score", title="test scores per task (main metric)")
+    axis.set_ylim(0, 1.2 * max(1.0, *(v or 0 for _, _, values in main for v in values.values())))
+    axis.legend(ncols=3, loc="upper center", fontsize=8)
+    axis.grid(axis="y", alpha=0.3)
+    return _save(figure, path)
+
+
+# ---- report.md ----------------------------------------------------------------------------------------------
+def _setting(value: object) -> str:
+    if isinstance(value, dict):
+        return ", ".join(f"{k}={_setting(v)}" for k, v in value.items() if v is not None)
+    if isinstance(value, list):
+        return ", ".join(str(v) for v in value) or "—"
+    return str(value)
+
+
+def _recipe_section(recipe: dict) -> list[str]:
+    return ["## Recipe", "", *(f"- **{key}**: {_setting(value)}" for key, value in recipe.items() if value is not None)]
+
+
+def _training_section(history: list[dict], training: dict, top_k: int | None) -> list[str]:
+    if not history and not training:
+        return []
+    lines = ["## Training", ""]
+    if history:
+        last = history[-1]
+        lines.append(f"- steps: {last['step']}, final loss {last['loss']:.4f} (cross-entropy {last['ce']:.4f})")
+        if last.get("ess") is not None:
+            lines.append(f"- final mean ESS: {last['ess']:.2f}" + (f" (k = {top_k})" if top_k else ""))
+    if training:
+        lines.append(f"- time: {training['seconds'] / 60:.1f} min on {training.get('world_size', 1)} process(es)")
+        truncated = training.get("truncated") or {}
+        if truncated:
+            encoded = training.get("encoded", {})
+            counts = ", ".join(f"{task} {n}/{encoded.get(task, '?')}" for task, n in truncated.items())
+            lines.append(f"- inputs truncated to {training.get('max_length')} tokens: {counts}")
+    return lines
+
+
+def _scores_section(metrics: dict | None, run_dir: Path) -> list[str]:
+    if not metrics:
+        return ["## Test scores", "", f"No metrics.json yet: run `loramix eval --run {run_dir}`."]
+    meta = metrics.get("meta", {})
+    lines = ["## Test scores", "", _markdown_table(metrics), ""]
+    settings = {k: v for k, v in meta.items() if not isinstance(v, (dict, list)) and v is not None}
+    if settings:
+        lines.append(f"Evaluation settings: {_setting(settings)}.")
+    lines += [f"- {note}" for note in meta.get("notes", [])]
+    parameters = meta.get("parameters")
+    if parameters:
+        lines += ["", "## Parameters", "", *(f"- {k.replace('_', ' ')}: {v:,}" for k, v in parameters.items())]
+    return lines
+
+
+def write_report(run_dir: str | Path) -> Path:
+    """Write loss.png, expert_load.png, ess.png, scores.png (those that have data) and report.md."""
+    run_dir = Path(run_dir)
+    if not run_dir.is_dir():
+        raise FileNotFoundError(f"no run folder at {run_dir}")
+    history = read_history(run_dir)
+    metrics = _read_json(run_dir / "metrics.json")
+    routing = _read_json(run_dir / "routing.json")
+    recipe_path = run_dir / "recipe.yaml"
+    recipe = (yaml.safe_load(recipe_path.read_text()) or {}) if recipe_path.is_file() else {}
+    adapter = _adapter_config(run_dir)
+    top_k = adapter.get("top_k") if adapter.get("router") not in (None, *DENSE_ROUTERS) else None
+
+    plots = {
+        "Training loss": plot_loss(history, run_dir / "loss.png"),
+        "Expert load": plot_expert_load(routing, run_dir / "expert_load.png", top_k) if routing else None,
+        "Effective support size": plot_ess(history, run_dir / "ess.png", top_k, adapter.get("num_experts")),
+        "Scores": plot_scores(metrics, run_dir / "scores.png") if metrics else None,
+    }
+    sections = [
+        [f"# Run `{recipe.get('name', run_dir.name)}`"],
+        _recipe_section(recipe) if recipe else [],
+        _training_section(history, _read_json(run_dir / "training.json") or {}, top_k),
+        _scores_section(metrics, run_dir),
+        ["## Plots", "", *(f"![{title}]({path.name})" for title, path in plots.items() if path is not None)],
+    ]
+    if not routing:
+        sections[-1].append("\nNo expert-load plot: routing.json is missing (a plain LoRA has no router).")
+    report = run_dir / "report.md"
+    report.write_text("\n\n".join("\n".join(section) for section in sections if section) + "\n")
+    return report

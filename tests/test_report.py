@@ -1,0 +1,113 @@
+"""The run report: plots from a synthetic run folder, report.md and the score table."""
+
+import json
+
+import pytest
+from rich.console import Console
+
+from loramix.report import score_rows, summary_table, write_report
+
+MODULES = [f"model.layers.{layer}.self_attn.{kind}" for layer in range(2) for kind in ("q_proj", "v_proj")]
+METRICS = {
+    "tasks": {
+        "pubmedqa": {
+            "model": {"accuracy": 0.6, "macro_f1": 0.5},
+            "zero_shot": {"accuracy": 0.4, "macro_f1": 0.3},
+            "majority": {"accuracy": 0.55, "macro_f1": 0.24},
+            "n": 100,
+        },
+        "medqa_usmle": {"model": None, "zero_shot": {"accuracy": 0.2}, "majority": {"accuracy": 0.3}, "n": 50},
+    },
+    "meta": {"model": "tiny", "parameters": {"trainable": 1234, "active_per_token": 567}},
+}
+
+
+def write_run(run, routing: bool = True, modules: list[str] = MODULES) -> None:
+    (run / "adapter").mkdir(parents=True)
+    (run / "recipe.yaml").write_text("name: demo\nmodel: tiny\ntasks: [pubmedqa]\nevaluation: [medqa_usmle]\n")
+    config = {"target_modules": "all-linear", "router": "topk", "top_k": 2, "num_experts": 4, "expert_rank": 2}
+    (run / "adapter" / "loramix_config.json").write_text(json.dumps(config))
+    with open(run / "history.jsonl", "w") as history:
+        for step in range(1, 31):
+            ess = {m: 2.0 - step / 30 - 0.1 * i for i, m in enumerate(modules)}
+            record = {
+                "step": step,
+                "loss": 3.0 / step + 0.5,
+                "ce": 3.0 / step + 0.45,
+                "aux": {"balance": 1.0 + 0.5 / step},
+                "ess": sum(ess.values()) / len(ess),
+                "ess_per_layer": ess,
+                "lr": 1e-4,
+                "seconds": 2.0 * step,
+            }
+            history.write(json.dumps(record) + "\n")
+    (run / "metrics.json").write_text(json.dumps(METRICS))
+    summary = {"steps": 30, "seconds": 60.0, "world_size": 1, "max_length": 256}
+    (run / "training.json").write_text(
+        json.dumps(summary | {"encoded": {"pubmedqa": 240}, "truncated": {"pubmedqa": 12}})
+    )
+    if routing:
+        loads = {m: {"load": [0.7 - 0.1 * i, 0.2, 0.1 + 0.1 * i, 0.0], "ess": 1.5} for i, m in enumerate(modules)}
+        (run / "routing.json").write_text(json.dumps(loads))
+
+
+def test_score_rows_and_average():
+    rows = score_rows(METRICS)
+    assert [(task, metric) for task, metric, _ in rows] == [
+        ("pubmedqa", "accuracy"),
+        ("pubmedqa", "macro_f1"),
+        ("medqa_usmle", "accuracy"),
+        ("average", "main metric, 1 of 2 tasks"),
+    ]
+    assert rows[-1][2] == pytest.approx({"model": 0.6, "zero_shot": 0.4, "majority": 0.55})  # medqa: no model score
+    scored = {**METRICS["tasks"]["medqa_usmle"], "model": {"accuracy": 0.3}}
+    rows = score_rows({"tasks": {**METRICS["tasks"], "medqa_usmle": scored}})
+    assert rows[-1] == ("average", "main metric", pytest.approx({"model": 0.45, "zero_shot": 0.3, "majority": 0.425}))
+
+
+def test_write_report_makes_plots_and_a_table(tmp_path):
+    run = tmp_path / "run"
+    write_run(run)
+    report = write_report(run)
+    for name in ("loss.png", "expert_load.png", "ess.png", "scores.png"):
+        data = (run / name).read_bytes()
+        assert data.startswith(b"\x89PNG") and len(data) > 5000, name
+    text = report.read_text()
+    assert "| pubmedqa | accuracy | 0.600 | 0.400 | 0.550 | 100 |" in text
+    assert "| medqa_usmle | accuracy | — | 0.200 | 0.300 | 50 |" in text
+    assert "**average**" in text
+    assert "trainable: 1,234" in text
+    assert "inputs truncated to 256 tokens: pubmedqa 12/240" in text
+    for name in ("loss.png", "expert_load.png", "ess.png", "scores.png"):
+        assert f"]({name})" in text
+
+
+def test_report_without_routing_statistics(tmp_path):
+    run = tmp_path / "run"
+    write_run(run, routing=False)
+    text = write_report(run).read_text()
+    assert not (run / "expert_load.png").exists()
+    assert "routing.json is missing" in text
+
+
+def test_many_modules_are_grouped_by_layer_and_kind(tmp_path):
+    run = tmp_path / "run"
+    kinds = ("q_proj", "k_proj", "v_proj", "o_proj")
+    write_run(run, modules=[f"model.layers.{layer}.self_attn.{k}" for layer in range(12) for k in kinds])
+    write_report(run)
+    assert (run / "expert_load.png").stat().st_size > 5000
+
+
+def test_summary_table_lists_every_task(tmp_path):
+    run = tmp_path / "run"
+    write_run(run)
+    console = Console(record=True, width=120)
+    console.print(summary_table(run))
+    text = console.export_text()
+    for expected in ("pubmedqa", "macro_f1", "medqa_usmle", "average", "0.600", "1 of 2 tasks"):
+        assert expected in text
+
+
+def test_summary_table_without_metrics_says_what_to_run(tmp_path):
+    with pytest.raises(FileNotFoundError, match="loramix eval"):
+        summary_table(tmp_path)
