@@ -2,10 +2,10 @@
 
 import pytest
 import torch
-from loramix.models import tiny_gpt2, tiny_llama
 
 import loramix
 from loramix import MixLoraConfig
+from loramix.models import tiny_gpt2, tiny_llama
 
 ROUTER_SETTINGS = [
     ("soft", "token"),

