@@ -1,11 +1,13 @@
 """loramix: mixture-of-LoRA-experts fine-tuning for Hugging Face causal language models."""
 
+from loramix.compose import compose
 from loramix.config import MixLoraConfig
 from loramix.layer import MixLoraLinear
 from loramix.model import MixLoraModel, load, wrap
 from loramix.routing import ROUTERS, Router, Routing, register_router
 
 __version__ = "0.1.0"
+
 
 __all__ = [
     "ROUTERS",
@@ -14,6 +16,7 @@ __all__ = [
     "MixLoraModel",
     "Router",
     "Routing",
+    "compose",
     "load",
     "register_router",
     "wrap",

@@ -353,6 +353,12 @@ class MixLoraModel(nn.Module):
         )
         _atomic_write(directory / CONFIG_NAME, self.config.to_json)
 
+    def export_peft(self, directory: str | Path, task_id: int) -> Path:
+        """Task `task_id`'s update as a standard peft LoRA adapter (task router only)."""
+        from loramix.export import export_peft  # export.py imports this module
+
+        return export_peft(self, directory, task_id)
+
     # ---- merging ------------------------------------------------------------------------------------------
     def task_weights(self, task_id: int) -> dict[str, Tensor]:
         """Each adapted module's expert weights (n,) for a task (task router only)."""

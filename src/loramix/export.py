@@ -1,0 +1,118 @@
+"""Export one task of a `task`-router (MOELoRA) model as a standard peft LoRA adapter.
+
+With the task router the expert weights w_t depend on the task alone, so task t's update is an ordinary
+LoRA of the total rank R = n r:  Delta W_t = scale * [w_{t,1} B_1 ... w_{t,n} B_n] [A_1; ...; A_n].
+The task weights are folded into B and peft's scaling lora_alpha / R is made equal to `scale`.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import torch
+from peft import LoraConfig
+from safetensors.torch import save_file
+from torch import Tensor, nn
+from transformers.pytorch_utils import Conv1D
+
+from loramix.model import MixLoraModel, load
+from loramix.models import load_model
+from loramix.recipe import load_recipe
+
+PEFT_CONFIG_NAME = "adapter_config.json"
+PEFT_WEIGHTS_NAME = "adapter_model.safetensors"
+PEFT_PREFIX = "base_model.model."
+
+
+def peft_key(module: str, factor: str) -> str:
+    """peft's saved name of a LoRA factor ('A' or 'B') of `module` (named as in the base model)."""
+    return f"{PEFT_PREFIX}{module}.lora_{factor}.weight"
+
+
+def peft_target_modules(model: nn.Module, modules: list[str]) -> list[str]:
+    """peft `target_modules` selecting exactly `modules` of `model`: their last name parts when those match
+    no other module (as peft writes them), else the full names."""
+    suffixes = sorted({name.rsplit(".", 1)[-1] for name in modules})
+    matched = {name for name, _ in model.named_modules() if name.rsplit(".", 1)[-1] in suffixes}
+    return suffixes if matched == set(modules) else sorted(modules)
+
+
+def base_model_name(model: nn.Module) -> str | None:
+    """The name or path of a Hugging Face model as peft records it (None for a model built from a config)."""
+    return getattr(getattr(model, "config", None), "_name_or_path", None) or None
+
+
+def save_peft_adapter(directory: str | Path, factors: dict[str, tuple[Tensor, Tensor]], config: LoraConfig) -> Path:
+    """Write a peft LoRA adapter: adapter_config.json and adapter_model.safetensors.
+
+    `factors` maps each module name (in the base model) to (A (r, d_in), B (d_out, r)).
+    """
+    directory = Path(directory)
+    directory.mkdir(parents=True, exist_ok=True)
+    tensors = {}
+    for module, (a, b) in factors.items():
+        tensors[peft_key(module, "A")] = a.detach().cpu().contiguous()
+        tensors[peft_key(module, "B")] = b.detach().cpu().contiguous()
+    save_file(tensors, directory / PEFT_WEIGHTS_NAME, metadata={"format": "pt"})
+    config.save_pretrained(str(directory))
+    return directory
+
+
+def _require_task_router(router: str) -> None:
+    if router != "task":
+        raise ValueError(
+            f"per-task export needs router='task' (MOELoRA), whose expert weights depend on the task alone; "
+            f"this model uses router={router!r}, whose expert weights change with the input"
+        )
+
+
+@torch.no_grad()
+def export_peft(model: MixLoraModel, directory: str | Path, task_id: int) -> Path:
+    """Write task `task_id`'s update of a `task`-router model as a peft LoRA adapter of rank n * r.
+
+    `peft.PeftModel.from_pretrained(base, directory)` then computes what `model` computes with that task id.
+    """
+    _require_task_router(model.config.router)
+    weights = model.task_weights(task_id)  # validates task_id
+    factors = {}
+    scales = set()
+    for name, layer in model.layers.items():
+        gates = weights[name].to(layer.lora_B.dtype).view(-1, 1, 1)
+        a = layer.lora_A.flatten(0, 1)  # (n r, d_in): [A_1; ...; A_n]
+        b = (layer.lora_B * gates).transpose(0, 1).flatten(1)  # (d_out, n r): [w_1 B_1 ... w_n B_n]
+        factors[name] = (a, b)
+        scales.add(layer.router.expert_scale)
+    (scale,) = scales  # every task router of a model has alpha / (n r)
+    rank = model.config.num_experts * model.config.expert_rank
+    conv1d = any(isinstance(layer.base_layer, Conv1D) for layer in model.layers.values())
+    config = LoraConfig(
+        r=rank,
+        lora_alpha=scale * rank,  # peft's scaling lora_alpha / r == our scale
+        target_modules=peft_target_modules(model.base_model, list(model.layers)),
+        lora_dropout=model.config.dropout,
+        fan_in_fan_out=conv1d,
+        bias="none",
+        task_type="CAUSAL_LM",
+        base_model_name_or_path=base_model_name(model.base_model),
+    )
+    return save_peft_adapter(directory, factors, config)
+
+
+def export_run(run_dir: str | Path, task: str, out_dir: str | Path) -> Path:
+    """`loramix export --run runs/<name> --task <task> --out <dir>`: one task of a trained `task`-router run as a
+    peft adapter (the task id is the task's index in the recipe's `tasks`)."""
+    run_dir = Path(run_dir)
+    recipe = load_recipe(run_dir / "recipe.yaml")
+    if recipe.lora is not None:
+        raise ValueError(
+            f"{run_dir} trained a plain peft LoRA (`lora:` recipe): {run_dir / 'adapter'} already is a peft "
+            f"adapter, shared by its tasks {recipe.tasks}"
+        )
+    _require_task_router(recipe.mixlora_config().router)
+    if task not in recipe.tasks:
+        raise ValueError(f"{run_dir} was not trained on task {task!r}; its tasks are {recipe.tasks}")
+    adapter = run_dir / "adapter"
+    if not adapter.is_dir():
+        raise FileNotFoundError(f"{adapter} is missing: has the run finished training?")
+    base, _ = load_model(recipe.model)
+    return export_peft(load(base, adapter), out_dir, recipe.tasks.index(task))
