@@ -1,8 +1,10 @@
-"""Recipes: a YAML file that says which model, tasks, adapter and training settings a run uses."""
+"""Recipes: typed YAML files saying which model, tasks, adapter and training settings a run uses."""
 
 from __future__ import annotations
 
 import math
+import types
+import typing
 from dataclasses import asdict, dataclass, field, fields
 from pathlib import Path
 
@@ -10,15 +12,62 @@ import yaml
 
 from loramix.config import MixLoraConfig
 from loramix.data import get_task, load_jsonl_tasks
+from loramix.models import DEFAULT_MODEL
 
 SAMPLINGS = ("proportional", "temperature", "uniform")
 SCHEDULES = ("cosine", "linear", "constant")
-LORA_FIELDS = ("r", "lora_alpha", "lora_dropout", "target_modules", "bias", "use_rslora")
+LORA_DEFAULTS = {"r": 8, "lora_alpha": 16, "lora_dropout": 0.0, "target_modules": "all-linear"}
+LORA_RESERVED = ("task_type", "peft_type", "base_model_name_or_path", "revision", "inference_mode")
+
+
+def _fail(key: str, value: object, allowed: str) -> typing.NoReturn:
+    raise ValueError(f"recipe key {key}={value!r} is invalid: {allowed}")
 
 
 def _check(ok: bool, key: str, value: object, allowed: str) -> None:
     if not ok:
-        raise ValueError(f"recipe key {key}={value!r} is invalid: {allowed}")
+        _fail(key, value, allowed)
+
+
+def _conforms(value: object, hint: object) -> bool:
+    """Whether a value read from YAML has the annotated type (bool is not an int, an int is a float)."""
+    if typing.get_origin(hint) in (typing.Union, types.UnionType):
+        return any(_conforms(value, option) for option in typing.get_args(hint))
+    if hint is type(None):
+        return value is None
+    if typing.get_origin(hint) is list:
+        (item,) = typing.get_args(hint)
+        return isinstance(value, list) and all(_conforms(v, item) for v in value)
+    if hint is float:
+        return isinstance(value, (int, float)) and not isinstance(value, bool)
+    if hint is int:
+        return isinstance(value, int) and not isinstance(value, bool)
+    return isinstance(value, hint)
+
+
+def _as_number(text: str) -> float | str:
+    try:
+        return float(text)
+    except ValueError:
+        return text
+
+
+def _check_types(section: object, where: str) -> None:
+    """Validate every field of a recipe dataclass against its annotation; numbers in strings become floats."""
+    hints = typing.get_type_hints(type(section))
+    for item in fields(section):
+        key, value, hint = f"{where}{item.name}", getattr(section, item.name), hints[item.name]
+        if isinstance(value, str) and _conforms(1.0, hint) and not _conforms(value, hint):
+            value = _as_number(value)  # YAML 1.1 reads `1e-3` as a string
+            setattr(section, item.name, value)
+        if not _conforms(value, hint):
+            _fail(key, value, f"expected {getattr(hint, '__name__', str(hint))}")
+
+
+def _at_least(section: object, where: str, names: tuple[str, ...], bound: float) -> None:
+    for name in names:
+        value = getattr(section, name)
+        _check(value is None or value >= bound, f"{where}{name}", value, f"expected a number >= {bound}")
 
 
 @dataclass
@@ -33,97 +82,89 @@ class Training:
     warmup_steps: int = 20
     schedule: str = "cosine"
     max_grad_norm: float = 1.0
-    sampling: str = "temperature"
-    sampling_temperature: float = 2.0
     bf16: bool = False
     seed: int = 0
     log_every: int = 10
     save_every: int = 100
 
     def __post_init__(self) -> None:
-        for name in ("steps", "batch_size", "grad_accumulation", "log_every", "save_every"):
-            value = getattr(self, name)
-            _check(
-                isinstance(value, int) and not isinstance(value, bool) and value >= 1,
-                f"training.{name}",
-                value,
-                "expected an integer >= 1",
-            )
-        _check(
-            isinstance(self.warmup_steps, int) and self.warmup_steps >= 0,
-            "training.warmup_steps",
-            self.warmup_steps,
-            "expected an integer >= 0",
-        )
-        for name in ("lr", "weight_decay", "max_grad_norm", "sampling_temperature"):
-            value = getattr(self, name)
-            _check(
-                isinstance(value, (int, float)) and math.isfinite(value) and value >= 0,
-                f"training.{name}",
-                value,
-                "expected a number >= 0",
-            )
-        _check(self.lr > 0, "training.lr", self.lr, "expected a number > 0")
+        _check_types(self, "training.")
+        _at_least(self, "training.", ("steps", "batch_size", "grad_accumulation", "log_every", "save_every"), 1)
+        _at_least(self, "training.", ("warmup_steps", "weight_decay", "max_grad_norm"), 0)
+        _check(math.isfinite(self.lr) and self.lr > 0, "training.lr", self.lr, "expected a finite number > 0")
         _check(self.schedule in SCHEDULES, "training.schedule", self.schedule, f"allowed: {list(SCHEDULES)}")
-        _check(self.sampling in SAMPLINGS, "training.sampling", self.sampling, f"allowed: {list(SAMPLINGS)}")
-        _check(isinstance(self.bf16, bool), "training.bf16", self.bf16, "expected true or false")
-        _check(isinstance(self.seed, int), "training.seed", self.seed, "expected an integer")
 
 
 @dataclass
 class Recipe:
-    """A whole run: model, tasks, adapter (`mixlora` or a plain peft `lora`), training and evaluation sizes."""
+    """A whole run: model, tasks and their sampling, evaluation sizes, training, and one adapter section:
+    `mixlora` (MixLoraConfig fields) or `lora` (peft LoraConfig fields, a plain LoRA baseline)."""
 
     name: str
-    model: str | None = None
-    tasks: list[str] = field(default_factory=list)
+    tasks: list[str]
+    model: str = DEFAULT_MODEL
     evaluation: list[str] = field(default_factory=list)
     task_files: list[str] = field(default_factory=list)
     data_dir: str | None = None
+    sampling: str = "temperature"
+    sampling_temperature: float = 2.0
     max_length: int = 256
     eval_examples: int | None = 100
+    training: Training = field(default_factory=Training)
     mixlora: dict | None = None
     lora: dict | None = None
-    training: Training = field(default_factory=Training)
 
     def __post_init__(self) -> None:
         if isinstance(self.training, dict):
-            self.training = _build(Training, self.training, "training")
+            self.training = _build(Training, self.training, "training.")
+        _check_types(self, "")
         for path in self.task_files:
-            load_jsonl_tasks(path)
-        _check(bool(self.tasks) and isinstance(self.tasks, list), "tasks", self.tasks, "list at least one task")
-        for name in [*self.tasks, *self.evaluation]:
-            get_task(name)  # raises, naming the known tasks
-        _check(len(set(self.tasks)) == len(self.tasks), "tasks", self.tasks, "each task once")
+            load_jsonl_tasks(path)  # registers the file's tasks; raises on a bad file
+        _check(bool(self.tasks), "tasks", self.tasks, "list at least one task")
+        _check(len(set(self.tasks)) == len(self.tasks), "tasks", self.tasks, "list each task once")
+        for key, names in (("tasks", self.tasks), ("evaluation", self.evaluation)):
+            for name in names:
+                try:
+                    get_task(name)
+                except ValueError as error:
+                    _fail(key, name, str(error))
+        _check(self.sampling in SAMPLINGS, "sampling", self.sampling, f"allowed: {list(SAMPLINGS)}")
+        _check(self.sampling_temperature > 0, "sampling_temperature", self.sampling_temperature, "expected > 0")
+        _at_least(self, "", ("max_length",), 16)
+        _at_least(self, "", ("eval_examples",), 1)
         _check(
             (self.mixlora is None) != (self.lora is None),
             "mixlora/lora",
-            (self.mixlora, self.lora),
-            "give exactly one adapter section, `mixlora:` or `lora:`",
+            {"mixlora": self.mixlora, "lora": self.lora},
+            "give exactly one adapter section: `mixlora:` or `lora:`",
         )
-        _check(
-            isinstance(self.max_length, int) and self.max_length >= 32,
-            "max_length",
-            self.max_length,
-            "expected an integer >= 32",
-        )
-        _check(
-            self.eval_examples is None or (isinstance(self.eval_examples, int) and self.eval_examples >= 1),
-            "eval_examples",
-            self.eval_examples,
-            "expected null (all) or an integer >= 1",
-        )
-        if self.lora is not None:
-            unknown = sorted(set(self.lora) - set(LORA_FIELDS))
-            _check(not unknown, "lora", unknown, f"unknown keys; allowed: {list(LORA_FIELDS)}")
+        if self.mixlora is not None:
+            self.mixlora = self.mixlora_config().to_dict()
         else:
-            self.mixlora_config()  # validates
+            self.lora = _validate_lora(self.lora)
 
     def mixlora_config(self) -> MixLoraConfig:
-        values = dict(self.mixlora)
-        if values.get("router") == "task" and values.get("num_tasks") is None:
-            values["num_tasks"] = len(self.tasks)
-        return MixLoraConfig.from_dict(values)
+        """The adapter's config; `num_tasks` defaults to the number of tasks (task id = index in `tasks`)."""
+        values = {"num_tasks": len(self.tasks)} | dict(self.mixlora)
+        unknown = sorted(set(values) - {f.name for f in fields(MixLoraConfig)})
+        if unknown:
+            _fail(f"mixlora.{unknown[0]}", values[unknown[0]], f"unknown key; allowed: {_names(MixLoraConfig)}")
+        try:
+            config = MixLoraConfig.from_dict(values)
+        except ValueError as error:
+            raise ValueError(f"recipe section mixlora: {error}") from None
+        _check(
+            config.num_tasks is None or config.num_tasks >= len(self.tasks),
+            "mixlora.num_tasks",
+            config.num_tasks,
+            f"expected at least the {len(self.tasks)} tasks of the recipe",
+        )
+        return config
+
+    @classmethod
+    def from_dict(cls, values: dict) -> Recipe:
+        """A recipe from a mapping as read from YAML; unknown keys raise ValueError."""
+        return _build(cls, values, "")
 
     def to_dict(self) -> dict:
         return asdict(self)
@@ -132,13 +173,35 @@ class Recipe:
         Path(path).write_text(yaml.safe_dump(self.to_dict(), sort_keys=False))
 
 
-def _build(cls, values: dict, where: str):
-    known = {f.name for f in fields(cls)}
-    unknown = sorted(set(values) - known)
-    if unknown:
-        raise ValueError(
-            f"unknown recipe key(s) {[f'{where}.{k}' if where else k for k in unknown]}; allowed: {sorted(known)}"
-        )
+def _names(cls: type) -> list[str]:
+    return sorted(f.name for f in fields(cls))
+
+
+def _validate_lora(values: dict) -> dict:
+    """The `lora:` section completed with defaults, checked against peft's LoraConfig."""
+    from peft import LoraConfig
+
+    allowed = sorted(set(_names(LoraConfig)) - set(LORA_RESERVED))
+    values = LORA_DEFAULTS | values
+    for key, value in values.items():
+        _check(key in allowed, f"lora.{key}", value, f"unknown key; allowed: {allowed}")
+    r, alpha, dropout = values["r"], values["lora_alpha"], values["lora_dropout"]
+    _check(_conforms(r, int) and r >= 1, "lora.r", r, "expected an integer >= 1")
+    _check(_conforms(alpha, float) and alpha > 0, "lora.lora_alpha", alpha, "expected a number > 0")
+    _check(_conforms(dropout, float) and 0 <= dropout < 1, "lora.lora_dropout", dropout, "expected 0 <= x < 1")
+    try:
+        LoraConfig(task_type="CAUSAL_LM", **values)
+    except (TypeError, ValueError) as error:
+        raise ValueError(f"recipe section lora: {error}") from None
+    return values
+
+
+def _build(cls: type, values: object, where: str):
+    if not isinstance(values, dict):
+        _fail(where.rstrip(".") or "recipe", values, "expected a mapping of keys to values")
+    allowed = _names(cls)
+    for key, value in values.items():
+        _check(key in allowed, f"{where}{key}", value, f"unknown key; allowed: {allowed}")
     return cls(**values)
 
 
@@ -152,12 +215,12 @@ def apply_override(values: dict, assignment: str) -> None:
     for part in parents:
         node = node.setdefault(part, {})
         if not isinstance(node, dict):
-            raise ValueError(f"override {assignment!r}: {part!r} is not a section")
+            raise ValueError(f"override {assignment!r} is invalid: {part!r} is not a section")
     node[leaf] = yaml.safe_load(raw)
 
 
-def load_recipe(path: str | Path, overrides: list[str] = ()) -> Recipe:
-    """Read a recipe file, apply `key=value` overrides, validate everything."""
+def load_recipe(path: str | Path, overrides: list[str] | tuple[str, ...] = ()) -> Recipe:
+    """Read a recipe file, apply `key=value` overrides, validate everything (ValueError names the bad key)."""
     path = Path(path)
     if not path.is_file():
         raise FileNotFoundError(f"no recipe at {path}")
@@ -165,9 +228,11 @@ def load_recipe(path: str | Path, overrides: list[str] = ()) -> Recipe:
         values = yaml.safe_load(path.read_text()) or {}
     except yaml.YAMLError as error:
         raise ValueError(f"{path} is not valid YAML: {error}") from None
-    if not isinstance(values, dict):
-        raise ValueError(f"{path} must hold a mapping of recipe keys")
-    values.setdefault("name", path.stem)
-    for assignment in overrides:
-        apply_override(values, assignment)
-    return _build(Recipe, values, "")
+    values = dict(values) if isinstance(values, dict) else values
+    if isinstance(values, dict):
+        values.setdefault("name", path.stem)
+        for assignment in overrides:
+            apply_override(values, assignment)
+        if "tasks" not in values:
+            raise ValueError(f"{path} lists no `tasks`: a recipe needs at least one task to train on")
+    return Recipe.from_dict(values)

@@ -1,7 +1,9 @@
-"""Multi-task training of a recipe into a run folder, resumable, on one process or several (torchrun)."""
+"""Multi-task training of a recipe into a run folder: resumable, on one process or several (torchrun)."""
 
 from __future__ import annotations
 
+import contextlib
+import inspect
 import json
 import math
 import os
@@ -16,12 +18,17 @@ import torch
 import torch.distributed as dist
 from safetensors.torch import load_file, save_file
 from torch import nn
+from torch.nn.parallel import DistributedDataParallel
+from torch.optim.lr_scheduler import LambdaLR
 from tqdm.auto import tqdm
 
 import loramix
-from loramix.data import Example, collate, encode_example, get_task
+from loramix.data import SPLIT_SEED, Example, collate, encode_example, get_task
 from loramix.models import load_model
 from loramix.recipe import Recipe, Training
+
+# Keys a resumed run may change: they do not alter what the finished steps computed.
+RESUMABLE_CHANGES = {"training.steps", "training.log_every", "training.save_every", "eval_examples", "evaluation"}
 
 
 class TrainingError(RuntimeError):
@@ -32,14 +39,16 @@ class TrainingError(RuntimeError):
 class TaskSampler:
     """Draws training rows: a task by the sampling rule, then one of its examples, from a seeded generator."""
 
-    def __init__(self, sizes: list[int], training: Training, seed: int) -> None:
-        sizes_array = np.asarray(sizes, dtype=float)
-        if training.sampling == "uniform":
-            weights = np.ones_like(sizes_array)
-        elif training.sampling == "proportional":
-            weights = sizes_array
+    def __init__(self, sizes: list[int], sampling: str, temperature: float, seed: int) -> None:
+        counts = np.asarray(sizes, dtype=float)
+        if sampling == "uniform":
+            weights = np.ones_like(counts)
+        elif sampling == "proportional":
+            weights = counts
+        elif sampling == "temperature":
+            weights = counts ** (1.0 / temperature)
         else:
-            weights = sizes_array ** (1.0 / training.sampling_temperature)
+            raise ValueError(f"sampling={sampling!r}; allowed: proportional, temperature, uniform")
         self.probabilities = weights / weights.sum()
         self.sizes = sizes
         self.rng = np.random.default_rng(seed)
@@ -57,12 +66,14 @@ class TaskSampler:
 
 
 class Encoder:
-    """Encodes training examples on first use and counts the truncated ones."""
+    """Encodes training examples on first use (answer-only labels, context-side truncation) and counts,
+    per task, the distinct examples drawn ("encoded") and how many of them lost context ("truncated")."""
 
     def __init__(self, tokenizer, max_length: int, examples: list[list[Example]]) -> None:
         self.tokenizer, self.max_length, self.examples = tokenizer, max_length, examples
         self.cache: dict[tuple[int, int], dict] = {}
-        self.truncated: dict[str, int] = {}
+        names = [group[0].task if group else "" for group in examples]
+        self.counts = {"encoded": dict.fromkeys(names, 0), "truncated": dict.fromkeys(names, 0)}
 
     def batch(self, picks: list[tuple[int, int]]) -> dict[str, torch.Tensor]:
         rows = []
@@ -70,11 +81,26 @@ class Encoder:
             if (task, index) not in self.cache:
                 example = self.examples[task][index]
                 row = encode_example(example, self.tokenizer, self.max_length)
-                if row["truncated"]:
-                    self.truncated[example.task] = self.truncated.get(example.task, 0) + 1
+                self.counts["encoded"][example.task] += 1
+                self.counts["truncated"][example.task] += int(row["truncated"])
                 self.cache[task, index] = row
             rows.append({**self.cache[task, index], "task_id": task})
         return collate(rows, self.tokenizer.pad_token_id)
+
+
+def split_indices(recipe: Recipe) -> dict[str, dict]:
+    """splits.json: per task, the split sizes and the indices used; the test indices are a seeded
+    permutation, so that evaluating the first `eval_examples` scores a random, reproducible subset."""
+    splits = {}
+    for name in dict.fromkeys([*recipe.tasks, *recipe.evaluation]):
+        loaded = get_task(name).load(recipe.data_dir)
+        test = np.random.default_rng(SPLIT_SEED).permutation(len(loaded.get("test", []))).tolist()
+        splits[name] = {
+            "seed": SPLIT_SEED,
+            "sizes": {split: len(examples) for split, examples in loaded.items()},
+            "indices": {"train": list(range(len(loaded.get("train", [])))), "test": test},
+        }
+    return splits
 
 
 # ---- model ----------------------------------------------------------------------------------------------------
@@ -85,20 +111,31 @@ def build_model(recipe: Recipe, device: torch.device) -> tuple[nn.Module, object
         return loramix.wrap(base, recipe.mixlora_config()), tokenizer
     from peft import LoraConfig, get_peft_model
 
-    settings = {"r": 8, "lora_alpha": 16, "lora_dropout": 0.0, "target_modules": "all-linear"} | recipe.lora
-    return get_peft_model(base, LoraConfig(task_type="CAUSAL_LM", **settings)), tokenizer
+    return get_peft_model(base, LoraConfig(task_type="CAUSAL_LM", **recipe.lora)), tokenizer
 
 
 def answer_loss(model: nn.Module, batch: dict[str, torch.Tensor]) -> torch.Tensor:
-    """Cross-entropy on the labelled tokens; for a MixLoraModel, its compute_loss (with auxiliary losses)."""
+    """Mean cross-entropy over the answer tokens (labels != -100); a MixLoraModel's compute_loss adds its
+    auxiliary losses (and the ReMix RLOO surrogate)."""
     if isinstance(model, loramix.MixLoraModel):
         return model.compute_loss(batch)
     logits = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits[:, :-1]
     return nn.functional.cross_entropy(logits.flatten(0, 1).float(), batch["labels"][:, 1:].flatten())
 
 
-def trainable_state(model: nn.Module) -> dict[str, torch.Tensor]:
-    """Everything training changes: trainable parameters and the contrastive memory queues."""
+class LossModule(nn.Module):
+    """The model with `answer_loss` as its forward, so that DistributedDataParallel sees the whole step."""
+
+    def __init__(self, model: nn.Module) -> None:
+        super().__init__()
+        self.model = model
+
+    def forward(self, batch: dict[str, torch.Tensor]) -> torch.Tensor:
+        return answer_loss(self.model, batch)
+
+
+def training_state(model: nn.Module) -> dict[str, torch.Tensor]:
+    """Everything training changes in the model: trainable parameters and the contrastive memory queues."""
     trainable = {name for name, p in model.named_parameters() if p.requires_grad}
     return {
         name: tensor.detach().cpu().contiguous()
@@ -108,6 +145,7 @@ def trainable_state(model: nn.Module) -> dict[str, torch.Tensor]:
 
 
 def save_adapter(model: nn.Module, directory: Path) -> None:
+    """The run's adapter: loramix's save_pretrained, or peft's adapter files for `lora` recipes."""
     if isinstance(model, loramix.MixLoraModel):
         model.save_pretrained(directory)
     else:
@@ -116,51 +154,90 @@ def save_adapter(model: nn.Module, directory: Path) -> None:
 
 # ---- schedule -------------------------------------------------------------------------------------------------
 def learning_rate_factor(step: int, training: Training) -> float:
-    """Linear warm-up to 1, then the schedule's decay to 0 at the last step."""
+    """The factor of the peak learning rate at `step` (0-based): linear warm-up to 1 over `warmup_steps`,
+    then the schedule's decay (cosine, linear or none) to 0 at the last step."""
     if step < training.warmup_steps:
         return (step + 1) / training.warmup_steps
     if training.schedule == "constant":
         return 1.0
-    progress = (step - training.warmup_steps) / max(1, training.steps - training.warmup_steps)
+    progress = min(1.0, (step - training.warmup_steps) / max(1, training.steps - training.warmup_steps))
     if training.schedule == "linear":
-        return max(0.0, 1.0 - progress)
-    return 0.5 * (1.0 + math.cos(math.pi * min(progress, 1.0)))
+        return 1.0 - progress
+    return 0.5 * (1.0 + math.cos(math.pi * progress))
+
+
+# ---- random state ---------------------------------------------------------------------------------------------
+def seed_everything(seed: int) -> None:
+    torch.manual_seed(seed)
+    random.seed(seed)
+    np.random.seed(seed % 2**32)
+
+
+def rank_state(sampler: TaskSampler) -> dict:
+    """This process's random state: the sampler's, Python's, NumPy's and torch's (CPU and CUDA)."""
+    name, keys, position, has_gauss, gauss = np.random.get_state()
+    state = {
+        "sampler": sampler.state(),
+        "python": random.getstate(),
+        "numpy": [name, keys.tolist(), position, has_gauss, gauss],
+        "torch": torch.get_rng_state().tolist(),
+    }
+    if torch.cuda.is_available():
+        state["cuda"] = torch.cuda.get_rng_state().tolist()
+    return state
+
+
+def restore_rank_state(state: dict, sampler: TaskSampler) -> None:
+    sampler.restore(state["sampler"])
+    version, internal, gauss = state["python"]
+    random.setstate((version, tuple(internal), gauss))
+    name, keys, position, has_gauss, cached = state["numpy"]
+    np.random.set_state((name, np.asarray(keys, dtype=np.uint32), position, has_gauss, cached))
+    torch.set_rng_state(torch.tensor(state["torch"], dtype=torch.uint8))
+    if "cuda" in state and torch.cuda.is_available():
+        torch.cuda.set_rng_state(torch.tensor(state["cuda"], dtype=torch.uint8))
 
 
 # ---- checkpoints ----------------------------------------------------------------------------------------------
-def save_checkpoint(directory: Path, model, optimizer, sampler: TaskSampler, step: int, encoder: Encoder) -> None:
-    """Write model, optimizer, RNG and sampler state as safetensors + JSON, atomically (no pickle)."""
-    tensors = {f"model.{name}": tensor for name, tensor in trainable_state(model).items()}
+def save_checkpoint(directory: Path, model: nn.Module, optimizer, scheduler, meta: dict) -> None:
+    """Write the training state atomically (a temporary folder, then os.replace): tensors in
+    safetensors, everything else in JSON, no pickle. `meta` holds the step and the ranks' random states."""
+    tensors = {f"model.{name}": tensor for name, tensor in training_state(model).items()}
     optimizer_state = optimizer.state_dict()
     for index, state in optimizer_state["state"].items():
         for key, value in state.items():
-            tensors[f"optimizer.{index}.{key}"] = value.detach().cpu().contiguous()
-    tensors["rng.torch"] = torch.get_rng_state()
-    meta = {
-        "step": step,
-        "param_groups": optimizer_state["param_groups"],
-        "sampler": sampler.state(),
-        "python_rng": random.getstate(),
-        "truncated": encoder.truncated,
-    }
+            tensors[f"optimizer.{index}.{key}"] = torch.as_tensor(value).detach().cpu().contiguous()
+    meta = meta | {"param_groups": optimizer_state["param_groups"], "scheduler": scheduler.state_dict()}
     staging = Path(tempfile.mkdtemp(dir=directory.parent, prefix=f".{directory.name}."))
-    save_file(tensors, staging / "state.safetensors")
-    (staging / "state.json").write_text(json.dumps(meta))
-    old = directory.with_name(directory.name + ".old")
-    if directory.exists():
-        os.replace(directory, old)
-    os.replace(staging, directory)
-    shutil.rmtree(old, ignore_errors=True)
+    try:
+        save_file(tensors, staging / "state.safetensors")
+        (staging / "state.json").write_text(json.dumps(meta))
+        previous = directory.with_name(f".{directory.name}.previous")
+        if directory.exists():
+            os.replace(directory, previous)
+        os.replace(staging, directory)
+        shutil.rmtree(previous, ignore_errors=True)
+    finally:
+        shutil.rmtree(staging, ignore_errors=True)
 
 
-def load_checkpoint(directory: Path, model, optimizer, sampler: TaskSampler, encoder: Encoder) -> int:
-    """Restore what save_checkpoint wrote; return the step to continue from."""
+def load_checkpoint(directory: Path, model: nn.Module, optimizer, scheduler) -> dict:
+    """Restore model and optimizer tensors and the scheduler from save_checkpoint's files; return its meta."""
+    if not (directory / "state.json").is_file():
+        previous = directory.with_name(f".{directory.name}.previous")
+        if (previous / "state.json").is_file():  # killed between the two renames of save_checkpoint
+            directory = previous
+        else:
+            raise FileNotFoundError(f"nothing to resume: {directory} holds no checkpoint")
     tensors = load_file(directory / "state.safetensors")
     meta = json.loads((directory / "state.json").read_text())
-    model_state = {name[6:]: t for name, t in tensors.items() if name.startswith("model.")}
-    missing = set(trainable_state(model)) - set(model_state)
-    if missing:
-        raise ValueError(f"checkpoint {directory} does not fit this recipe's model: missing {sorted(missing)[:3]}")
+    model_state = {name.removeprefix("model."): t for name, t in tensors.items() if name.startswith("model.")}
+    expected = training_state(model)
+    wrong = sorted(set(expected) ^ set(model_state)) + [
+        name for name in expected if name in model_state and model_state[name].shape != expected[name].shape
+    ]
+    if wrong:
+        raise ValueError(f"the checkpoint in {directory} does not fit this recipe's model: {wrong[:3]}")
     model.load_state_dict(model_state, strict=False)
     state: dict[int, dict] = {}
     for name, tensor in tensors.items():
@@ -168,160 +245,256 @@ def load_checkpoint(directory: Path, model, optimizer, sampler: TaskSampler, enc
             _, index, key = name.split(".", 2)
             state.setdefault(int(index), {})[key] = tensor
     optimizer.load_state_dict({"state": state, "param_groups": meta["param_groups"]})
-    torch.set_rng_state(tensors["rng.torch"])
-    sampler.restore(meta["sampler"])
-    version, internal, gauss = meta["python_rng"]
-    random.setstate((version, tuple(internal), gauss))
-    encoder.truncated = meta["truncated"]
-    return meta["step"]
+    scheduler.load_state_dict(meta["scheduler"])
+    return meta
 
 
 # ---- distributed ----------------------------------------------------------------------------------------------
-def init_distributed(device: torch.device) -> tuple[int, int]:
-    """(rank, world size); joins the process group when launched by torchrun / accelerate launch."""
+# Buffers (routing statistics, contrastive memory queues) stay local to each rank after the start;
+# torch 2.13 renamed DDP's option.
+RANK_LOCAL_BUFFERS = (
+    "forward_sync_buffers"
+    if "forward_sync_buffers" in inspect.signature(DistributedDataParallel).parameters
+    else "broadcast_buffers"
+)
+
+
+def init_distributed() -> tuple[int, int, torch.device]:
+    """(rank, world size, device); joins the process group when launched by torchrun / accelerate launch
+    (gloo on CPU, nccl on CUDA), once per process: the caller owns it (the CLI destroys it at the end)."""
     world = int(os.environ.get("WORLD_SIZE", "1"))
+    if not torch.cuda.is_available():
+        device = torch.device("cpu")
+    else:
+        device = torch.device("cuda", int(os.environ.get("LOCAL_RANK", "0")))
+        torch.cuda.set_device(device)
     if world > 1 and not dist.is_initialized():
         dist.init_process_group("nccl" if device.type == "cuda" else "gloo")
-    return (dist.get_rank(), world) if world > 1 else (0, 1)
+    return (dist.get_rank() if world > 1 else 0), world, device
 
 
-def average_gradients(parameters: list[nn.Parameter], world: int) -> None:
-    """All-reduce the gradients of all ranks in one flat buffer (unused experts contribute zeros)."""
-    grads = [p.grad if p.grad is not None else torch.zeros_like(p) for p in parameters]
-    flat = torch.cat([g.flatten() for g in grads])
-    dist.all_reduce(flat)
-    flat /= world
-    offset = 0
-    for parameter, grad in zip(parameters, grads, strict=True):
-        parameter.grad = flat[offset : offset + grad.numel()].view_as(grad)
-        offset += grad.numel()
+def all_finite(value: torch.Tensor, world: int) -> bool:
+    """Whether the value is finite on every rank (so that all ranks stop together)."""
+    flag = torch.isfinite(value.detach()).all().to(torch.float32).reshape(1)
+    if world > 1:
+        dist.all_reduce(flag, op=dist.ReduceOp.MIN)
+    return bool(flag.item())
 
 
-# ---- the loop -------------------------------------------------------------------------------------------------
-def _aux_parts(model: nn.Module) -> dict[str, float]:
-    parts = getattr(model, "last_losses", {})
-    return {k: float(v) for k, v in parts.items() if k != "ce"}
+def gather(value: object, world: int) -> list:
+    """A picklable value from every rank, on every rank (in memory; nothing is pickled to disk)."""
+    if world == 1:
+        return [value]
+    values = [None] * world
+    dist.all_gather_object(values, value)
+    return values
 
 
-def _routing_summary(model: nn.Module) -> dict:
+# ---- the run folder -------------------------------------------------------------------------------------------
+def check_resumable(recipe: Recipe, run_dir: Path) -> None:
+    """A resumed run must use the recipe it started with, but for the keys of RESUMABLE_CHANGES."""
+    import yaml
+
+    saved, given = _flatten(yaml.safe_load((run_dir / "recipe.yaml").read_text())), _flatten(recipe.to_dict())
+    changed = sorted(k for k in saved.keys() | given.keys() if saved.get(k) != given.get(k))
+    changed = [k for k in changed if k not in RESUMABLE_CHANGES]
+    if changed:
+        raise ValueError(
+            f"cannot resume {run_dir} with a different recipe: {changed} changed; "
+            f"only {sorted(RESUMABLE_CHANGES)} may change"
+        )
+
+
+def _flatten(values: dict, prefix: str = "") -> dict:
+    flat = {}
+    for key, value in values.items():
+        if isinstance(value, dict) and key in ("training", "mixlora", "lora"):
+            flat |= _flatten(value, f"{key}.")
+        else:
+            flat[prefix + key] = value
+    return flat
+
+
+def trim_history(path: Path, step: int) -> None:
+    """Drop the records a killed run logged after its last checkpoint."""
+    if path.is_file():
+        kept = [line for line in path.read_text().splitlines() if line and json.loads(line)["step"] <= step]
+        path.write_text("".join(line + "\n" for line in kept))
+
+
+def routing_summary(model: nn.Module) -> dict:
+    """ESS and expert load since the last call (for a MixLoraModel), then reset the statistics."""
     if not isinstance(model, loramix.MixLoraModel):
         return {}
     stats = model.routing_stats()
     model.reset_routing_stats()
     ess = {name: s["ess"] for name, s in stats.items()}
     return {
-        "ess": sum(ess.values()) / len(ess),
+        "ess": sum(ess.values()) / max(len(ess), 1),
         "ess_per_layer": ess,
         "load_per_layer": {name: s["load"] for name, s in stats.items()},
     }
 
 
-def train(recipe: Recipe, run_dir: str | Path, resume: bool = False, evaluate: bool = True) -> Path:
-    """Train the recipe into `run_dir` (continuing its checkpoint if `resume`), then evaluate and report."""
-    run_dir = Path(run_dir)
-    settings = recipe.training
-    device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    if device.type == "cuda" and "LOCAL_RANK" in os.environ:
-        device = torch.device("cuda", int(os.environ["LOCAL_RANK"]))
-    rank, world = init_distributed(device)
-    checkpoint = run_dir / "checkpoint"
-    if resume and not (checkpoint / "state.json").is_file():
-        raise FileNotFoundError(f"nothing to resume: {checkpoint} holds no checkpoint")
-    if not resume and checkpoint.exists():
-        raise FileExistsError(f"{run_dir} already holds a run: pass --resume to continue it, or choose another folder")
+class Tally:
+    """Running means of the logged losses between two log steps."""
 
-    torch.manual_seed(settings.seed)
-    random.seed(settings.seed)
+    def __init__(self) -> None:
+        self.sums: dict[str, float] = {}
+        self.count = 0
+
+    def add(self, values: dict[str, float]) -> None:
+        for key, value in values.items():
+            self.sums[key] = self.sums.get(key, 0.0) + value
+        self.count += 1
+
+    def means(self) -> dict[str, float]:
+        means = {key: value / max(self.count, 1) for key, value in self.sums.items()}
+        self.sums, self.count = {}, 0
+        return means
+
+
+def evaluate_and_report(run_dir: Path, recipe: Recipe, max_examples: int | None = None, **options) -> dict:
+    """Score the run (metrics.json) and write its report; evaluation-by-generation is evaluate.py's."""
+    from loramix.evaluate import evaluate_run
+    from loramix.report import write_report
+
+    limit = recipe.eval_examples if max_examples is None else max_examples
+    metrics = evaluate_run(run_dir, data_dir=recipe.data_dir, max_examples=limit, **options)
+    write_report(run_dir)
+    return metrics
+
+
+# ---- the loop -------------------------------------------------------------------------------------------------
+def train(recipe: Recipe, run_dir: str | Path, resume: bool = False, evaluate: bool = True) -> Path:
+    """Train `recipe` into `run_dir` (continuing its last checkpoint if `resume`); then, unless
+    `evaluate=False`, score it on the test splits and write the report. Returns the run folder."""
+    run_dir = Path(run_dir)
+    rank, world, device = init_distributed()
+    if resume:
+        if not (run_dir / "recipe.yaml").is_file():
+            raise FileNotFoundError(f"nothing to resume: {run_dir} holds no run")
+        check_resumable(recipe, run_dir)
+    elif (run_dir / "recipe.yaml").exists():
+        raise FileExistsError(f"{run_dir} already holds a run: pass --resume to continue it, or choose another --run")
+    if world > 1:  # every rank has checked the folder before rank 0 writes to it
+        dist.barrier()
+    _train_steps(recipe, run_dir, resume, rank, world, device)
+    if world > 1:
+        dist.barrier()
+    if evaluate and rank == 0:
+        evaluate_and_report(run_dir, recipe)
+    return run_dir
+
+
+def _train_steps(recipe: Recipe, run_dir: Path, resume: bool, rank: int, world: int, device: torch.device) -> None:
+    """The training loop: writes recipe.yaml, splits.json, history.jsonl, checkpoint/, adapter/,
+    training.json and routing.json (rank 0 only)."""
+    settings = recipe.training
+    seed_everything(settings.seed)  # the same initial adapter on every rank
     model, tokenizer = build_model(recipe, device)
     model.train()
-    tasks = [get_task(name) for name in recipe.tasks]
-    train_sets = [task.load(recipe.data_dir)["train"] for task in tasks]
+    train_sets = [get_task(name).load(recipe.data_dir)["train"] for name in recipe.tasks]
     encoder = Encoder(tokenizer, recipe.max_length, train_sets)
-    sampler = TaskSampler([len(s) for s in train_sets], settings, seed=settings.seed + rank)
+    sizes = [len(s) for s in train_sets]
+    sampler = TaskSampler(sizes, recipe.sampling, recipe.sampling_temperature, settings.seed + rank)
     parameters = [p for p in model.parameters() if p.requires_grad]
     optimizer = torch.optim.AdamW(parameters, lr=settings.lr, weight_decay=settings.weight_decay)
-    if world > 1:  # the same start on every rank
-        for parameter in parameters:
-            dist.broadcast(parameter.data, 0)
+    scheduler = LambdaLR(optimizer, lambda step: learning_rate_factor(step, settings))
+    runner: nn.Module = LossModule(model)
+    if world > 1:  # experts run densely: every adapter parameter gets a gradient on every rank
+        runner = DistributedDataParallel(runner, **{RANK_LOCAL_BUFFERS: False})
+    seed_everything(settings.seed + rank)  # other random draws (ReMix routes, dropout) differ by rank
 
-    step = 0
+    step, elapsed = 0, 0.0
     if resume:
-        step = load_checkpoint(checkpoint, model, optimizer, sampler, encoder)
+        meta = load_checkpoint(run_dir / "checkpoint", model, optimizer, scheduler)
+        if meta["world_size"] != world:
+            raise ValueError(f"{run_dir} was trained on {meta['world_size']} processes: resume it on as many")
+        step, elapsed = meta["step"], meta["seconds"]
+        encoder.counts = meta["counts"]
+        restore_rank_state(meta["ranks"][rank], sampler)
+        if rank == 0:
+            trim_history(run_dir / "history.jsonl", step)
     elif rank == 0:
         run_dir.mkdir(parents=True, exist_ok=True)
-        recipe.to_yaml(run_dir / "recipe.yaml")
-        splits = {
-            task.name: {"seed": 0, "sizes": {k: len(v) for k, v in task.load(recipe.data_dir).items()}}
-            for task in tasks
-        }
-        (run_dir / "splits.json").write_text(json.dumps(splits, indent=2))
+        (run_dir / "splits.json").write_text(json.dumps(split_indices(recipe)))
         (run_dir / "history.jsonl").write_text("")
+    if rank == 0:
+        recipe.to_yaml(run_dir / "recipe.yaml")  # a resumed run may have changed the step count
 
     autocast = torch.autocast(device.type, dtype=torch.bfloat16, enabled=settings.bf16)
     progress = tqdm(total=settings.steps, initial=step, desc=recipe.name, disable=rank != 0, dynamic_ncols=True)
-    started = time.perf_counter()
-    routing: dict = {}
+    tally, routing, started = Tally(), {}, time.perf_counter() - elapsed
     while step < settings.steps:
-        for group in optimizer.param_groups:
-            group["lr"] = settings.lr * learning_rate_factor(step, settings)
-        total = 0.0
-        for _ in range(settings.grad_accumulation):
+        losses: dict[str, float] = {}
+        for micro in range(settings.grad_accumulation):
+            final_micro_step = micro == settings.grad_accumulation - 1
+            sync = contextlib.nullcontext() if world == 1 or final_micro_step else runner.no_sync()
             batch = {k: v.to(device) for k, v in encoder.batch(sampler.draw(settings.batch_size)).items()}
-            with autocast:
-                loss = answer_loss(model, batch)
-            if not torch.isfinite(loss):
-                raise TrainingError(
-                    f"the loss is {float(loss)} at step {step + 1}: lower training.lr or check the data"
-                )
-            (loss / settings.grad_accumulation).backward()
-            total += float(loss.detach()) / settings.grad_accumulation
-        if world > 1:
-            average_gradients(parameters, world)
-        torch.nn.utils.clip_grad_norm_(parameters, settings.max_grad_norm)
+            with sync:
+                with autocast:
+                    loss = runner(batch)
+                if not all_finite(loss, world):
+                    raise TrainingError(
+                        f"the loss is {float(loss.detach())} at step {step + 1}: lower training.lr or check the data"
+                    )
+                (loss / settings.grad_accumulation).backward()
+            parts = {"loss": loss.detach(), **getattr(model, "last_losses", {})}
+            for key, value in parts.items():
+                losses[key] = losses.get(key, 0.0) + float(value) / settings.grad_accumulation
+        norm = torch.nn.utils.clip_grad_norm_(parameters, settings.max_grad_norm)
+        if not torch.isfinite(norm):
+            raise TrainingError(f"the gradient norm is {float(norm)} at step {step + 1}: lower training.lr")
         optimizer.step()
+        rate = scheduler.get_last_lr()[0]  # the rate this step used
+        scheduler.step()
         optimizer.zero_grad(set_to_none=True)
         step += 1
-        aux = _aux_parts(model)
+        tally.add(losses)
         progress.update(1)
-        if rank == 0 and (step % settings.log_every == 0 or step == settings.steps):
-            routing = _routing_summary(model)
-            ce = float(model.last_losses["ce"]) if isinstance(model, loramix.MixLoraModel) else total
+        if step % settings.log_every == 0 or step == settings.steps:
+            means = tally.means()
+            routing = routing_summary(model)
             record = {
                 "step": step,
-                "loss": total,
-                "ce": ce,
-                "aux": aux,
-                "lr": optimizer.param_groups[0]["lr"],
+                "loss": means["loss"],
+                "ce": means.get("ce", means["loss"]),
+                "aux": {k: v for k, v in means.items() if k not in ("loss", "ce")},
+                "lr": rate,
                 "seconds": round(time.perf_counter() - started, 2),
                 **routing,
             }
-            with (run_dir / "history.jsonl").open("a") as history:
-                history.write(json.dumps(record) + "\n")
-            shown = {"loss": f"{total:.3f}", "aux": f"{sum(aux.values()):.3f}"}
-            if "ess" in routing:
-                shown["ess"] = f"{routing['ess']:.2f}"
-            progress.set_postfix(shown)
-        if rank == 0 and (step % settings.save_every == 0 or step == settings.steps):
-            save_checkpoint(checkpoint, model, optimizer, sampler, step, encoder)
+            if rank == 0:
+                with (run_dir / "history.jsonl").open("a") as history:
+                    history.write(json.dumps(record) + "\n")
+            shown = {"loss": f"{record['loss']:.3f}", "aux": f"{record['loss'] - record['ce']:+.3f}"}
+            progress.set_postfix(shown | ({"ess": f"{routing['ess']:.2f}"} if routing else {}))
+        if step % settings.save_every == 0 or step == settings.steps:
+            meta = {
+                "step": step,
+                "seconds": time.perf_counter() - started,
+                "world_size": world,
+                "counts": encoder.counts,
+                "ranks": gather(rank_state(sampler), world),
+            }
+            if rank == 0:
+                save_checkpoint(run_dir / "checkpoint", model, optimizer, scheduler, meta)
     progress.close()
 
     if rank == 0:
         save_adapter(model, run_dir / "adapter")
-        summary = {"steps": step, "truncated": encoder.truncated, "train_seconds": time.perf_counter() - started}
+        summary = {
+            "steps": step,
+            "seconds": round(time.perf_counter() - started, 1),
+            "world_size": world,
+            "max_length": recipe.max_length,
+            **encoder.counts,
+        }
         (run_dir / "training.json").write_text(json.dumps(summary, indent=2))
-        if routing:  # the routing of the last logged steps
+        if routing:  # the routing of the last logged steps, for the report's expert-load plot
             final = {
                 name: {"load": routing["load_per_layer"][name], "ess": ess}
                 for name, ess in routing["ess_per_layer"].items()
             }
             (run_dir / "routing.json").write_text(json.dumps(final))
-        if evaluate:
-            from loramix.evaluate import evaluate_run
-            from loramix.report import write_report
-
-            del model, optimizer
-            evaluate_run(run_dir, data_dir=recipe.data_dir, max_examples=recipe.eval_examples)
-            write_report(run_dir)
-    if world > 1:
-        dist.barrier()
-    return run_dir

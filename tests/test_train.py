@@ -1,0 +1,203 @@
+"""Training on a tiny model and a tiny JSONL task: sampling, schedule, answer-only loss, truncation,
+resume after a kill, NaN stop, the run folder."""
+
+import json
+
+import numpy as np
+import pytest
+import torch
+from safetensors.torch import load_file
+
+import loramix
+import loramix.train as training
+from loramix.data import Example, load_jsonl_tasks
+from loramix.models import load_model
+from loramix.recipe import Recipe, Training
+from loramix.train import Encoder, TaskSampler, TrainingError, answer_loss, learning_rate_factor, train
+
+
+@pytest.fixture
+def task_file(tmp_path):
+    """Two tiny tasks (40 examples each): is a number even or odd?"""
+    path = tmp_path / "parity.jsonl"
+    rows = [
+        {"task": task, "prompt": f"{n}?", "answer": "even" if n % 2 == 0 else "odd", "choices": ["even", "odd"]}
+        for task in ("parity", "parity2")
+        for n in range(40)
+    ]
+    path.write_text("\n".join(json.dumps(r) for r in rows))
+    return path
+
+
+def tiny_recipe(task_file, adapter: str = "topk", **training_values) -> Recipe:
+    settings = {"steps": 6, "batch_size": 4, "warmup_steps": 2, "log_every": 2, "save_every": 3, "lr": 1e-2}
+    sections = {"lora": {"lora": {"r": 2, "target_modules": ["q_proj", "v_proj"]}}}
+    mixlora = {"target_modules": ["q_proj", "v_proj"], "router": adapter, "num_experts": 4, "expert_rank": 2}
+    if adapter == "contrastive":
+        mixlora |= {"router": "topk", "contrastive_loss_weight": 0.1, "memory_queue_size": 8}
+    return Recipe(
+        name="tiny",
+        model="tiny-llama",
+        tasks=["parity", "parity2"],
+        task_files=[str(task_file)],
+        max_length=48,
+        eval_examples=4,
+        training=settings | training_values,
+        **sections.get(adapter, {"mixlora": mixlora}),
+    )
+
+
+# ---- sampling and schedule ------------------------------------------------------------------------------------
+@pytest.mark.parametrize(
+    ("sampling", "expected"),
+    [("uniform", [0.5, 0.5]), ("proportional", [0.8, 0.2]), ("temperature", [2 / 3, 1 / 3])],
+)
+def test_tasks_are_drawn_by_the_sampling_rule(sampling, expected):
+    sampler = TaskSampler([400, 100], sampling, temperature=2.0, seed=0)
+    np.testing.assert_allclose(sampler.probabilities, expected)
+    draws = sampler.draw(20000)
+    assert abs(np.mean([task == 0 for task, _ in draws]) - expected[0]) < 0.015
+    assert max(index for task, index in draws if task == 1) == 99
+
+
+def test_warmup_then_decay():
+    linear = Training(steps=110, warmup_steps=10, schedule="linear")
+    factors = [learning_rate_factor(step, linear) for step in range(110)]
+    assert factors[0] == pytest.approx(0.1) and factors[9] == pytest.approx(1.0)
+    assert factors[10] == pytest.approx(1.0) and factors[60] == pytest.approx(0.5) and factors[-1] < 0.02
+    assert learning_rate_factor(60, Training(steps=110, warmup_steps=10)) == pytest.approx(0.5)  # cosine
+    assert learning_rate_factor(100, Training(steps=110, warmup_steps=10, schedule="constant")) == 1.0
+
+
+def test_the_logged_learning_rate_follows_the_schedule(tmp_path, task_file):
+    recipe = tiny_recipe(task_file, steps=4, warmup_steps=2, log_every=1, schedule="linear")
+    run = train(recipe, tmp_path / "run", evaluate=False)
+    rates = [json.loads(line)["lr"] for line in (run / "history.jsonl").read_text().splitlines()]
+    assert rates == pytest.approx([5e-3, 1e-2, 1e-2, 5e-3])  # warm-up over 2 steps, then linear decay
+
+
+# ---- loss and encoding ----------------------------------------------------------------------------------------
+def test_only_answer_tokens_carry_loss(task_file):
+    model, tokenizer = load_model("tiny-llama")
+    encoder = Encoder(tokenizer, 48, [[Example("t", "What is 2 + 2?", "four")]])
+    batch = encoder.batch([(0, 0), (0, 0)])
+    labelled = batch["labels"][0] != -100
+    answer = tokenizer.decode(batch["input_ids"][0][labelled])
+    assert answer.startswith("four") and labelled.sum() <= len(tokenizer("four<|im_end|>\n")["input_ids"])
+    assert labelled.nonzero().min() > len(tokenizer("What is 2 + 2?")["input_ids"])
+
+    logits = model(input_ids=batch["input_ids"]).logits.detach().requires_grad_()
+    model.forward = lambda **_: type("Output", (), {"logits": logits})()
+    loss = answer_loss(model, batch)
+    loss.backward()
+    predicts_answer = torch.nn.functional.pad(labelled[1:], (0, 1))
+    assert logits.grad[0][~predicts_answer].abs().sum() == 0 and logits.grad[0][predicts_answer].abs().sum() > 0
+    targets = batch["input_ids"][0][labelled]
+    expected = torch.nn.functional.cross_entropy(logits[0][predicts_answer], targets)
+    assert loss.item() == pytest.approx(expected.item(), rel=1e-6)
+
+
+def test_mixlora_and_the_lora_baseline_optimise_the_same_loss(task_file):
+    load_jsonl_tasks(task_file)
+    model, tokenizer = load_model("tiny-llama")
+    batch = Encoder(tokenizer, 48, [[Example("t", "5?", "odd"), Example("t", "6?", "even")]]).batch([(0, 0), (0, 1)])
+    plain = answer_loss(model, batch)
+    wrapped = loramix.wrap(model, loramix.MixLoraConfig(target_modules=["q_proj"], router="soft"))
+    assert answer_loss(wrapped, batch).item() == pytest.approx(plain.item(), rel=1e-5)  # B = 0 at the start
+
+
+def test_long_inputs_lose_context_not_the_question_nor_the_answer(tmp_path, task_file):
+    _, tokenizer = load_model("tiny-llama")
+    long = Example("t", "context " * 30 + "Question: even?", "odd")
+    encoder = Encoder(tokenizer, 70, [[long, Example("t", "short?", "even")]])
+    batch = encoder.batch([(0, 0), (0, 1)])
+    text = tokenizer.decode(batch["input_ids"][0])
+    assert batch["input_ids"].shape[1] == 70 and "Question: even?" in text and "odd" in text
+    assert encoder.counts == {"encoded": {"t": 2}, "truncated": {"t": 1}}
+
+
+# ---- the run folder -------------------------------------------------------------------------------------------
+def test_a_run_writes_its_folder(tmp_path, task_file):
+    run = train(tiny_recipe(task_file, "remix", steps=4), tmp_path / "run", evaluate=False)
+    assert {"recipe.yaml", "splits.json", "history.jsonl", "adapter", "checkpoint", "training.json"} <= {
+        p.name for p in run.iterdir()
+    }
+    history = [json.loads(line) for line in (run / "history.jsonl").read_text().splitlines()]
+    assert [h["step"] for h in history] == [2, 4]
+    assert set(history[0]) >= {"step", "loss", "ce", "aux", "ess", "ess_per_layer", "load_per_layer", "lr", "seconds"}
+    assert "rloo" in history[0]["aux"] and all(h["ess"] == pytest.approx(2.0) for h in history)
+    assert set(json.loads((run / "routing.json").read_text())) == set(history[0]["load_per_layer"])
+    summary = json.loads((run / "training.json").read_text())
+    assert summary["steps"] == 4 and set(summary["truncated"]) == {"parity", "parity2"}
+
+    splits = json.loads((run / "splits.json").read_text())
+    again = train(tiny_recipe(task_file, "remix", steps=1), tmp_path / "again", evaluate=False)
+    assert json.loads((again / "splits.json").read_text()) == splits  # deterministic
+    parity = splits["parity"]
+    assert parity["sizes"] == {"train": 32, "test": 8} and sorted(parity["indices"]["test"]) == list(range(8))
+    assert parity["indices"]["train"] == list(range(32))
+
+
+def test_a_run_folder_is_never_overwritten(tmp_path, task_file):
+    train(tiny_recipe(task_file, steps=1), tmp_path / "run", evaluate=False)
+    with pytest.raises(FileExistsError, match="--resume"):
+        train(tiny_recipe(task_file, steps=1), tmp_path / "run", evaluate=False)
+    with pytest.raises(FileNotFoundError, match="nothing to resume"):
+        train(tiny_recipe(task_file, steps=1), tmp_path / "other", resume=True, evaluate=False)
+    with pytest.raises(ValueError, match=r"\['training.lr'\] changed"):
+        train(tiny_recipe(task_file, steps=2, lr=0.5), tmp_path / "run", resume=True, evaluate=False)
+
+
+# ---- resume and failures --------------------------------------------------------------------------------------
+class Killed(Exception):
+    """Stands for the process being killed."""
+
+
+@pytest.mark.parametrize("adapter", ["remix", "contrastive", "lora"])
+def test_resume_after_a_kill_ends_with_bit_identical_weights(tmp_path, task_file, monkeypatch, adapter):
+    straight = train(tiny_recipe(task_file, adapter), tmp_path / "straight", evaluate=False)
+
+    draw, calls = TaskSampler.draw, []
+
+    def killed_during_step_5(self, count):
+        calls.append(count)
+        if len(calls) == 5:  # after the checkpoint of step 3 and the log of step 4
+            raise Killed
+        return draw(self, count)
+
+    monkeypatch.setattr(TaskSampler, "draw", killed_during_step_5)
+    with pytest.raises(Killed):
+        train(tiny_recipe(task_file, adapter), tmp_path / "resumed", evaluate=False)
+    monkeypatch.setattr(TaskSampler, "draw", draw)
+    resumed = train(tiny_recipe(task_file, adapter), tmp_path / "resumed", resume=True, evaluate=False)
+
+    name = "adapter_model.safetensors" if adapter == "lora" else "adapter.safetensors"
+    expected, got = load_file(straight / "adapter" / name), load_file(resumed / "adapter" / name)
+    assert expected.keys() == got.keys()
+    for key in expected:
+        assert torch.equal(expected[key], got[key]), key
+    for run in (straight, resumed):  # the memory queues too
+        assert (run / "checkpoint" / "state.safetensors").is_file()
+    queues = [load_file(run / "checkpoint" / "state.safetensors") for run in (straight, resumed)]
+    assert all(torch.equal(queues[0][k], queues[1][k]) for k in queues[0] if k.startswith("model."))
+    steps = [json.loads(line)["step"] for line in (resumed / "history.jsonl").read_text().splitlines()]
+    assert steps == [2, 4, 6]
+
+
+def test_a_non_finite_loss_stops_the_run_naming_the_step(tmp_path, task_file, monkeypatch):
+    calls = []
+
+    def loss_explodes_at_step_3(model, batch):
+        calls.append(1)
+        return torch.tensor(float("nan") if len(calls) == 3 else 1.0, requires_grad=True)
+
+    monkeypatch.setattr(training, "answer_loss", loss_explodes_at_step_3)
+    with pytest.raises(TrainingError, match="loss is nan at step 3"):
+        train(tiny_recipe(task_file), tmp_path / "run", evaluate=False)
+
+
+def test_gradient_accumulation_and_bf16_autocast_train(tmp_path, task_file):
+    recipe = tiny_recipe(task_file, "topk", steps=12, batch_size=2, grad_accumulation=2, bf16=True, log_every=4)
+    run = train(recipe, tmp_path / "run", evaluate=False)
+    history = [json.loads(line) for line in (run / "history.jsonl").read_text().splitlines()]
+    assert history[-1]["ce"] < history[0]["ce"] and "balance" in history[0]["aux"]
