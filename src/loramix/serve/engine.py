@@ -1,0 +1,245 @@
+"""Engine: batched generation for the tenants (tasks) of one backbone, each row of a batch with its own adapter."""
+
+from __future__ import annotations
+
+import threading
+from collections.abc import Iterator, Sequence
+from contextlib import contextmanager
+
+import torch
+from jinja2 import TemplateError
+from torch import Tensor, nn
+from transformers import LogitsProcessorList, StoppingCriteriaList
+
+from loramix.model import MixLoraModel
+from loramix.serve.decoding import Completion, DoneListener, GenerationRequest, RowSampler, RowTracker, TextListener
+from loramix.serve.rows import TaskRows
+
+DEFAULT_MAX_PROMPT_TOKENS = 1024
+CHARACTERS_PER_TOKEN = 100  # a text longer than this many characters per allowed token is refused untokenized
+MAX_STOP_LENGTH = 256
+
+
+class RequestError(ValueError):
+    """A request that cannot be served; `status` is the HTTP status to answer with (OpenAI error fields)."""
+
+    def __init__(
+        self,
+        message: str,
+        *,
+        param: str | None = None,
+        status: int = 400,
+        code: str | None = None,
+        kind: str = "invalid_request_error",
+    ) -> None:
+        super().__init__(message)
+        self.message, self.param, self.status, self.code, self.kind = message, param, status, code, kind
+
+    def body(self) -> dict:
+        """The OpenAI-style error body."""
+        return {"error": {"message": self.message, "type": self.kind, "param": self.param, "code": self.code}}
+
+
+def backbone(model: nn.Module) -> nn.Module:
+    """The Hugging Face model inside a MixLoraModel or a peft model (or the model itself)."""
+    if isinstance(model, MixLoraModel):
+        return model.base_model
+    return model.get_base_model() if hasattr(model, "get_base_model") else model
+
+
+class Engine:
+    """Generates for batches of requests whose rows may belong to different tasks, in one `generate` call.
+
+    How a batch runs depends on the adapter:
+    - task router: a batch of one task that has a merged copy (`merged_tasks`) runs on that copy, at the base
+      model's speed; any other batch runs once with per-row task adapters (`TaskRows`).
+    - other loramix routers: on the MixLoraModel; routes of sequence-level routers (`prompt`, or
+      routing_level="sequence") are computed once on the prompt and reused at every decoding step.
+    - a plain or peft model: as it is; every task shares it.
+
+    `tasks` names the tenants: task id = position (as in a run's recipe). One batch runs at a time; the engine
+    owns the model (the per-row path swaps its layers during a batch).
+    """
+
+    def __init__(
+        self,
+        model: nn.Module,
+        tokenizer,
+        tasks: Sequence[str],
+        *,
+        max_new_tokens: int = 256,
+        max_prompt_tokens: int | None = None,
+        merged_tasks: int = 0,
+    ) -> None:
+        if not tasks or len(set(tasks)) != len(tasks):
+            raise ValueError(f"tasks must name each tenant once, got {list(tasks)}")
+        self.model = model.eval()
+        self.tokenizer = tokenizer
+        self.tasks = list(tasks)
+        self.device = next(model.parameters()).device
+        self.vocab_size = backbone(model).get_input_embeddings().num_embeddings
+        self.eos_token_ids = _eos_token_ids(model, tokenizer)
+        self.pad_token_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else self.eos_token_ids[0]
+        self.max_new_tokens = max_new_tokens
+        self.max_prompt_tokens = max_prompt_tokens or self._default_prompt_limit()
+        if max_new_tokens < 1 or self.max_prompt_tokens < 1:
+            raise ValueError(
+                f"max_new_tokens={max_new_tokens} and max_prompt_tokens={self.max_prompt_tokens} must be >= 1 "
+                "(by default the prompt gets the model's context less max_new_tokens)"
+            )
+        self.rows: TaskRows | None = None
+        self.merged: dict[int, nn.Module] = {}
+        if isinstance(model, MixLoraModel) and model.config.router == "task":
+            if len(self.tasks) > model.config.num_tasks:
+                raise ValueError(f"{len(self.tasks)} tasks named; the adapter has num_tasks={model.config.num_tasks}")
+            self.rows = TaskRows(model)
+            if not 0 <= merged_tasks <= len(self.tasks):
+                raise ValueError(f"merged_tasks={merged_tasks} must lie in [0, {len(self.tasks)}] (the tasks)")
+            self.merged = {task: model.merge_task(task).eval() for task in range(merged_tasks)}
+        elif merged_tasks:
+            raise ValueError(f"merged_tasks={merged_tasks}: only a loramix adapter with router='task' merges by task")
+        self._lock = threading.Lock()
+
+    def _default_prompt_limit(self) -> int:
+        config = backbone(self.model).config
+        context = getattr(config, "max_position_embeddings", None) or getattr(config, "n_positions", None)
+        if context is None:
+            return DEFAULT_MAX_PROMPT_TOKENS
+        return min(DEFAULT_MAX_PROMPT_TOKENS, context - self.max_new_tokens)
+
+    # ---- requests -------------------------------------------------------------------------------------------
+    def task_id(self, name: str) -> int:
+        """The id of a task (tenant) by name; RequestError (404) if the engine serves no such task."""
+        if name not in self.tasks:
+            raise RequestError(
+                f"The model {name!r} does not exist; this server has {self.tasks}",
+                param="model",
+                status=404,
+                code="model_not_found",
+            )
+        return self.tasks.index(name)
+
+    def encode_prompt(self, text: str) -> list[int]:
+        """Token ids of a raw completion prompt (with the tokenizer's special tokens, as a plain call adds)."""
+        self._check_size(len(text), "prompt")
+        return list(self.tokenizer(text)["input_ids"])
+
+    def encode_chat(self, messages: list[dict]) -> list[int]:
+        """Token ids of a conversation in the tokenizer's chat template, ending with the assistant's turn."""
+        if not getattr(self.tokenizer, "chat_template", None):
+            raise RequestError("this model's tokenizer has no chat template: use /v1/completions", param="messages")
+        self._check_size(sum(len(message["content"]) for message in messages), "messages")
+        try:
+            text = self.tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
+        except TemplateError as error:
+            raise RequestError(f"the chat template rejected the messages: {error}", param="messages") from None
+        return list(self.tokenizer(text, add_special_tokens=False)["input_ids"])
+
+    def _check_size(self, characters: int, param: str) -> None:
+        """Refuse a text far too long for the prompt limit before spending time on tokenizing it."""
+        if characters > CHARACTERS_PER_TOKEN * self.max_prompt_tokens:
+            raise RequestError(
+                f"This server's maximum prompt length is {self.max_prompt_tokens} tokens; "
+                f"your prompt has {characters} characters",
+                param=param,
+                code="context_length_exceeded",
+            )
+
+    def request(
+        self,
+        model: str,
+        prompt_ids: list[int],
+        *,
+        max_tokens: int | None = None,
+        temperature: float = 0.0,
+        top_p: float = 1.0,
+        stop: Sequence[str] = (),
+        seed: int | None = None,
+        prompt_param: str = "prompt",
+    ) -> GenerationRequest:
+        """A validated GenerationRequest for task `model`; RequestError names the field at fault."""
+        task = self.task_id(model)
+        if not prompt_ids:
+            raise RequestError("the prompt is empty", param=prompt_param)
+        if not all(0 <= token < self.vocab_size for token in prompt_ids):
+            raise RequestError(f"the prompt has token ids outside [0, {self.vocab_size})", param=prompt_param)
+        if len(prompt_ids) > self.max_prompt_tokens:
+            raise RequestError(
+                f"This server's maximum prompt length is {self.max_prompt_tokens} tokens; "
+                f"your prompt has {len(prompt_ids)} tokens",
+                param=prompt_param,
+                code="context_length_exceeded",
+            )
+        max_tokens = self.max_new_tokens if max_tokens is None else max_tokens
+        if not 1 <= max_tokens <= self.max_new_tokens:
+            raise RequestError(f"max_tokens={max_tokens} must lie in [1, {self.max_new_tokens}]", param="max_tokens")
+        if temperature < 0:
+            raise RequestError(f"temperature={temperature} must be >= 0", param="temperature")
+        if not 0 < top_p <= 1:
+            raise RequestError(f"top_p={top_p} must lie in (0, 1]", param="top_p")
+        if seed is not None and not 0 <= seed < 2**63:
+            raise RequestError(f"seed={seed} must lie in [0, 2**63)", param="seed")
+        if any(len(text) > MAX_STOP_LENGTH for text in stop):
+            raise RequestError(f"stop strings may have at most {MAX_STOP_LENGTH} characters", param="stop")
+        return GenerationRequest(task, list(prompt_ids), max_tokens, temperature, top_p, tuple(stop), seed)
+
+    # ---- generation -----------------------------------------------------------------------------------------
+    def generate(
+        self,
+        requests: Sequence[GenerationRequest],
+        on_text: TextListener | None = None,
+        on_done: DoneListener | None = None,
+    ) -> list[Completion]:
+        """Generate for all requests in one batch (left-padded prompts, one `generate` call).
+
+        `on_text(row, piece)` receives each row's text as it becomes final; `on_done(row, completion)` a row's
+        completion as soon as it ends, before the rest of the batch.
+        """
+        if not requests:
+            return []
+        length = max(len(request.prompt_ids) for request in requests)
+        input_ids = torch.full((len(requests), length), self.pad_token_id, dtype=torch.long)
+        attention_mask = torch.zeros_like(input_ids)
+        for row, request in enumerate(requests):
+            input_ids[row, length - len(request.prompt_ids) :] = torch.tensor(request.prompt_ids)
+            attention_mask[row, length - len(request.prompt_ids) :] = 1
+        tracker = RowTracker(requests, self.tokenizer, self.eos_token_ids, on_text, on_done)
+        samplers = [RowSampler(requests, self.device)] if any(r.temperature > 0 for r in requests) else []
+        task_ids = torch.tensor([request.task for request in requests], device=self.device)
+        with self._lock, torch.inference_mode(), self._batch_model(task_ids) as model:
+            model.generate(
+                input_ids=input_ids.to(self.device),
+                attention_mask=attention_mask.to(self.device),
+                max_new_tokens=max(request.max_tokens for request in requests),
+                do_sample=False,
+                num_beams=1,
+                eos_token_id=self.eos_token_ids,
+                pad_token_id=self.pad_token_id,
+                stopping_criteria=StoppingCriteriaList([tracker]),
+                logits_processor=LogitsProcessorList(samplers),
+            )
+        return tracker.finish_all()
+
+    @contextmanager
+    def _batch_model(self, task_ids: Tensor) -> Iterator[nn.Module]:
+        """The model whose `generate` runs a batch with these task ids (see the class docstring)."""
+        if self.rows is None:
+            yield self.model
+            return
+        first = int(task_ids[0])
+        if first in self.merged and bool((task_ids == first).all()):
+            yield self.merged[first]
+            return
+        with self.rows.select(task_ids) as model:
+            yield model
+
+
+def _eos_token_ids(model: nn.Module, tokenizer) -> list[int]:
+    """Every token that ends an answer: the tokenizer's eos and those of the model's generation config."""
+    ids = {tokenizer.eos_token_id}
+    configured = getattr(backbone(model).generation_config, "eos_token_id", None)
+    ids.update(configured if isinstance(configured, list) else [configured])
+    ids.discard(None)
+    if not ids:
+        raise ValueError("the tokenizer has no eos token: set tokenizer.eos_token so that answers can end")
+    return sorted(ids)

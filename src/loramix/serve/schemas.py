@@ -1,0 +1,48 @@
+"""Request bodies of the OpenAI-compatible endpoints. Types are strict ("5" is not an int); unknown fields are
+ignored, as OpenAI clients send some that do not apply (logprobs: null, user, ...)."""
+
+from __future__ import annotations
+
+from typing import Annotated, Literal
+
+from pydantic import BaseModel, ConfigDict, Field
+
+
+class Sampling(BaseModel):
+    """Fields shared by completions and chat completions. `model` names the task (tenant)."""
+
+    model_config = ConfigDict(strict=True, extra="ignore")
+
+    model: str
+    max_tokens: int | None = Field(default=None, ge=1)
+    temperature: float = Field(default=0.0, ge=0.0, le=2.0)  # 0: greedy (the default)
+    top_p: float = Field(default=1.0, gt=0.0, le=1.0)
+    stop: str | Annotated[list[str], Field(max_length=4)] | None = None
+    stream: bool = False
+    n: Literal[1] = 1
+    seed: int | None = None
+
+    def stop_strings(self) -> tuple[str, ...]:
+        if self.stop is None:
+            return ()
+        return (self.stop,) if isinstance(self.stop, str) else tuple(self.stop)
+
+
+class CompletionBody(Sampling):
+    """POST /v1/completions."""
+
+    prompt: str
+
+
+class Message(BaseModel):
+    model_config = ConfigDict(strict=True, extra="ignore")
+
+    role: Literal["system", "user", "assistant"]
+    content: str
+
+
+class ChatBody(Sampling):
+    """POST /v1/chat/completions. `max_completion_tokens` is the newer name of `max_tokens`."""
+
+    messages: list[Message] = Field(min_length=1)
+    max_completion_tokens: int | None = Field(default=None, ge=1)
