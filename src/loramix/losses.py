@@ -33,10 +33,11 @@ def rloo_surrogate(sequence_losses: Tensor, log_probs: Tensor) -> Tensor:
 
     sequence_losses, log_probs: (M, B) per-sequence loss and selection log-probability of M routing samples
     of the same batch. The reward is -loss; the baseline is the mean of the other M-1 samples of the sequence.
+    Its value is zero (so logged losses stay cross-entropy plus auxiliary terms); only its gradient matters.
     """
     samples = sequence_losses.shape[0]
     advantage = (sequence_losses - sequence_losses.mean(0, keepdim=True)).detach() * samples / (samples - 1)
-    return (advantage * log_probs).mean()
+    return (advantage * (log_probs - log_probs.detach())).mean()
 
 
 class ExpertMemoryQueue(nn.Module):
