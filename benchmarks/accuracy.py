@@ -1,0 +1,506 @@
+"""Every recipe against peft LoRA on the five trainable medical tasks: scores over seeds, training cost, the
+routing imbalance (ESS over training) of learned routers against ReMix, and ReMix's sample count M.
+
+    make bench-accuracy                   # every variant, seeds 0 and 1, the demo recipes' budget (hours on a CPU)
+    python benchmarks/accuracy.py --recipes lora,remix --seeds 0 --steps 10 --eval-examples 10 \\
+        --out runs/accuracy-short         # a short run that proves the pipeline end to end
+
+Every variant trains with its recipe in configs/ (`--full`: the -full recipes) and the same budget (steps,
+batch, max length, learning rate: the script stops if the recipes differ) and activates as many LoRA-expert
+parameters per token as peft's LoRA: the expert rank is overridden to the value that matches peft's count
+(the routers' own parameters come on top and are listed). One run folder per variant and seed,
+<out>/<variant>-s<seed>: a finished run (metrics.json) is skipped, an interrupted one resumes from its
+checkpoint, so the command can be stopped and started again. The results replace the part of `--results`
+between this script's markers; plots go to `--figures`.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import re
+import shlex
+import shutil
+import statistics
+import sys
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import matplotlib
+
+matplotlib.use("Agg")
+import matplotlib.pyplot as plt  # noqa: E402  (the backend must be chosen first)
+import numpy as np  # noqa: E402
+import torch  # noqa: E402
+from train_step import expert_parameters_per_token, lora_parameters, matched_expert_rank  # noqa: E402
+
+import loramix  # noqa: E402
+from loramix.models import load_model  # noqa: E402
+from loramix.recipe import Recipe, load_recipe  # noqa: E402
+from loramix.train import TrainingError, check_resumable, evaluate_and_report, train  # noqa: E402
+
+ROOT = Path(__file__).resolve().parent.parent
+# variant -> (recipe in configs/, its own overrides)
+VARIANTS: dict[str, tuple[str, tuple[str, ...]]] = {
+    "lora": ("lora", ()),
+    "soft": ("soft", ()),
+    "topk": ("topk", ()),
+    "remix": ("remix", ("mixlora.remix_samples=2",)),
+    "task": ("task", ()),
+    "prompt": ("prompt", ()),
+    "contrastive": ("contrastive", ()),
+    "remix-m4": ("remix", ("mixlora.remix_samples=4",)),
+    "remix-m8": ("remix", ("mixlora.remix_samples=8",)),
+}
+LABELS = {
+    "lora": "peft LoRA",
+    "soft": "soft (MoLoRA)",
+    "topk": "top-k (MixLoRA)",
+    "remix": "ReMix, M=2",
+    "task": "task (MOELoRA)",
+    "prompt": "prompt (MiLoRA)",
+    "contrastive": "contrastive (SparseDoctor)",
+    "remix-m4": "ReMix, M=4",
+    "remix-m8": "ReMix, M=8",
+}
+IMBALANCE = ("soft", "topk", "contrastive", "remix")  # token-level routers whose ESS is compared
+REMIX_SCALING = ("remix", "remix-m4", "remix-m8")
+BEGIN, END = "<!-- accuracy.py: begin -->", "<!-- accuracy.py: end -->"
+SAME_BUDGET = ("training", "max_length", "tasks", "sampling", "sampling_temperature", "eval_examples", "model")
+
+
+# ---- recipes ---------------------------------------------------------------------------------------------------
+def recipe_path(variant: str, full: bool) -> Path:
+    name = VARIANTS[variant][0]
+    return ROOT / "configs" / f"{name}{'-full' if full else ''}.yaml"
+
+
+def run_overrides(steps: int | None, seed: int, eval_examples: int | None, recipe: Recipe) -> list[str]:
+    """What every run sets: seed, steps, test examples, the five trained tasks only, ~40 logged steps."""
+    steps = steps or recipe.training.steps
+    overrides = [f"training.seed={seed}", f"training.steps={steps}", "evaluation=[]"]
+    overrides.append(f"training.log_every={max(1, steps // 40)}")
+    if eval_examples is not None:
+        overrides.append(f"eval_examples={eval_examples}")
+    return overrides
+
+
+@dataclass
+class Counts:
+    """A variant's parameter counts at its matched expert rank."""
+
+    rank: int
+    trainable: int
+    active_experts: int
+    active: int
+
+
+def match_ranks(variants: list[str], full: bool, settings: list[str]) -> tuple[dict[str, list[str]], dict]:
+    """Per variant: the overrides giving it peft's activated expert parameters per token, and its Counts."""
+    recipes = {v: load_recipe(recipe_path(v, full), [*settings, *VARIANTS[v][1]]) for v in variants}
+    lora = load_recipe(recipe_path("lora", full), settings)
+    base, _ = load_model(lora.model)
+    target = lora_parameters(base, lora.lora["target_modules"], lora.lora["r"])
+    overrides, counts = {}, {}
+    for variant, recipe in recipes.items():
+        if recipe.lora is not None:
+            overrides[variant] = []
+            counts[variant] = Counts(recipe.lora["r"], target, target, target)
+            continue
+        rank = matched_expert_rank(base, recipe.mixlora_config(), target)
+        config = loramix.MixLoraConfig.from_dict(recipe.mixlora_config().to_dict() | {"expert_rank": rank})
+        wrapped = loramix.wrap(base, config)
+        parameters = wrapped.count_parameters()
+        counts[variant] = Counts(
+            rank, parameters["trainable"], expert_parameters_per_token(wrapped), parameters["active_per_token"]
+        )
+        wrapped.unload()
+        overrides[variant] = [f"mixlora.expert_rank={rank}"]
+    return overrides, counts
+
+
+def check_same_budget(recipes: dict[str, Recipe]) -> None:
+    """Stop unless every variant's recipe has the same training budget and data."""
+    first, *_ = recipes.values()
+    for key in SAME_BUDGET:
+        values = {name: getattr(r, key) for name, r in recipes.items()}
+        if any(v != getattr(first, key) for v in values.values()):
+            raise SystemExit(f"the recipes differ in {key}: {values}; the comparison needs the same budget")
+
+
+# ---- runs ------------------------------------------------------------------------------------------------------
+def has_checkpoint(run_dir: Path) -> bool:
+    return any((run_dir / name / "state.json").is_file() for name in ("checkpoint", ".checkpoint.previous"))
+
+
+def merge_json(source: Path, target: Path) -> None:
+    """Add the entries of the JSON object in `source` to the one in `target` (created if missing)."""
+    if source.is_file():
+        merged = (json.loads(target.read_text()) if target.is_file() else {}) | json.loads(source.read_text())
+        target.write_text(json.dumps(merged, indent=2))
+
+
+def ensure_run(recipe: Recipe, run_dir: Path, zero_shot_cache: Path) -> str:
+    """Train (or resume) and evaluate one run unless it is finished; says what it did."""
+    if (run_dir / "recipe.yaml").is_file():
+        check_resumable(recipe, run_dir)  # ValueError if the folder holds another experiment
+        saved = load_recipe(run_dir / "recipe.yaml")
+        if (run_dir / "training.json").is_file() and saved.training.steps != recipe.training.steps:
+            raise SystemExit(
+                f"{run_dir} finished with {saved.training.steps} steps, not {recipe.training.steps}: "
+                "choose another --out"
+            )
+    metrics = run_dir / "metrics.json"
+    if metrics.is_file() and json.loads(metrics.read_text())["meta"].get("max_examples") == recipe.eval_examples:
+        return "finished before: skipped"
+    done = "evaluated"
+    if not (run_dir / "training.json").is_file():
+        resume = has_checkpoint(run_dir)
+        if not resume and run_dir.exists():  # died before its first checkpoint: nothing to keep
+            shutil.rmtree(run_dir)
+        try:
+            train(recipe, run_dir, resume=resume, evaluate=False)
+        except TrainingError as error:
+            return f"FAILED: {error}"
+        done = "resumed, trained and evaluated" if resume else "trained and evaluated"
+    merge_json(zero_shot_cache, run_dir / "zero_shot.json")  # zero-shot scores are the same for every run
+    evaluate_and_report(run_dir, recipe)
+    merge_json(run_dir / "zero_shot.json", zero_shot_cache)
+    return done
+
+
+# ---- reading the runs ------------------------------------------------------------------------------------------
+@dataclass
+class Run:
+    """A run folder's metrics.json and history.jsonl."""
+
+    variant: str
+    seed: int
+    metrics: dict = field(default_factory=dict)
+    history: list[dict] = field(default_factory=list)
+
+    @classmethod
+    def read(cls, out: Path, variant: str, seed: int) -> Run:
+        folder = out / f"{variant}-s{seed}"
+        metrics = json.loads((folder / "metrics.json").read_text()) if (folder / "metrics.json").is_file() else {}
+        lines = (folder / "history.jsonl").read_text().splitlines() if (folder / "history.jsonl").is_file() else []
+        return cls(variant, seed, metrics, [json.loads(line) for line in lines if line.strip()])
+
+    def scores(self, column: str = "model") -> dict[str, float]:
+        """Each task's main (first) metric in a metrics.json column: model, zero_shot or majority."""
+        tasks = self.metrics.get("tasks", {})
+        return {task: next(iter(r[column].values())) for task, r in tasks.items() if r.get(column)}
+
+    def seconds_per_step(self) -> float | None:
+        """The median over logged intervals of training seconds per step."""
+        points = [(0, 0.0)] + [(h["step"], h["seconds"]) for h in self.history]
+        rates = [(s1 - s0) / (n1 - n0) for (n0, s0), (n1, s1) in zip(points, points[1:], strict=False) if n1 > n0]
+        return statistics.median(rates) if rates else None
+
+
+def mean_std(values: list[float]) -> tuple[float, float | None]:
+    return statistics.mean(values), statistics.stdev(values) if len(values) > 1 else None
+
+
+def format_score(values: list[float]) -> str:
+    if not values:
+        return "—"
+    mean, std = mean_std(values)
+    return f"{mean:.3f}" if std is None else f"{mean:.3f} ± {std:.3f}"
+
+
+def average(scores: dict[str, float], tasks: list[str]) -> float | None:
+    return statistics.mean(scores[t] for t in tasks) if tasks and all(t in scores for t in tasks) else None
+
+
+def ess(weights: list[float]) -> float:
+    """Effective support size (sum w)^2 / sum w^2."""
+    array = np.asarray(weights, dtype=float)
+    return float(array.sum() ** 2 / max((array**2).sum(), 1e-24))
+
+
+def decoder_layer(module: str) -> int:
+    match = re.search(r"\.(\d+)\.", module)
+    return int(match.group(1)) if match else -1
+
+
+def ess_grid(runs: list[Run], load: bool) -> tuple[list[int], list[int], np.ndarray]:
+    """(steps, decoder layers, ESS array layers x steps) averaged over the modules of a layer and the seeds:
+    the token ESS of the routing weights (`load=False`) or the ESS of the experts' load (`load=True`)."""
+    steps = sorted({h["step"] for run in runs for h in run.history})
+    layers = sorted({decoder_layer(m) for run in runs for h in run.history for m in h.get("ess_per_layer", {})})
+    total, count = np.zeros((len(layers), len(steps))), np.zeros((len(layers), len(steps)))
+    for run in runs:
+        for h in run.history:
+            values = {m: ess(v) for m, v in h["load_per_layer"].items()} if load else h.get("ess_per_layer", {})
+            for module, value in values.items():
+                index = layers.index(decoder_layer(module)), steps.index(h["step"])
+                total[index] += value
+                count[index] += 1
+    return steps, layers, total / np.maximum(count, 1)
+
+
+# ---- the report ------------------------------------------------------------------------------------------------
+def score_table(runs: dict[str, list[Run]], counts: dict[str, Counts], tasks: list[str]) -> list[str]:
+    peft = counts.get("lora")
+    header = ["method", "expert rank", "trainable", "active expert params/token", "active incl. routers"]
+    lines = [
+        "| " + " | ".join([*header, *tasks, "average", "seeds", "s/step"]) + " |",
+        "|" + "---|" * (len(header) + len(tasks) + 3),
+    ]
+    for variant, group in runs.items():
+        finished = [r for r in group if r.metrics]
+        c = counts[variant]
+        ratio = f" ({c.active_experts / peft.active_experts:.3f}x)" if peft else ""
+        per_task = [format_score([r.scores()[t] for r in finished if t in r.scores()]) for t in tasks]
+        averages = [a for r in finished if (a := average(r.scores(), tasks)) is not None]
+        rates = [s for r in group if (s := r.seconds_per_step()) is not None]
+        rate = f"{statistics.mean(rates):.2f}" if rates else "—"
+        lines.append(
+            f"| {LABELS[variant]} | {c.rank} | {c.trainable:,} | {c.active_experts:,}{ratio} | {c.active:,} | "
+            + " | ".join(per_task)
+            + f" | {format_score(averages)} | {len(finished)} | {rate} |"
+        )
+    reference = next((r for group in runs.values() for r in group if r.metrics), None)
+    for column, label in (("zero_shot", "zero-shot (no adapter)"), ("majority", "majority answer")):
+        scores = reference.scores(column) if reference else {}
+        cells = [f"{scores[t]:.3f}" if t in scores else "—" for t in tasks]
+        mean = average(scores, tasks)
+        lines.append(
+            f"| {label} | — | 0 | 0 | 0 | "
+            + " | ".join(cells)
+            + f" | {'—' if mean is None else f'{mean:.3f}'} | — | — |"
+        )
+    return lines
+
+
+def imbalance_table(runs: dict[str, list[Run]]) -> list[str]:
+    lines = [
+        "| router | max token ESS | step | token ESS: mean (lowest layer) | load ESS of 8: mean (lowest layer) |",
+        "|---|---|---|---|---|",
+    ]
+    for variant in IMBALANCE:
+        group = [r for r in runs.get(variant, []) if r.history]
+        if not group:
+            continue
+        steps, _, token = ess_grid(group, load=False)
+        _, _, load = ess_grid(group, load=True)
+        top = 8 if variant == "soft" else 2
+        for column in sorted({0, len(steps) - 1}):
+            lines.append(
+                f"| {LABELS[variant]} | {top} | {steps[column]} | {token[:, column].mean():.2f} "
+                f"({token[:, column].min():.2f}) | {load[:, column].mean():.2f} ({load[:, column].min():.2f}) |"
+            )
+    return lines
+
+
+def scaling_table(runs: dict[str, list[Run]], tasks: list[str]) -> list[str]:
+    lines = ["| M | average score | s/step | step time vs M=2 | M / 2 |", "|---|---|---|---|---|"]
+    reference = None
+    for variant, samples in zip(REMIX_SCALING, (2, 4, 8), strict=True):
+        group = runs.get(variant, [])
+        if not group:
+            continue
+        averages = [a for r in group if r.metrics and (a := average(r.scores(), tasks)) is not None]
+        rates = [s for r in group if (s := r.seconds_per_step()) is not None]
+        rate = statistics.mean(rates) if rates else None
+        reference = reference or (rate if samples == 2 else None)
+        ratio = f"{rate / reference:.2f}x" if rate and reference else "—"
+        lines.append(
+            f"| {samples} | {format_score(averages)} | {'—' if rate is None else f'{rate:.2f}'} | {ratio} "
+            f"| {samples // 2}x |"
+        )
+    return lines
+
+
+def plot_scores(runs: dict[str, list[Run]], tasks: list[str], path: Path) -> None:
+    columns = [*tasks, "average"]
+    reference = next((r for group in runs.values() for r in group if r.metrics), None)
+    bars: dict[str, list[list[float]]] = {}
+    for variant, group in runs.items():
+        scores = [r.scores() for r in group if r.metrics]
+        bars[LABELS[variant]] = [[s[t] for s in scores if t in s] for t in tasks] + [
+            [a for s in scores if (a := average(s, tasks)) is not None]
+        ]
+    for column, label in (("zero_shot", "zero-shot"), ("majority", "majority")):
+        scores = reference.scores(column) if reference else {}
+        bars[label] = [[scores[t]] if t in scores else [] for t in tasks] + [
+            [a] if (a := average(scores, tasks)) is not None else []
+        ]
+    figure, axis = plt.subplots(figsize=(max(8, 1.6 * len(columns) * len(bars) / 4), 4.5))
+    width = 0.8 / len(bars)
+    for index, (label, values) in enumerate(bars.items()):
+        means = [np.mean(v) if v else np.nan for v in values]
+        errors = [np.std(v, ddof=1) if len(v) > 1 else 0 for v in values]
+        axis.bar(np.arange(len(columns)) + index * width, means, width, yerr=errors, label=label, capsize=2)
+    axis.set_xticks(np.arange(len(columns)) + 0.4 - width / 2, columns, rotation=15)
+    axis.set_ylabel("main metric (mean ± std over seeds)")
+    axis.legend(fontsize=7, ncol=2)
+    save(figure, path)
+
+
+def plot_imbalance(runs: dict[str, list[Run]], path: Path) -> bool:
+    routers = [v for v in IMBALANCE if any(r.history for r in runs.get(v, []))]
+    if not routers:
+        return False
+    figure, axes = plt.subplots(2, len(routers), figsize=(3.6 * len(routers), 6.5), squeeze=False)
+    for column, variant in enumerate(routers):
+        group = [r for r in runs[variant] if r.history]
+        for row, (load, title) in enumerate(
+            ((False, "token ESS of the routing weights"), (True, "ESS of expert load"))
+        ):
+            steps, layers, grid = ess_grid(group, load)
+            top = 8 if load or variant == "soft" else 2
+            axis = axes[row][column]
+            image = axis.imshow(grid, aspect="auto", origin="lower", vmin=1, vmax=top, cmap="viridis")
+            ticks = np.linspace(0, len(steps) - 1, min(5, len(steps))).astype(int)
+            axis.set_xticks(ticks, [steps[t] for t in ticks])
+            axis.set_yticks(range(0, len(layers), max(1, len(layers) // 6)))
+            axis.set_title(f"{LABELS[variant]}\n{title} (1..{top})", fontsize=8)
+            axis.set_xlabel("step", fontsize=8)
+            axis.set_ylabel("decoder layer", fontsize=8)
+            figure.colorbar(image, ax=axis)
+    save(figure, path)
+    return True
+
+
+def plot_scaling(runs: dict[str, list[Run]], tasks: list[str], path: Path) -> bool:
+    points = []
+    for variant, samples in zip(REMIX_SCALING, (2, 4, 8), strict=True):
+        group = runs.get(variant, [])
+        averages = [a for r in group if r.metrics and (a := average(r.scores(), tasks)) is not None]
+        rates = [s for r in group if (s := r.seconds_per_step()) is not None]
+        if averages and rates:
+            points.append((samples, np.mean(averages), np.std(averages), np.mean(rates)))
+    if len(points) < 2:
+        return False
+    samples, means, stds, rates = zip(*points, strict=True)
+    figure, (left, right) = plt.subplots(1, 2, figsize=(8, 3.2))
+    left.errorbar(samples, means, yerr=stds, marker="o", capsize=3)
+    left.set(xlabel="routing samples M", ylabel="average main metric", xticks=samples)
+    right.plot(samples, rates, marker="o", label="measured")
+    right.plot(samples, [rates[0] * m / samples[0] for m in samples], "--", label="linear in M")
+    right.set(xlabel="routing samples M", ylabel="training s/step", xticks=samples)
+    right.legend()
+    save(figure, path)
+    return True
+
+
+def plot_losses(runs: dict[str, list[Run]], path: Path) -> None:
+    figure, axis = plt.subplots(figsize=(7, 4))
+    for variant, group in runs.items():
+        curves = [[(h["step"], h["ce"]) for h in r.history] for r in group if r.history]
+        if curves:
+            steps = [s for s, _ in curves[0]]
+            values = [np.mean([c[i][1] for c in curves if len(c) > i]) for i in range(len(steps))]
+            axis.plot(steps, values, label=LABELS[variant])
+    axis.set(xlabel="step", ylabel="answer cross-entropy (mean over seeds)")
+    axis.legend(fontsize=7)
+    save(figure, path)
+
+
+def save(figure: plt.Figure, path: Path) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    figure.tight_layout()
+    figure.savefig(path, dpi=110)
+    plt.close(figure)
+
+
+def write_report(
+    runs: dict[str, list[Run]], counts: dict[str, Counts], recipe: Recipe, command: str, figures: Path, results: Path
+) -> str:
+    """The markdown section of the results (and its plots); spliced into `results` between the markers."""
+    tasks = list(recipe.tasks)
+
+    def link(name: str) -> str:
+        return Path(os.path.relpath(figures / name, results.parent)).as_posix()
+
+    settings = recipe.training
+    lines = [
+        BEGIN,
+        f"Generated by `{command}` on {time.strftime('%Y-%m-%d')} ({torch.get_num_threads()} threads).",
+        "",
+        f"Model {recipe.model}; tasks {', '.join(tasks)}; {settings.steps} steps of batch {settings.batch_size} x "
+        f"{settings.grad_accumulation} (max length {recipe.max_length}, lr {settings.lr}, {settings.schedule}, bf16 "
+        f"autocast {settings.bf16}); {recipe.eval_examples or 'all'} test examples per task; seeds "
+        f"{sorted({r.seed for g in runs.values() for r in g})}. Scores: each task's main metric, mean ± std over "
+        "seeds; s/step: median training seconds per step from history.jsonl.",
+        "",
+        *score_table(runs, counts, tasks),
+        "",
+    ]
+    plot_scores(runs, tasks, figures / "accuracy.png")
+    plot_losses(runs, figures / "training_loss.png")
+    lines += [f"![scores]({link('accuracy.png')}) ![training loss]({link('training_loss.png')})", ""]
+    if plot_imbalance(runs, figures / "routing_ess.png"):
+        lines += ["Routing imbalance (first and last logged step, averaged over seeds):", ""]
+        lines += [*imbalance_table(runs), "", f"![routing ESS]({link('routing_ess.png')})", ""]
+    if any(runs.get(v) for v in REMIX_SCALING[1:]):
+        lines += ["ReMix routing samples M (same steps):", "", *scaling_table(runs, tasks), ""]
+        if plot_scaling(runs, tasks, figures / "remix_samples.png"):
+            lines += [f"![ReMix samples]({link('remix_samples.png')})", ""]
+    lines.append(END)
+    section = "\n".join(lines)
+    text = results.read_text() if results.is_file() else "# Results\n"
+    if BEGIN in text and END in text:
+        text = text[: text.index(BEGIN)] + section + text[text.index(END) + len(END) :]
+    else:
+        text = text.rstrip("\n") + "\n\n" + section + "\n"
+    results.parent.mkdir(parents=True, exist_ok=True)
+    results.write_text(text)
+    return section
+
+
+# ---- main ------------------------------------------------------------------------------------------------------
+def main(argv: list[str] | None = None) -> str:
+    argv = sys.argv[1:] if argv is None else argv
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--recipes", default=",".join(VARIANTS), help=f"comma-separated, of {list(VARIANTS)}")
+    parser.add_argument("--seeds", default="0,1", help="comma-separated training seeds")
+    parser.add_argument("--steps", type=int, default=None, help="training steps (default: the recipes')")
+    parser.add_argument("--eval-examples", type=int, default=None, help="test examples per task (default: recipes')")
+    parser.add_argument("--out", type=Path, default=ROOT / "runs" / "accuracy", help="folder of the run folders")
+    parser.add_argument("--full", action="store_true", help="use the configs/*-full.yaml recipes (a GPU's job)")
+    parser.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="override for every recipe")
+    parser.add_argument("--results", type=Path, default=ROOT / "docs" / "RESULTS.md")
+    parser.add_argument("--figures", type=Path, default=ROOT / "docs" / "figures")
+    args = parser.parse_args(argv)
+    variants = args.recipes.split(",")
+    if unknown := [v for v in variants if v not in VARIANTS]:
+        parser.error(f"unknown recipes {unknown}; known: {list(VARIANTS)}")
+    seeds = [int(s) for s in args.seeds.split(",")]
+    if "lora" not in variants:
+        variants.insert(0, "lora")  # the reference of the parameter counts and the comparison
+
+    rank_overrides, counts = match_ranks(variants, args.full, args.set)
+    jobs = []
+    for seed in seeds:
+        recipes = {}
+        for variant in variants:
+            path, own = recipe_path(variant, args.full), [*args.set, *VARIANTS[variant][1], *rank_overrides[variant]]
+            plain = load_recipe(path, own)
+            own += [f"name={variant}-s{seed}", *run_overrides(args.steps, seed, args.eval_examples, plain)]
+            recipes[variant] = load_recipe(path, own)
+        check_same_budget(recipes)
+        jobs += [(variant, seed, recipe) for variant, recipe in recipes.items()]
+
+    args.out.mkdir(parents=True, exist_ok=True)
+    started = time.perf_counter()
+    for index, (variant, seed, recipe) in enumerate(jobs, 1):
+        run_dir = args.out / f"{variant}-s{seed}"
+        print(f"[{index}/{len(jobs)}] {run_dir} ({time.perf_counter() - started:.0f} s so far)", flush=True)
+        done = ensure_run(recipe, run_dir, args.out / "zero_shot.json")
+        print(f"[{index}/{len(jobs)}] {run_dir}: {done}", flush=True)
+
+    runs = {v: [Run.read(args.out, v, s) for s in seeds] for v in variants}
+    command = shlex.join(["python", "benchmarks/accuracy.py", *argv])
+    section = write_report(runs, counts, jobs[0][2], command, args.figures, args.results)
+    (args.out / "accuracy.md").write_text(section + "\n")
+    print(section)
+    return section
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,119 @@
+"""The benchmark scripts on a tiny model and a tiny JSONL task, so that they cannot rot."""
+
+import json
+import shutil
+from pathlib import Path
+
+import pytest
+
+BENCHMARKS = Path(__file__).resolve().parent.parent / "benchmarks"
+
+
+@pytest.fixture
+def bench(monkeypatch):
+    """The benchmarks folder on sys.path (its scripts import each other as plain modules)."""
+    monkeypatch.syspath_prepend(str(BENCHMARKS))
+
+
+@pytest.fixture
+def task_file(tmp_path):
+    """Two tiny tasks (40 examples each): is a number even or odd?"""
+    path = tmp_path / "parity.jsonl"
+    rows = [
+        {"task": task, "prompt": f"{n}?", "answer": "even" if n % 2 == 0 else "odd", "choices": ["even", "odd"]}
+        for task in ("parity", "parity2")
+        for n in range(40)
+    ]
+    path.write_text("\n".join(json.dumps(r) for r in rows))
+    return path
+
+
+def tiny_settings(task_file) -> list[str]:
+    values = {
+        "model": "tiny-llama",
+        "tasks": "[parity, parity2]",
+        "task_files": f"[{task_file}]",
+        "max_length": 48,
+        "training.batch_size": 2,
+        "training.bf16": "false",
+    }
+    return [item for key, value in values.items() for item in ("--set", f"{key}={value}")]
+
+
+def test_ranks_are_matched_to_peft(bench, task_file):
+    import accuracy
+
+    settings = tiny_settings(task_file)[1::2]
+    _, counts = accuracy.match_ranks(list(accuracy.VARIANTS), False, settings)
+    peft = counts["lora"].active_experts
+    assert {v: c.rank for v, c in counts.items()} == {
+        "lora": 8, "soft": 1, "topk": 4, "remix": 4, "task": 1, "prompt": 19, "contrastive": 4,
+        "remix-m4": 4, "remix-m8": 4,
+    }  # fmt: skip
+    for variant, count in counts.items():
+        tolerance = 0.05 if variant == "prompt" else 0  # 3 of 7 modules: rank 19 * 3/7 = 8.14
+        assert abs(count.active_experts - peft) <= tolerance * peft, variant
+        assert count.active >= count.active_experts
+
+
+def test_accuracy_trains_evaluates_skips_and_resumes(bench, task_file, tmp_path, monkeypatch):
+    import accuracy
+
+    results = tmp_path / "RESULTS.md"
+    results.write_text("# Results\n\nwritten by hand\n")
+    out = tmp_path / "runs"
+    argv = [
+        *tiny_settings(task_file),
+        *("--recipes", "topk,remix,remix-m4", "--seeds", "0,1", "--steps", "2", "--eval-examples", "2"),
+        *("--out", str(out), "--results", str(results), "--figures", str(tmp_path / "figures")),
+    ]
+    section = accuracy.main(argv)
+    for variant in ("lora", "topk", "remix", "remix-m4"):
+        for seed in (0, 1):
+            assert (out / f"{variant}-s{seed}" / "metrics.json").is_file()
+    assert "| peft LoRA | 8 |" in section and "| zero-shot (no adapter) |" in section and " ± " in section
+    assert "ReMix routing samples M" in section and "Routing imbalance" in section
+    assert {p.name for p in (tmp_path / "figures").iterdir()} == {
+        "accuracy.png", "training_loss.png", "routing_ess.png", "remix_samples.png",
+    }  # fmt: skip
+
+    # finished runs are skipped; a run with a checkpoint resumes; one without is started again
+    (out / "topk-s1" / "metrics.json").unlink()
+    (out / "topk-s1" / "training.json").unlink()
+    (out / "remix-s0" / "metrics.json").unlink()
+    (out / "remix-s0" / "training.json").unlink()
+    for checkpoint in (out / "remix-s0").glob("*checkpoint*"):
+        shutil.rmtree(checkpoint)
+    calls, real_train = [], accuracy.train
+
+    def spy(recipe, run_dir, resume=False, evaluate=True):
+        calls.append((Path(run_dir).name, resume))
+        return real_train(recipe, run_dir, resume=resume, evaluate=evaluate)
+
+    monkeypatch.setattr(accuracy, "train", spy)
+    accuracy.main(argv)
+    assert sorted(calls) == [("remix-s0", False), ("topk-s1", True)]
+    text = results.read_text()
+    assert text.startswith("# Results\n\nwritten by hand\n") and text.count(accuracy.BEGIN) == 1
+
+
+def test_remix_samples_ways_agree(bench):
+    import remix_samples
+
+    argv = ["--model", "tiny-llama", "--samples", "2,4", "--batch", "2", "--length", "12", "--answer", "4"]
+    results = remix_samples.main([*argv, "--steps", "1"])
+    assert [r["samples"] for r in results] == [2, 4]
+    assert all(r["max_relative_grad_difference"] < 1e-4 for r in results)
+
+
+def test_train_step_runs_every_variant_in_both_precisions(bench, tmp_path):
+    import train_step
+
+    argv = ["--model", "tiny-llama", "--variants", "all", "--autocast", "none,bf16", "--steps", "1"]
+    results = train_step.main([*argv, "--batch", "2", "--length", "16", "--json", str(tmp_path / "r.json")])
+    assert len(results) == 2 * (1 + len(train_step.ROUTER_VARIANTS))
+    assert results[0]["variant"] == "peft" and results[0]["time_vs_peft"] == 1.0
+    peft = results[0]["active_params"]
+    assert all(abs(r["active_params"] - peft) <= 0.05 * peft for r in results)
+    assert all(r["gflop_per_step"] > 0 and r["memory_bytes"] > 0 for r in results)
+    assert json.loads((tmp_path / "r.json").read_text())["results"][1]["variant"] == "soft"
