@@ -2,13 +2,13 @@
 
 import pytest
 import torch
-from loramix.models import tiny_llama
 from torch import nn
 from transformers.pytorch_utils import Conv1D
 
 import loramix
 from loramix import MixLoraConfig
 from loramix.layer import MixLoraLinear
+from loramix.models import tiny_llama
 from loramix.routing import ROUTERS, RoutingContext
 
 
