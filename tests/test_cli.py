@@ -74,3 +74,48 @@ def test_eval_and_inspect_need_a_run_folder(tmp_path):
     assert "is missing" in invoke("eval", "--run", tmp_path).output
     result = invoke("inspect", tmp_path)
     assert result.exit_code == 1 and "metrics.json is missing" in result.output
+
+
+@pytest.fixture
+def task_run(tmp_path, config):
+    """A trained 2-task run of the `task` router (MOELoRA), without evaluation."""
+    rows = [{"task": "parity2", "prompt": f"{n}!", "answer": ["even", "odd"][n % 2]} for n in range(20)]
+    (tmp_path / "parity2.jsonl").write_text("\n".join(json.dumps(r) for r in rows))
+    run = tmp_path / "task-run"
+    settings = ["tasks=[parity, parity2]", f"task_files=[{tmp_path / 'parity.jsonl'}, {tmp_path / 'parity2.jsonl'}]"]
+    settings += ["mixlora.router=task", "mixlora.num_tasks=2", "mixlora.top_k=1"]
+    result = invoke("train", "-c", config, "--run", run, "--no-evaluate", *settings)
+    assert result.exit_code == 0, result.output
+    return run
+
+
+def test_export_writes_a_peft_adapter_per_task_and_compose_combines_them(tmp_path, task_run):
+    for task in ("parity", "parity2"):
+        result = invoke("export", "--run", task_run, "--task", task, "--out", tmp_path / task)
+        assert result.exit_code == 0, result.output
+        assert {"adapter_config.json", "adapter_model.safetensors"} <= {p.name for p in (tmp_path / task).iterdir()}
+    examples = tmp_path / "examples.jsonl"
+    examples.write_text("".join(json.dumps({"prompt": f"{n}?", "answer": "even"}) + "\n" for n in (2, 4, 6)))
+    upstream = [item for task in ("parity", "parity2") for item in ("--upstream", tmp_path / task)]
+    arguments = ["--examples", examples, "--out", tmp_path / "composed", "--model", "tiny-llama", "--budget", 3]
+    result = invoke("compose", *upstream, *arguments)
+    assert result.exit_code == 0, result.output
+    weights = json.loads((tmp_path / "composed" / "weights.json").read_text())
+    assert [entry["adapter"] for entry in weights["upstream"]] == [str(tmp_path / t) for t in ("parity", "parity2")]
+    assert "weights: parity " in result.output and (tmp_path / "composed" / "adapter_model.safetensors").is_file()
+
+
+@pytest.mark.parametrize(
+    ("command", "message"),
+    [
+        (["export", "--task", "nope", "--out", "x"], "was not trained on task 'nope'"),
+        (["compose", "--upstream", "/nowhere", "--examples", "/nowhere.jsonl", "--out", "x"], "/nowhere"),
+        (["serve", "--run", "/nowhere"], "/nowhere"),
+    ],
+)
+def test_export_compose_and_serve_errors_are_one_line(tmp_path, task_run, command, message):
+    if command[0] == "export":
+        command = [*command, "--run", task_run]
+    result = invoke(*command)
+    assert result.exit_code == 1, result.output
+    assert message in result.output and "Traceback" not in result.output

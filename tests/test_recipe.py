@@ -40,7 +40,8 @@ def test_full_recipes_train_longer_on_longer_inputs_and_whole_test_sets():
     [
         ({"training": {"steps": 0}}, r"training.steps=0 is invalid: expected a number >= 1"),
         ({"training": {"steps": 2.5}}, r"training.steps=2.5 is invalid: expected int"),
-        ({"training": {"bf16": "yes"}}, r"training.bf16='yes' is invalid: expected bool"),
+        ({"training": {"bf16": "yes"}}, r"training.bf16='yes' is invalid: allowed: true, false, auto"),
+        ({"training": {"bf16": 1}}, r"training.bf16=1 is invalid: expected bool \| str"),
         ({"training": {"schedule": "wavy"}}, r"training.schedule='wavy' is invalid: allowed: \['cosine'"),
         ({"training": {"stepz": 3}}, r"training.stepz=3 is invalid: unknown key; allowed: \[.*'steps'"),
         ({"training": {"lr": "fast"}}, r"training.lr='fast' is invalid: expected float"),

@@ -1,4 +1,4 @@
-"""The `loramix` command: train, eval, inspect (a thin layer over loramix.train, evaluate and report)."""
+"""The `loramix` command: train, eval, inspect, export, compose, serve (a thin layer over the library)."""
 
 from __future__ import annotations
 
@@ -105,6 +105,78 @@ def inspect(run: Annotated[Path, typer.Argument(help="run folder")]) -> None:
     try:
         _print_summary(run)
     except FileNotFoundError as error:
+        raise _fail(error) from None
+
+
+@app.command()
+def export(
+    run: Annotated[Path, typer.Option(help="run folder of a `task`-router recipe")],
+    task: Annotated[str, typer.Option(help="the task to export, e.g. pubmedqa")],
+    out: Annotated[Path, typer.Option(help="folder for the peft adapter")],
+) -> None:
+    """Write one task of a `task`-router run as a standard peft LoRA adapter (exact, of the total rank)."""
+    from loramix.export import export_run
+
+    try:
+        written = export_run(run, task, out)
+    except _user_errors() as error:
+        raise _fail(error) from None
+    console.print(f"wrote the peft adapter of task {task} to {written}", highlight=False)
+
+
+@app.command()
+def compose(
+    upstream: Annotated[list[Path], typer.Option(help="a peft LoRA adapter folder; repeat for each adapter")],
+    examples: Annotated[Path, typer.Option(help="JSONL file of {prompt, answer} rows of the new task")],
+    out: Annotated[Path, typer.Option(help="folder for the composed adapter, its weights and search curve")],
+    model: Annotated[str | None, typer.Option(help="base model (default: the one the adapters name)")] = None,
+    budget: Annotated[int, typer.Option(help="loss evaluations of the gradient-free search")] = 40,
+    l1: Annotated[float, typer.Option(help="weight of the mean |w| penalty")] = 0.05,
+    seed: Annotated[int, typer.Option(help="seed of the search")] = 0,
+) -> None:
+    """LoRAHub: search weights for the upstream LoRAs that fit a few examples of a new task, without gradients."""
+    from loramix.compose import compose_command
+
+    try:
+        result = compose_command(upstream, examples, out, model, budget, l1, seed)
+    except _user_errors() as error:
+        raise _fail(error) from None
+    weights = ", ".join(f"{path.name} {weight:+.3f}" for path, weight in zip(upstream, result.weights, strict=True))
+    console.print(f"weights: {weights}; loss {result.loss:.4f}; wrote {out}", highlight=False)
+
+
+@app.command()
+def serve(
+    run: Annotated[Path, typer.Option(help="run folder written by `loramix train`")],
+    host: Annotated[str, typer.Option(help="address to listen on")] = "127.0.0.1",
+    port: Annotated[int, typer.Option(help="port to listen on")] = 8000,
+    device: Annotated[str | None, typer.Option(help="torch device (default: cuda if available, else cpu)")] = None,
+    max_batch_size: Annotated[int, typer.Option(help="most requests decoded together")] = 16,
+    batch_window_ms: Annotated[float, typer.Option(help="how long a batch waits for more requests")] = 5.0,
+    max_new_tokens: Annotated[int, typer.Option(help="largest max_tokens a request may ask for")] = 256,
+    max_prompt_tokens: Annotated[
+        int | None, typer.Option(help="longest prompt accepted (default: the model's context)")
+    ] = None,
+    merged_tasks: Annotated[int, typer.Option(help="`task` router: merged task updates kept cached")] = 0,
+) -> None:
+    """Serve the run's tasks over an OpenAI-compatible HTTP API (`model` = task name) until interrupted."""
+    try:
+        from loramix.serve import serve_run
+    except ImportError as error:
+        raise _fail(ImportError(f"{error}: install the server with `pip install 'loramix[serve]'`")) from None
+    try:
+        serve_run(
+            run,
+            host,
+            port,
+            device=device,
+            max_batch_size=max_batch_size,
+            batch_window_ms=batch_window_ms,
+            max_new_tokens=max_new_tokens,
+            max_prompt_tokens=max_prompt_tokens,
+            merged_tasks=merged_tasks,
+        )
+    except _user_errors() as error:
         raise _fail(error) from None
 
 

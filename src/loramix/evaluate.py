@@ -16,6 +16,7 @@ from tqdm.auto import tqdm
 from loramix.data import Example, collate, encode_example, get_task
 from loramix.model import MixLoraModel, load
 from loramix.models import load_model
+from loramix.precision import use_bf16
 from loramix.recipe import load_recipe
 
 DEFAULT_MAX_PROMPT_LENGTH = 1024
@@ -49,11 +50,12 @@ def generate_answers(
     max_new_tokens: int,
     batch_size: int = 16,
     max_prompt_length: int = DEFAULT_MAX_PROMPT_LENGTH,
+    bf16: bool = False,
 ) -> list[str]:
     """Greedy answers (the generated text only) to the examples' chat-template prompts, in their order.
 
     Prompts are left-padded and batched by length. `task_id` is given to every row of a MixLoraModel;
-    a peft or plain model takes none.
+    a peft or plain model takes none. `bf16` runs the model under bfloat16 autocast.
     """
     mixture = isinstance(model, MixLoraModel)
     if task_id is not None and not mixture:
@@ -69,7 +71,7 @@ def generate_answers(
     was_training = model.training
     model.eval()
     try:
-        with torch.inference_mode():
+        with torch.inference_mode(), torch.autocast(device.type, dtype=torch.bfloat16, enabled=bf16):
             batches = range(0, len(order), batch_size)
             for start in tqdm(batches, desc=f"answering {examples[0].task}", leave=False, disable=None):
                 chunk = order[start : start + batch_size]
@@ -107,10 +109,11 @@ def evaluate_model(
     batch_size: int = 16,
     max_prompt_length: int = DEFAULT_MAX_PROMPT_LENGTH,
     max_new_tokens: int | None = None,
+    bf16: bool = False,
 ) -> dict[str, dict]:
     """Per task: {"metrics": the task's score of the parsed answers, "outputs": generated texts,
     "predictions": parsed answers}. `task_ids` maps task names to the ids a MixLoraModel routes by
-    (tasks missing from it get none); `max_new_tokens` overrides each task's own."""
+    (tasks missing from it get none); `max_new_tokens` overrides each task's own; `bf16` autocasts."""
     results = {}
     for name, examples in tasks.items():
         task = get_task(name)
@@ -122,6 +125,7 @@ def evaluate_model(
             max_new_tokens=max_new_tokens or task.max_new_tokens,
             batch_size=batch_size,
             max_prompt_length=max_prompt_length,
+            bf16=bf16,
         )
         predictions = [task.parse(output) for output in outputs]
         results[name] = {"metrics": task.score(predictions, examples), "outputs": outputs, "predictions": predictions}
@@ -189,13 +193,15 @@ def evaluate_run(
     zero_shot: bool = True,
     batch_size: int = 16,
     device: str | torch.device = "cpu",
+    bf16: bool | None = None,
 ) -> dict:
     """Score a run's adapter, the zero-shot base model and the majority class on each task's test split.
 
     The tasks are the recipe's `tasks` (task id = position) and its evaluation-only `evaluation` tasks;
     the test examples are the first `max_examples` of splits.json's test indices. Zero-shot scores are
-    cached in zero_shot.json (by model, task and test size). Writes metrics.json and
-    predictions.jsonl in the run folder and returns the metrics.
+    cached in zero_shot.json (by model, task, test size and precision). `bf16` (default: the recipe's
+    training.bf16, resolved by loramix.precision.use_bf16) runs both models under bfloat16 autocast.
+    Writes metrics.json and predictions.jsonl in the run folder and returns the metrics.
     """
     started = time.perf_counter()
     run_dir = Path(run_dir)
@@ -205,12 +211,14 @@ def evaluate_run(
     trained = list(recipe.tasks)
     names = list(dict.fromkeys([*trained, *recipe.evaluation]))
     examples = {name: _split_examples(name, splits, data_dir, max_examples) for name in names}
-    settings = {"batch_size": batch_size, "max_prompt_length": recipe.max_length}
+    bf16 = use_bf16(recipe.training.bf16, device) if bf16 is None else bf16
+    settings = {"batch_size": batch_size, "max_prompt_length": recipe.max_length, "bf16": bf16}
     model, tokenizer = load_model(recipe.model, device=device)
 
     cache_path = run_dir / "zero_shot.json"
     cache = _read_json(cache_path)
-    keys = {name: f"{recipe.model}|{name}|{len(test)}" for name, (_, test) in examples.items()}
+    precision = "bf16" if bf16 else "fp32"
+    keys = {name: f"{recipe.model}|{name}|{len(test)}|{precision}" for name, (_, test) in examples.items()}
     uncached = {name: test for name, (_, test) in examples.items() if keys[name] not in cache}
     if zero_shot and uncached:
         for name, result in evaluate_model(model, tokenizer, uncached, None, **settings).items():

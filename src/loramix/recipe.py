@@ -13,6 +13,7 @@ import yaml
 from loramix.config import MixLoraConfig
 from loramix.data import get_task, load_jsonl_tasks
 from loramix.models import DEFAULT_MODEL
+from loramix.precision import BF16_SETTINGS
 
 SAMPLINGS = ("proportional", "temperature", "uniform")
 SCHEDULES = ("cosine", "linear", "constant")
@@ -82,7 +83,7 @@ class Training:
     warmup_steps: int = 20
     schedule: str = "cosine"
     max_grad_norm: float = 1.0
-    bf16: bool = False
+    bf16: bool | str = False  # or "auto": bfloat16 autocast where it is faster (see loramix.precision)
     seed: int = 0
     log_every: int = 10
     save_every: int = 100
@@ -92,6 +93,7 @@ class Training:
         _at_least(self, "training.", ("steps", "batch_size", "grad_accumulation", "log_every", "save_every"), 1)
         _at_least(self, "training.", ("warmup_steps", "weight_decay", "max_grad_norm"), 0)
         _check(math.isfinite(self.lr) and self.lr > 0, "training.lr", self.lr, "expected a finite number > 0")
+        _check(self.bf16 in BF16_SETTINGS, "training.bf16", self.bf16, "allowed: true, false, auto")
         _check(self.schedule in SCHEDULES, "training.schedule", self.schedule, f"allowed: {list(SCHEDULES)}")
 
 

@@ -25,6 +25,7 @@ from tqdm.auto import tqdm
 import loramix
 from loramix.data import SPLIT_SEED, Example, collate, encode_example, get_task
 from loramix.models import load_model
+from loramix.precision import use_bf16
 from loramix.recipe import Recipe, Training
 
 # Keys a resumed run may change: they do not alter what the finished steps computed.
@@ -423,7 +424,8 @@ def _train_steps(recipe: Recipe, run_dir: Path, resume: bool, rank: int, world: 
     if rank == 0:
         recipe.to_yaml(run_dir / "recipe.yaml")  # a resumed run may have changed the step count
 
-    autocast = torch.autocast(device.type, dtype=torch.bfloat16, enabled=settings.bf16)
+    bf16 = use_bf16(settings.bf16, device)
+    autocast = torch.autocast(device.type, dtype=torch.bfloat16, enabled=bf16)
     progress = tqdm(total=settings.steps, initial=step, desc=recipe.name, disable=rank != 0, dynamic_ncols=True)
     tally, routing, started = Tally(), {}, time.perf_counter() - elapsed
     while step < settings.steps:
@@ -489,6 +491,7 @@ def _train_steps(recipe: Recipe, run_dir: Path, resume: bool, rank: int, world: 
             "seconds": round(time.perf_counter() - started, 1),
             "world_size": world,
             "max_length": recipe.max_length,
+            "bf16": bf16,
             **encoder.counts,
         }
         (run_dir / "training.json").write_text(json.dumps(summary, indent=2))
