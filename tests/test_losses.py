@@ -70,8 +70,10 @@ def test_rloo_estimate_matches_the_exact_gradient_of_the_expected_loss():
 
 def test_rloo_baseline_is_leave_one_out():
     losses = torch.tensor([[1.0], [2.0], [6.0]])
-    log_probs = torch.zeros(3, 1, requires_grad=True)
-    rloo_surrogate(losses, log_probs).backward()
+    log_probs = torch.tensor([[-1.0], [-2.0], [-0.5]], requires_grad=True)
+    surrogate = rloo_surrogate(losses, log_probs)
+    assert surrogate.item() == 0.0  # only its gradient counts: logged losses stay cross-entropy + auxiliary
+    surrogate.backward()
     # d/dlogQ_m = (L_m - mean of the others) / M
     others = torch.tensor([(2 + 6) / 2, (1 + 6) / 2, (1 + 2) / 2])
     torch.testing.assert_close(log_probs.grad[:, 0], (losses[:, 0] - others) / 3)
