@@ -315,6 +315,23 @@ def test_encoding_without_a_chat_template():
     assert labelled_text(tokenizer, row) == " yes<|im_end|>"
 
 
+def test_a_system_prompt_comes_before_the_user_turn_and_takes_no_loss():
+    tokenizer = tiny_tokenizer()
+    example = Example("t", "Is water wet?", "yes")
+    row = encode_example(example, tokenizer, 200, system_prompt="Be brief.")
+    assert tokenizer.decode(row["input_ids"]) == (
+        "<|im_start|>system\nBe brief.<|im_end|>\n<|im_start|>user\nIs water wet?<|im_end|>\n"
+        "<|im_start|>assistant\nyes<|im_end|>"
+    )
+    assert labelled_text(tokenizer, row) == "yes<|im_end|>"
+    empty = encode_example(example, tokenizer, 200, with_answer=False, system_prompt="")
+    assert tokenizer.decode(empty["input_ids"]).startswith("<|im_start|>system\n<|im_end|>\n<|im_start|>user\n")
+    plain = copy.deepcopy(tokenizer)
+    plain.chat_template = None
+    row = encode_example(example, plain, 200, system_prompt="Be brief.")
+    assert plain.decode(row["input_ids"]) == "Be brief.\nIs water wet?\nAnswer: yes<|im_end|>"
+
+
 def test_collate_pads_and_masks_by_attention_not_by_token():
     eos = 0  # pad == eos, as for SmolLM2: the row's own eos stays attended and labelled
     rows = [

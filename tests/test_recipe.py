@@ -46,6 +46,8 @@ def test_full_recipes_train_longer_on_longer_inputs_and_whole_test_sets():
         ({"training": {"stepz": 3}}, r"training.stepz=3 is invalid: unknown key; allowed: \[.*'steps'"),
         ({"training": {"lr": "fast"}}, r"training.lr='fast' is invalid: expected float"),
         ({"sampling": "random"}, r"sampling='random' is invalid: allowed: \['proportional'"),
+        ({"batching": "sorted"}, r"batching='sorted' is invalid: allowed: \['mixed', 'task'\]"),
+        ({"system_prompt": 3}, r"system_prompt=3 is invalid: expected str \| None"),
         ({"tasks": ["nope"]}, r"tasks='nope' is invalid: unknown task 'nope'"),
         ({"tasks": []}, r"tasks=\[\] is invalid"),
         ({"max_length": 4}, r"max_length=4 is invalid"),

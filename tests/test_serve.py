@@ -19,6 +19,7 @@ import yaml
 from peft import LoraConfig, get_peft_model
 
 import loramix
+from loramix.data import Example, encode_example
 from loramix.models import tiny_llama, tiny_tokenizer
 from loramix.serve import Engine, GenerationRequest, TaskRows, create_app, load_engine
 from loramix.serve.decoding import RowTracker
@@ -275,13 +276,22 @@ def test_load_engine_serves_a_run_folder(tmp_path, tokenizer):
 def test_load_engine_serves_a_peft_run_folder(tmp_path, tokenizer):
     run = tmp_path / "run"
     run.mkdir()
-    (run / "recipe.yaml").write_text(yaml.safe_dump({"model": "tiny-llama", "tasks": ["a"]}))
+    recipe = {"model": "tiny-llama", "tasks": ["a"], "system_prompt": "Be brief."}
+    (run / "recipe.yaml").write_text(yaml.safe_dump(recipe))
     peft_model = get_peft_model(tiny_llama(), LoraConfig(r=2, target_modules=["q_proj"], init_lora_weights=False))
     peft_model.save_pretrained(run / "adapter")
     engine = load_engine(run, device="cpu", max_new_tokens=4, max_prompt_tokens=32)
     ids = tokenizer(PROMPTS[0])["input_ids"]
     completion = engine.generate([engine.request("a", ids, max_tokens=4)])[0]
     assert completion.token_ids == reference(peft_model.eval(), tokenizer, ids, None, 4)
+    # chats are rendered in the format the run was trained in: its system prompt unless they bring their own
+    user = [{"role": "user", "content": "Hi"}]
+    trained_format = encode_example(Example("a", "Hi", ""), tokenizer, 64, False, "Be brief.")["input_ids"]
+    assert engine.encode_chat(user) == trained_format
+    own = [{"role": "system", "content": "Be long."}, *user]
+    assert (
+        engine.encode_chat(own) == encode_example(Example("a", "Hi", ""), tokenizer, 64, False, "Be long.")["input_ids"]
+    )
 
 
 # ---- the HTTP server ----------------------------------------------------------------------------------------

@@ -60,6 +60,14 @@ def test_tasks_are_drawn_by_the_sampling_rule(sampling, expected):
     assert max(index for task, index in draws if task == 1) == 99
 
 
+def test_task_batching_draws_one_task_per_batch_by_the_sampling_rule():
+    sampler = TaskSampler([400, 100], "proportional", temperature=2.0, seed=0, batching="task")
+    batches = [sampler.draw(4) for _ in range(4000)]
+    assert all(len(batch) == 4 and len({task for task, _ in batch}) == 1 for batch in batches)
+    assert abs(np.mean([batch[0][0] == 0 for batch in batches]) - 0.8) < 0.02
+    assert len({index for batch in batches for task, index in batch if task == 1}) == 100
+
+
 def test_warmup_then_decay():
     linear = Training(steps=110, warmup_steps=10, schedule="linear")
     factors = [learning_rate_factor(step, linear) for step in range(110)]

@@ -51,11 +51,13 @@ def generate_answers(
     batch_size: int = 16,
     max_prompt_length: int = DEFAULT_MAX_PROMPT_LENGTH,
     bf16: bool = False,
+    system_prompt: str | None = None,
 ) -> list[str]:
     """Greedy answers (the generated text only) to the examples' chat-template prompts, in their order.
 
     Prompts are left-padded and batched by length. `task_id` is given to every row of a MixLoraModel;
-    a peft or plain model takes none. `bf16` runs the model under bfloat16 autocast.
+    a peft or plain model takes none. `bf16` runs the model under bfloat16 autocast; `system_prompt` as in
+    loramix.data.encode.chat_messages.
     """
     mixture = isinstance(model, MixLoraModel)
     if task_id is not None and not mixture:
@@ -65,7 +67,7 @@ def generate_answers(
     eos = _eos_token_ids(model, tokenizer)
     pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else eos[0]
     device = next(model.parameters()).device
-    rows = [encode_example(example, tokenizer, max_prompt_length, with_answer=False) for example in examples]
+    rows = [encode_example(example, tokenizer, max_prompt_length, False, system_prompt) for example in examples]
     order = sorted(range(len(rows)), key=lambda i: -len(rows[i]["input_ids"]))  # longest first: less padding
     answers = [""] * len(rows)
     was_training = model.training
@@ -110,10 +112,12 @@ def evaluate_model(
     max_prompt_length: int = DEFAULT_MAX_PROMPT_LENGTH,
     max_new_tokens: int | None = None,
     bf16: bool = False,
+    system_prompt: str | None = None,
 ) -> dict[str, dict]:
     """Per task: {"metrics": the task's score of the parsed answers, "outputs": generated texts,
     "predictions": parsed answers}. `task_ids` maps task names to the ids a MixLoraModel routes by
-    (tasks missing from it get none); `max_new_tokens` overrides each task's own; `bf16` autocasts."""
+    (tasks missing from it get none); `max_new_tokens` overrides each task's own; `bf16` and `system_prompt`
+    as in generate_answers."""
     results = {}
     for name, examples in tasks.items():
         task = get_task(name)
@@ -126,6 +130,7 @@ def evaluate_model(
             batch_size=batch_size,
             max_prompt_length=max_prompt_length,
             bf16=bf16,
+            system_prompt=system_prompt,
         )
         predictions = [task.parse(output) for output in outputs]
         results[name] = {"metrics": task.score(predictions, examples), "outputs": outputs, "predictions": predictions}
@@ -212,7 +217,12 @@ def evaluate_run(
     names = list(dict.fromkeys([*trained, *recipe.evaluation]))
     examples = {name: _split_examples(name, splits, data_dir, max_examples) for name in names}
     bf16 = use_bf16(recipe.training.bf16, device) if bf16 is None else bf16
-    settings = {"batch_size": batch_size, "max_prompt_length": recipe.max_length, "bf16": bf16}
+    settings = {
+        "batch_size": batch_size,
+        "max_prompt_length": recipe.max_length,
+        "bf16": bf16,
+        "system_prompt": recipe.system_prompt,
+    }
     model, tokenizer = load_model(recipe.model, device=device)
 
     cache_path = run_dir / "zero_shot.json"

@@ -16,6 +16,7 @@ from loramix.models import DEFAULT_MODEL
 from loramix.precision import BF16_SETTINGS
 
 SAMPLINGS = ("proportional", "temperature", "uniform")
+BATCHINGS = ("mixed", "task")  # rows of any tasks, or of one task per batch (less padding between short and long)
 SCHEDULES = ("cosine", "linear", "constant")
 LORA_DEFAULTS = {"r": 8, "lora_alpha": 16, "lora_dropout": 0.0, "target_modules": "all-linear"}
 LORA_RESERVED = ("task_type", "peft_type", "base_model_name_or_path", "revision", "inference_mode")
@@ -110,7 +111,9 @@ class Recipe:
     data_dir: str | None = None
     sampling: str = "temperature"
     sampling_temperature: float = 2.0
+    batching: str = "mixed"
     max_length: int = 256
+    system_prompt: str | None = None  # None: the chat template's default
     eval_examples: int | None = 100
     training: Training = field(default_factory=Training)
     mixlora: dict | None = None
@@ -131,6 +134,7 @@ class Recipe:
                 except ValueError as error:
                     _fail(key, name, str(error))
         _check(self.sampling in SAMPLINGS, "sampling", self.sampling, f"allowed: {list(SAMPLINGS)}")
+        _check(self.batching in BATCHINGS, "batching", self.batching, f"allowed: {list(BATCHINGS)}")
         _check(self.sampling_temperature > 0, "sampling_temperature", self.sampling_temperature, "expected > 0")
         _at_least(self, "", ("max_length",), 16)
         _at_least(self, "", ("eval_examples",), 1)

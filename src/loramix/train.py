@@ -38,9 +38,10 @@ class TrainingError(RuntimeError):
 
 # ---- data -----------------------------------------------------------------------------------------------------
 class TaskSampler:
-    """Draws training rows: a task by the sampling rule, then one of its examples, from a seeded generator."""
+    """Draws training rows from a seeded generator: a task by the sampling rule, then one of its examples; with
+    `batching="task"` one task per batch, so that short tasks' rows are not padded to long tasks' length."""
 
-    def __init__(self, sizes: list[int], sampling: str, temperature: float, seed: int) -> None:
+    def __init__(self, sizes: list[int], sampling: str, temperature: float, seed: int, batching: str = "mixed") -> None:
         counts = np.asarray(sizes, dtype=float)
         if sampling == "uniform":
             weights = np.ones_like(counts)
@@ -51,12 +52,13 @@ class TaskSampler:
         else:
             raise ValueError(f"sampling={sampling!r}; allowed: proportional, temperature, uniform")
         self.probabilities = weights / weights.sum()
-        self.sizes = sizes
+        self.sizes, self.batching = sizes, batching
         self.rng = np.random.default_rng(seed)
 
     def draw(self, count: int) -> list[tuple[int, int]]:
         """`count` (task index, example index) pairs."""
-        tasks = self.rng.choice(len(self.sizes), size=count, p=self.probabilities)
+        tasks = self.rng.choice(len(self.sizes), size=1 if self.batching == "task" else count, p=self.probabilities)
+        tasks = tasks.repeat(count // len(tasks))
         return [(int(t), int(self.rng.integers(self.sizes[t]))) for t in tasks]
 
     def state(self) -> dict:
@@ -70,8 +72,11 @@ class Encoder:
     """Encodes training examples on first use (answer-only labels, context-side truncation) and counts,
     per task, the distinct examples drawn ("encoded") and how many of them lost context ("truncated")."""
 
-    def __init__(self, tokenizer, max_length: int, examples: list[list[Example]]) -> None:
+    def __init__(
+        self, tokenizer, max_length: int, examples: list[list[Example]], system_prompt: str | None = None
+    ) -> None:
         self.tokenizer, self.max_length, self.examples = tokenizer, max_length, examples
+        self.system_prompt = system_prompt
         self.cache: dict[tuple[int, int], dict] = {}
         names = [group[0].task if group else "" for group in examples]
         self.counts = {"encoded": dict.fromkeys(names, 0), "truncated": dict.fromkeys(names, 0)}
@@ -81,7 +86,7 @@ class Encoder:
         for task, index in picks:
             if (task, index) not in self.cache:
                 example = self.examples[task][index]
-                row = encode_example(example, self.tokenizer, self.max_length)
+                row = encode_example(example, self.tokenizer, self.max_length, system_prompt=self.system_prompt)
                 self.counts["encoded"][example.task] += 1
                 self.counts["truncated"][example.task] += int(row["truncated"])
                 self.cache[task, index] = row
@@ -396,9 +401,9 @@ def _train_steps(recipe: Recipe, run_dir: Path, resume: bool, rank: int, world: 
     model, tokenizer = build_model(recipe, device)
     model.train()
     train_sets = [get_task(name).load(recipe.data_dir)["train"] for name in recipe.tasks]
-    encoder = Encoder(tokenizer, recipe.max_length, train_sets)
+    encoder = Encoder(tokenizer, recipe.max_length, train_sets, recipe.system_prompt)
     sizes = [len(s) for s in train_sets]
-    sampler = TaskSampler(sizes, recipe.sampling, recipe.sampling_temperature, settings.seed + rank)
+    sampler = TaskSampler(sizes, recipe.sampling, recipe.sampling_temperature, settings.seed + rank, recipe.batching)
     parameters = [p for p in model.parameters() if p.requires_grad]
     optimizer = torch.optim.AdamW(parameters, lr=settings.lr, weight_decay=settings.weight_decay)
     scheduler = LambdaLR(optimizer, lambda step: learning_rate_factor(step, settings))

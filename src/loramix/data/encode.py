@@ -13,17 +13,25 @@ KEPT_FROM_START = 0.25  # then: the share of the room kept from the prompt's sta
 ELISION = " ... "  # marks a middle cut
 
 
-def template_parts(tokenizer) -> tuple[str, str, str, str]:
+def chat_messages(prompt: str, system_prompt: str | None = None) -> list[dict[str, str]]:
+    """The conversation of a prompt: a user message, after a system message when system_prompt is given (None
+    keeps the chat template's own default, which for SmolLM2 is a 20-token introduction)."""
+    system = [] if system_prompt is None else [{"role": "system", "content": system_prompt}]
+    return [*system, {"role": "user", "content": prompt}]
+
+
+def template_parts(tokenizer, system_prompt: str | None = None) -> tuple[str, str, str, str]:
     """The texts around a prompt and its answer: (before the prompt, after it, before the answer, after the answer).
 
-    With a chat template: the user's turn holds the prompt and the assistant's turn the answer; the first two
+    With a chat template: the user's turn (after the system message of `chat_messages`) holds the prompt and the
+    assistant's turn the answer; the first two
     parts make the generation prompt (add_generation_prompt=True), the last is the end of the assistant's turn
     without trailing white space (the eos token if the template ends the turn with nothing). Without one:
     "prompt\\nAnswer: answer<eos>", the space before the answer being the answer's (as BPE vocabularies expect).
     """
     if not getattr(tokenizer, "chat_template", None):
-        return "", "\nAnswer:", " ", tokenizer.eos_token or ""
-    user = [{"role": "user", "content": PROMPT_SLOT}]
+        return system_prompt + "\n" if system_prompt else "", "\nAnswer:", " ", tokenizer.eos_token or ""
+    user = chat_messages(PROMPT_SLOT, system_prompt)
     generation = tokenizer.apply_chat_template(user, tokenize=False, add_generation_prompt=True)
     whole = tokenizer.apply_chat_template([*user, {"role": "assistant", "content": ANSWER_SLOT}], tokenize=False)
     if not (isinstance(generation, str) and generation.count(PROMPT_SLOT) == 1 and whole.count(ANSWER_SLOT) == 1):
@@ -38,15 +46,18 @@ def template_parts(tokenizer) -> tuple[str, str, str, str]:
     return before, after + answer_before, "", answer_after.rstrip() or (tokenizer.eos_token or "")
 
 
-def encode_example(example: Example, tokenizer, max_length: int, with_answer: bool = True) -> dict:
+def encode_example(
+    example: Example, tokenizer, max_length: int, with_answer: bool = True, system_prompt: str | None = None
+) -> dict:
     """input_ids, attention_mask and labels (-100 except on the answer and its end of turn) of an example, at most
     max_length tokens, and `truncated`. with_answer=False gives the generation prompt alone (for evaluation).
+    `system_prompt` as in `chat_messages`.
 
     Too long an input loses prompt tokens, never template or answer ones: from the prompt's start, or when at
     least MIDDLE_CUT_FROM prompt tokens fit, from its middle (a quarter of what is kept comes from the start, the
     rest from the end, where questions and instructions are; " ... " marks the cut).
     """
-    before, after, lead, end = template_parts(tokenizer)
+    before, after, lead, end = template_parts(tokenizer, system_prompt)
 
     def ids(text: str) -> list[int]:
         return list(tokenizer(text, add_special_tokens=False)["input_ids"]) if text else []

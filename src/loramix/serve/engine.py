@@ -57,8 +57,10 @@ class Engine:
       routing_level="sequence") are computed once on the prompt and reused at every decoding step.
     - a plain or peft model: as it is; every task shares it.
 
-    `tasks` names the tenants: task id = position (as in a run's recipe). One batch runs at a time; the engine
-    owns the model (the per-row path swaps its layers during a batch).
+    `tasks` names the tenants: task id = position (as in a run's recipe). `system_prompt` is put before chats
+    that bring no system message (a run's recipe.system_prompt: the format it was trained in; None leaves the
+    chat template's default). One batch runs at a time; the engine owns the model (the per-row path swaps its
+    layers during a batch).
     """
 
     def __init__(
@@ -70,12 +72,14 @@ class Engine:
         max_new_tokens: int = 256,
         max_prompt_tokens: int | None = None,
         merged_tasks: int = 0,
+        system_prompt: str | None = None,
     ) -> None:
         if not tasks or len(set(tasks)) != len(tasks):
             raise ValueError(f"tasks must name each tenant once, got {list(tasks)}")
         self.model = model.eval()
         self.tokenizer = tokenizer
         self.tasks = list(tasks)
+        self.system_prompt = system_prompt
         self.device = next(model.parameters()).device
         self.vocab_size = backbone(model).get_input_embeddings().num_embeddings
         self.eos_token_ids = _eos_token_ids(model, tokenizer)
@@ -129,6 +133,8 @@ class Engine:
         if not getattr(self.tokenizer, "chat_template", None):
             raise RequestError("this model's tokenizer has no chat template: use /v1/completions", param="messages")
         self._check_size(sum(len(message["content"]) for message in messages), "messages")
+        if self.system_prompt is not None and not any(message["role"] == "system" for message in messages):
+            messages = [{"role": "system", "content": self.system_prompt}, *messages]
         try:
             text = self.tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
         except TemplateError as error:

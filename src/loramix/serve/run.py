@@ -14,8 +14,9 @@ from loramix.serve.app import create_app
 from loramix.serve.engine import Engine
 
 
-def read_run(run_dir: str | Path) -> tuple[str, list[str]]:
-    """(base model name, task names) from a run's recipe.yaml; the task id of a name is its position."""
+def read_run(run_dir: str | Path) -> tuple[str, list[str], str | None]:
+    """(base model name, task names, system prompt) from a run's recipe.yaml; the task id of a name is its
+    position; the system prompt is None where the run kept the chat template's default."""
     path = Path(run_dir) / "recipe.yaml"
     if not path.is_file():
         raise FileNotFoundError(f"{path} is missing: is {run_dir} a run folder written by `loramix train`?")
@@ -26,7 +27,10 @@ def read_run(run_dir: str | Path) -> tuple[str, list[str]]:
     model = recipe.get("model") or DEFAULT_MODEL
     if not isinstance(model, str):
         raise ValueError(f"{path}: `model` must be a model name or path, got {model!r}")
-    return model, tasks
+    system_prompt = recipe.get("system_prompt")
+    if system_prompt is not None and not isinstance(system_prompt, str):
+        raise ValueError(f"{path}: `system_prompt` must be text or null, got {system_prompt!r}")
+    return model, tasks, system_prompt
 
 
 def load_adapter(model: nn.Module, adapter_dir: Path) -> nn.Module:
@@ -46,9 +50,10 @@ def load_engine(
     max_prompt_tokens: int | None = None,
     merged_tasks: int = 0,
 ) -> Engine:
-    """An Engine for a run folder: its base model (float32) with the adapter in adapter/, its recipe's tasks."""
+    """An Engine for a run folder: its base model (float32) with the adapter in adapter/, its recipe's tasks
+    and system prompt."""
     run_dir = Path(run_dir)
-    model_name, tasks = read_run(run_dir)
+    model_name, tasks, system_prompt = read_run(run_dir)
     device = device or ("cuda" if torch.cuda.is_available() else "cpu")
     model, tokenizer = load_model(model_name, device=device)
     model = load_adapter(model, run_dir / "adapter")
@@ -59,6 +64,7 @@ def load_engine(
         max_new_tokens=max_new_tokens,
         max_prompt_tokens=max_prompt_tokens,
         merged_tasks=merged_tasks,
+        system_prompt=system_prompt,
     )
 
 
