@@ -136,8 +136,8 @@ def test_evaluate_model_scores_parsed_answers(monkeypatch):
     examples = [Example("pubmedqa", f"question {i}", answer, ("yes", "no", "maybe")) for i, answer in enumerate(truth)]
     calls = []
 
-    def scripted(model, tokenizer, examples, *, task_id, max_new_tokens, batch_size, max_prompt_length, bf16):
-        calls.append((examples[0].task, task_id, max_new_tokens, bf16))
+    def scripted(model, tokenizer, examples, *, task_id, max_new_tokens, batch_size, max_prompt_length, **options):
+        calls.append((examples[0].task, task_id, max_new_tokens, options["bf16"], options["system_prompt"]))
         return outputs
 
     monkeypatch.setattr(evaluation, "generate_answers", scripted)
@@ -146,9 +146,9 @@ def test_evaluate_model_scores_parsed_answers(monkeypatch):
     assert results["pubmedqa"]["predictions"] == ["yes", "no", "maybe", "yes", "yes", "it is unclear"]
     # 4 of 6 right; F1 yes = 2*2/(3+3), no = 2*1/(1+2), maybe = 2*1/(1+1)
     assert results["pubmedqa"]["metrics"] == pytest.approx({"accuracy": 4 / 6, "macro_f1": (2 / 3 + 2 / 3 + 1) / 3})
-    assert calls == [("pubmedqa", 2, get_task("pubmedqa").max_new_tokens, False)]
-    evaluate_model(None, None, {"pubmedqa": examples}, None, max_new_tokens=9, bf16=True)
-    assert calls[-1] == ("pubmedqa", None, 9, True)
+    assert calls == [("pubmedqa", 2, get_task("pubmedqa").max_new_tokens, False, None)]
+    evaluate_model(None, None, {"pubmedqa": examples}, None, max_new_tokens=9, bf16=True, system_prompt="")
+    assert calls[-1] == ("pubmedqa", None, 9, True, "")
 
 
 def write_run(run, adapter) -> None:
