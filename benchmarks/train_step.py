@@ -102,15 +102,7 @@ def saved_activation_bytes(model: torch.nn.Module, batch: dict, autocast) -> int
 
     with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t), autocast():
         loss_of(model, batch)
-    release_graph(model)
     return total
-
-
-def release_graph(model: torch.nn.Module) -> None:
-    """Drop a MixLoraModel's routing records of the last forward: until the next forward they keep the parts of
-    its graph that the loss does not use (router logits) alive, which adds up over the many models held here."""
-    if isinstance(model, loramix.MixLoraModel):
-        model.context.new_forward(None)
 
 
 def trainable_state_bytes(model: torch.nn.Module) -> int:
@@ -214,7 +206,6 @@ def main(argv: list[str] | None = None) -> list[dict]:
         loss.backward()
         optimizers[name].step()
         optimizers[name].zero_grad(set_to_none=True)
-        release_graph(models[name])
         if device == "cuda":
             torch.cuda.synchronize()
         return time.perf_counter() - start

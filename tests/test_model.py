@@ -164,6 +164,16 @@ def test_remix_replicates_the_batch_once_per_sample():
     assert wrapped.context.records[0].routing.log_prob is None
 
 
+def test_routing_records_kept_after_the_loss_hold_no_graph():
+    wrapped = loramix.wrap(tiny_llama(), config_for("soft", z_loss_weight=0.0)).train()
+    loss = wrapped.compute_loss(batch())
+    records = wrapped.context.records
+    assert records and not any(r.routing.weights.requires_grad or r.routing.logits.requires_grad for r in records)
+    loss.backward()  # the loss kept what it needs
+    assert all(layer.router.gate.weight.grad is not None for layer in wrapped.layers.values())
+    assert wrapped.routing_stats()
+
+
 def test_routing_stats_ignore_padding():
     def stats_for(pad: int):
         # soft routing: continuous loads, so float noise from the padded attention cannot flip a top-k choice

@@ -241,6 +241,8 @@ class MixLoraModel(nn.Module):
             parts["rloo"] = surrogate.detach()
             total = total + surrogate
         self.last_losses = parts
+        # the loss holds the graph it needs; the kept records (for routing_stats) must not pin the rest of it
+        self.context.records[:] = [record.detached() for record in self.context.records]
         return total
 
     def _auxiliary_losses(self, parts: dict[str, Tensor]) -> Tensor:

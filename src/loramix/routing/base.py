@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 from abc import ABC, abstractmethod
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, fields
 from typing import TYPE_CHECKING
 
 import torch
@@ -60,6 +60,12 @@ class RoutingRecord:
     router: Router
     routing: Routing
     mask: Tensor
+
+    def detached(self) -> RoutingRecord:
+        """The same record cut from the autograd graph (for statistics once the loss has been built)."""
+        values = {f.name: getattr(self.routing, f.name) for f in fields(Routing)}
+        routing = Routing(**{k: v.detach() if v is not None else None for k, v in values.items()})
+        return RoutingRecord(self.router, routing, self.mask)
 
 
 @dataclass
