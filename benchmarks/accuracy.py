@@ -68,7 +68,17 @@ LABELS = {
 IMBALANCE = ("soft", "topk", "contrastive", "remix")  # token-level routers whose ESS is compared
 REMIX_SCALING = ("remix", "remix-m4", "remix-m8")
 BEGIN, END = "<!-- accuracy.py: begin -->", "<!-- accuracy.py: end -->"
-SAME_BUDGET = ("training", "max_length", "tasks", "sampling", "sampling_temperature", "eval_examples", "model")
+SAME_BUDGET = (
+    "training",
+    "max_length",
+    "tasks",
+    "sampling",
+    "sampling_temperature",
+    "batching",
+    "system_prompt",
+    "eval_examples",
+    "model",
+)
 
 
 # ---- recipes ---------------------------------------------------------------------------------------------------
