@@ -24,10 +24,10 @@ def template_parts(tokenizer, system_prompt: str | None = None) -> tuple[str, st
     """The texts around a prompt and its answer: (before the prompt, after it, before the answer, after the answer).
 
     With a chat template: the user's turn (after the system message of `chat_messages`) holds the prompt and the
-    assistant's turn the answer; the first two
-    parts make the generation prompt (add_generation_prompt=True), the last is the end of the assistant's turn
-    without trailing white space (the eos token if the template ends the turn with nothing). Without one:
-    "prompt\\nAnswer: answer<eos>", the space before the answer being the answer's (as BPE vocabularies expect).
+    assistant's turn the answer; the first two parts make the generation prompt (add_generation_prompt=True), the
+    last is the end of the assistant's turn without trailing white space (the eos token if the template ends the
+    turn with nothing). Without one: "[system prompt\\n]prompt\\nAnswer: answer<eos>", the space before the answer
+    being the answer's (as BPE vocabularies expect).
     """
     if not getattr(tokenizer, "chat_template", None):
         return system_prompt + "\n" if system_prompt else "", "\nAnswer:", " ", tokenizer.eos_token or ""
