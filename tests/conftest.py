@@ -1,5 +1,7 @@
 """Shared pytest fixtures. Each returns a fresh object per test, so a test may modify what it gets."""
 
+import json
+
 import pytest
 import torch
 
@@ -36,3 +38,17 @@ def tiny_batch():
     labels = input_ids.masked_fill(attention_mask == 0, -100)
     labels[:, :TINY_PROMPT_LENGTH] = -100
     return {"input_ids": input_ids, "attention_mask": attention_mask, "labels": labels}
+
+
+# ---- data -----------------------------------------------------------------------------------------------------
+@pytest.fixture
+def task_file(tmp_path):
+    """Two tiny tasks (40 examples each): is a number even or odd?"""
+    path = tmp_path / "parity.jsonl"
+    rows = [
+        {"task": task, "prompt": f"{n}?", "answer": "even" if n % 2 == 0 else "odd", "choices": ["even", "odd"]}
+        for task in ("parity", "parity2")
+        for n in range(40)
+    ]
+    path.write_text("\n".join(json.dumps(r) for r in rows))
+    return path

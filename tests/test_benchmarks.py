@@ -15,19 +15,6 @@ def bench(monkeypatch):
     monkeypatch.syspath_prepend(str(BENCHMARKS))
 
 
-@pytest.fixture
-def task_file(tmp_path):
-    """Two tiny tasks (40 examples each): is a number even or odd?"""
-    path = tmp_path / "parity.jsonl"
-    rows = [
-        {"task": task, "prompt": f"{n}?", "answer": "even" if n % 2 == 0 else "odd", "choices": ["even", "odd"]}
-        for task in ("parity", "parity2")
-        for n in range(40)
-    ]
-    path.write_text("\n".join(json.dumps(r) for r in rows))
-    return path
-
-
 def tiny_settings(task_file) -> list[str]:
     values = {
         "model": "tiny-llama",

@@ -16,19 +16,6 @@ from loramix.recipe import Recipe, Training
 from loramix.train import Encoder, TaskSampler, TrainingError, answer_loss, learning_rate_factor, train
 
 
-@pytest.fixture
-def task_file(tmp_path):
-    """Two tiny tasks (40 examples each): is a number even or odd?"""
-    path = tmp_path / "parity.jsonl"
-    rows = [
-        {"task": task, "prompt": f"{n}?", "answer": "even" if n % 2 == 0 else "odd", "choices": ["even", "odd"]}
-        for task in ("parity", "parity2")
-        for n in range(40)
-    ]
-    path.write_text("\n".join(json.dumps(r) for r in rows))
-    return path
-
-
 def tiny_recipe(task_file, adapter: str = "topk", **training_values) -> Recipe:
     settings = {"steps": 6, "batch_size": 4, "warmup_steps": 2, "log_every": 2, "save_every": 3, "lr": 1e-2}
     sections = {"lora": {"lora": {"r": 2, "target_modules": ["q_proj", "v_proj"]}}}
