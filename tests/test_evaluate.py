@@ -151,10 +151,11 @@ def test_evaluate_model_scores_parsed_answers(monkeypatch):
     assert calls[-1] == ("pubmedqa", None, 9, True, "")
 
 
-def write_run(run, adapter) -> None:
+def write_run(run, adapter, **recipe_values) -> None:
     """A run folder as training leaves it: recipe, splits (a subset of alpha's test set) and the adapter."""
-    run.mkdir()
+    run.mkdir(exist_ok=True)
     recipe = {"name": "run", "model": "tiny-llama", "tasks": ["alpha", "beta"], "evaluation": ["gamma"]}
+    recipe |= recipe_values
     if isinstance(adapter, loramix.MixLoraModel):
         recipe["mixlora"] = adapter.config.to_dict()
     else:
@@ -207,6 +208,26 @@ def test_evaluate_run_writes_metrics_and_caches_zero_shot(tmp_path, monkeypatch,
     assert generated == ids[adapter]  # zero-shot scores came from zero_shot.json
     assert again["tasks"]["alpha"]["zero_shot"] == alpha["zero_shot"]
     assert again["tasks"]["alpha"]["model"] == alpha["model"]  # greedy: the same answers
+
+
+def test_evaluate_run_prompts_as_the_run_was_trained(tmp_path, monkeypatch):
+    register_yes_no_tasks(monkeypatch)
+    model, _ = tiny_model_and_tokenizer()
+    run, adapter = tmp_path / "run", mixture(model, "topk")
+    generate, prompts = evaluation.generate_answers, []
+
+    def recording(model, tokenizer, examples, **kwargs):
+        prompts.append(kwargs["system_prompt"])
+        return generate(model, tokenizer, examples, **kwargs)
+
+    monkeypatch.setattr(evaluation, "generate_answers", recording)
+    write_run(run, adapter, system_prompt="Be brief.")
+    evaluate_run(run, max_examples=3)
+    assert prompts == ["Be brief."] * 6  # zero-shot and the adapter, three tasks each
+    prompts.clear()
+    write_run(run, adapter, system_prompt="")  # another prompt format: the cached zero-shot scores do not apply
+    evaluate_run(run, max_examples=3)
+    assert prompts == [""] * 6
 
 
 def test_evaluate_run_refuses_changed_data(tmp_path, monkeypatch):

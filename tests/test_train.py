@@ -10,8 +10,8 @@ from safetensors.torch import load_file
 
 import loramix
 import loramix.train as training
-from loramix.data import Example, load_jsonl_tasks
-from loramix.models import load_model
+from loramix.data import Example, encode_example, load_jsonl_tasks
+from loramix.models import load_model, tiny_tokenizer
 from loramix.recipe import Recipe, Training
 from loramix.train import Encoder, TaskSampler, TrainingError, answer_loss, learning_rate_factor, train
 
@@ -53,6 +53,16 @@ def test_task_batching_draws_one_task_per_batch_by_the_sampling_rule():
     assert all(len(batch) == 4 and len({task for task, _ in batch}) == 1 for batch in batches)
     assert abs(np.mean([batch[0][0] == 0 for batch in batches]) - 0.8) < 0.02
     assert len({index for batch in batches for task, index in batch if task == 1}) == 100
+    with pytest.raises(ValueError, match="batching='sorted'; allowed: mixed, task"):
+        TaskSampler([400, 100], "uniform", temperature=2.0, seed=0, batching="sorted")
+
+
+def test_training_rows_carry_the_recipes_system_prompt():
+    tokenizer = tiny_tokenizer()
+    example = Example("t", "Is water wet?", "yes")
+    row = Encoder(tokenizer, 64, [[example]], "Be brief.").batch([(0, 0)])
+    expected = encode_example(example, tokenizer, 64, system_prompt="Be brief.")
+    assert row["input_ids"][0].tolist() == expected["input_ids"] and row["labels"][0].tolist() == expected["labels"]
 
 
 def test_warmup_then_decay():

@@ -204,8 +204,9 @@ def evaluate_run(
 
     The tasks are the recipe's `tasks` (task id = position) and its evaluation-only `evaluation` tasks;
     the test examples are the first `max_examples` of splits.json's test indices. Zero-shot scores are
-    cached in zero_shot.json (by model, task, test size and precision). `bf16` (default: the recipe's
-    training.bf16, resolved by loramix.precision.use_bf16) runs both models under bfloat16 autocast.
+    cached in zero_shot.json (by model, task, test size, precision, prompt length and system prompt). `bf16`
+    (default: the recipe's training.bf16, resolved by loramix.precision.use_bf16) runs both models under
+    bfloat16 autocast. The prompts carry the recipe's system prompt.
     Writes metrics.json and predictions.jsonl in the run folder and returns the metrics.
     """
     started = time.perf_counter()
@@ -227,8 +228,9 @@ def evaluate_run(
 
     cache_path = run_dir / "zero_shot.json"
     cache = _read_json(cache_path)
-    precision = "bf16" if bf16 else "fp32"
-    keys = {name: f"{recipe.model}|{name}|{len(test)}|{precision}" for name, (_, test) in examples.items()}
+    # the prompts' format is part of the key: runs that share a cache (benchmarks/accuracy.py) may differ in it
+    prompt_format = f"{'bf16' if bf16 else 'fp32'}|{recipe.max_length}|system={recipe.system_prompt!r}"
+    keys = {name: f"{recipe.model}|{name}|{len(test)}|{prompt_format}" for name, (_, test) in examples.items()}
     uncached = {name: test for name, (_, test) in examples.items() if keys[name] not in cache}
     if zero_shot and uncached:
         for name, result in evaluate_model(model, tokenizer, uncached, None, **settings).items():

@@ -51,14 +51,18 @@ class TaskSampler:
             weights = counts ** (1.0 / temperature)
         else:
             raise ValueError(f"sampling={sampling!r}; allowed: proportional, temperature, uniform")
+        if batching not in ("mixed", "task"):
+            raise ValueError(f"batching={batching!r}; allowed: mixed, task")
         self.probabilities = weights / weights.sum()
         self.sizes, self.batching = sizes, batching
         self.rng = np.random.default_rng(seed)
 
     def draw(self, count: int) -> list[tuple[int, int]]:
         """`count` (task index, example index) pairs."""
-        tasks = self.rng.choice(len(self.sizes), size=1 if self.batching == "task" else count, p=self.probabilities)
-        tasks = tasks.repeat(count // len(tasks))
+        if self.batching == "task":
+            tasks = [self.rng.choice(len(self.sizes), p=self.probabilities)] * count
+        else:
+            tasks = self.rng.choice(len(self.sizes), size=count, p=self.probabilities)
         return [(int(t), int(self.rng.integers(self.sizes[t]))) for t in tasks]
 
     def state(self) -> dict:
