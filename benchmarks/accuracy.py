@@ -11,7 +11,12 @@ parameters per token as peft's LoRA: the expert rank is overridden to the value 
 (the routers' own parameters come on top and are listed). One run folder per variant and seed,
 <out>/<variant>-s<seed>: a finished run (metrics.json) is skipped, an interrupted one resumes from its
 checkpoint, so the command can be stopped and started again. The results replace the part of `--results`
-between this script's markers; plots go to `--figures`.
+between this script's markers for the `--out` folder; plots go to `--figures`.
+
+On a GPU the model is small enough that a training step is bound by kernel launches, not by the device: run
+several at once with `--workers N` (each run in its own process), and bound the wall time with `--time-limit`
+(no run starts after it; running ones are stopped and resume on the next call). `--report-only` writes the
+report from the run folders there are, training nothing (for run folders made on another machine).
 """
 
 from __future__ import annotations
@@ -23,7 +28,9 @@ import re
 import shlex
 import shutil
 import statistics
+import subprocess
 import sys
+import tempfile
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -67,7 +74,6 @@ LABELS = {
 }
 IMBALANCE = ("soft", "topk", "contrastive", "remix")  # token-level routers whose ESS is compared
 REMIX_SCALING = ("remix", "remix-m4", "remix-m8")
-BEGIN, END = "<!-- accuracy.py: begin -->", "<!-- accuracy.py: end -->"
 SAME_BUDGET = (
     "training",
     "max_length",
@@ -146,10 +152,13 @@ def has_checkpoint(run_dir: Path) -> bool:
 
 
 def merge_json(source: Path, target: Path) -> None:
-    """Add the entries of the JSON object in `source` to the one in `target` (created if missing)."""
+    """Add the entries of the JSON object in `source` to the one in `target` (created if missing). `target` is
+    replaced atomically: runs in parallel may lose each other's entries (recomputed later), never corrupt it."""
     if source.is_file():
         merged = (json.loads(target.read_text()) if target.is_file() else {}) | json.loads(source.read_text())
-        target.write_text(json.dumps(merged, indent=2))
+        with tempfile.NamedTemporaryFile("w", dir=target.parent, suffix=".tmp", delete=False) as staging:
+            staging.write(json.dumps(merged, indent=2))
+        os.replace(staging.name, target)
 
 
 def ensure_run(recipe: Recipe, run_dir: Path, zero_shot_cache: Path) -> str:
@@ -181,6 +190,43 @@ def ensure_run(recipe: Recipe, run_dir: Path, zero_shot_cache: Path) -> str:
     return done
 
 
+def run_in_workers(names: list[str], argv: list[str], out: Path, workers: int, time_limit: float | None) -> None:
+    """Run each job (variant-sSEED) in its own process of this script, `workers` at a time, logging to
+    <out>/<job>.log. With a `time_limit` (seconds), a job starts only while the median duration of the
+    finished ones still fits, and the jobs running at the limit are stopped."""
+    started, pending, running, durations = time.monotonic(), list(names), {}, []
+
+    def fits(elapsed: float) -> bool:
+        return time_limit is None or elapsed + (statistics.median(durations) if durations else 0) <= time_limit
+
+    while pending or running:
+        elapsed = time.monotonic() - started
+        if time_limit is not None and elapsed > time_limit:
+            for process, (name, _) in running.items():
+                process.terminate()
+                process.wait()
+                print(f"{name}: stopped at the time limit ({elapsed:.0f} s); the next call resumes it", flush=True)
+            running.clear()
+        while pending and len(running) < workers and fits(elapsed):
+            name = pending.pop(0)
+            with open(out / f"{name}.log", "a") as log:
+                command = [sys.executable, __file__, *argv, "--job", name]
+                running[subprocess.Popen(command, stdout=log, stderr=subprocess.STDOUT)] = (name, elapsed)
+            print(f"{name}: started ({elapsed:.0f} s so far)", flush=True)
+        if not running:
+            break
+        time.sleep(0.5)
+        for process in [p for p in running if p.poll() is not None]:
+            name, start = running.pop(process)
+            now = time.monotonic() - started
+            if process.returncode == 0:
+                durations.append(now - start)
+            status = "done" if process.returncode == 0 else f"FAILED (exit {process.returncode}), see {name}.log"
+            print(f"{name}: {status} ({now:.0f} s so far)", flush=True)
+    if pending:
+        print(f"not started (time limit): {', '.join(pending)}", flush=True)
+
+
 # ---- reading the runs ------------------------------------------------------------------------------------------
 @dataclass
 class Run:
@@ -190,13 +236,16 @@ class Run:
     seed: int
     metrics: dict = field(default_factory=dict)
     history: list[dict] = field(default_factory=list)
+    device: str | None = None
 
     @classmethod
     def read(cls, out: Path, variant: str, seed: int) -> Run:
         folder = out / f"{variant}-s{seed}"
         metrics = json.loads((folder / "metrics.json").read_text()) if (folder / "metrics.json").is_file() else {}
         lines = (folder / "history.jsonl").read_text().splitlines() if (folder / "history.jsonl").is_file() else []
-        return cls(variant, seed, metrics, [json.loads(line) for line in lines if line.strip()])
+        training = json.loads((folder / "training.json").read_text()) if (folder / "training.json").is_file() else {}
+        history = [json.loads(line) for line in lines if line.strip()]
+        return cls(variant, seed, metrics, history, training.get("device"))
 
     def scores(self, column: str = "model") -> dict[str, float]:
         """Each task's main (first) metric in a metrics.json column: model, zero_shot or majority."""
@@ -418,19 +467,33 @@ def save(figure: plt.Figure, path: Path) -> None:
     plt.close(figure)
 
 
+def markers(section: str) -> tuple[str, str]:
+    """The comments around the report of the run folders in `section` (the --out folder's name) in --results."""
+    return f"<!-- accuracy.py {section}: begin -->", f"<!-- accuracy.py {section}: end -->"
+
+
 def write_report(
-    runs: dict[str, list[Run]], counts: dict[str, Counts], recipe: Recipe, command: str, figures: Path, results: Path
+    runs: dict[str, list[Run]],
+    counts: dict[str, Counts],
+    recipe: Recipe,
+    command: str,
+    figures: Path,
+    results: Path,
+    section_name: str,
 ) -> str:
     """The markdown section of the results (and its plots); spliced into `results` between the markers."""
     tasks = list(recipe.tasks)
+    begin, end = markers(section_name)
+    devices = sorted({r.device for group in runs.values() for r in group if r.device})
+    where = ", ".join(devices) if devices else f"{torch.get_num_threads()} threads"
 
     def link(name: str) -> str:
         return Path(os.path.relpath(figures / name, results.parent)).as_posix()
 
     settings = recipe.training
     lines = [
-        BEGIN,
-        f"Generated by `{command}` on {time.strftime('%Y-%m-%d')} ({torch.get_num_threads()} threads).",
+        begin,
+        f"Generated by `{command}` on {time.strftime('%Y-%m-%d')} (trained on {where}).",
         "",
         f"Model {recipe.model}; tasks {', '.join(tasks)}; {settings.steps} steps of batch {settings.batch_size} x "
         f"{settings.grad_accumulation} (max length {recipe.max_length}, lr {settings.lr}, {settings.schedule}, bf16 "
@@ -451,11 +514,11 @@ def write_report(
         lines += ["ReMix routing samples M (same steps):", "", *scaling_table(runs, tasks), ""]
         if plot_scaling(runs, tasks, figures / "remix_samples.png"):
             lines += [f"![ReMix samples]({link('remix_samples.png')})", ""]
-    lines.append(END)
+    lines.append(end)
     section = "\n".join(lines)
     text = results.read_text() if results.is_file() else "# Results\n"
-    if BEGIN in text and END in text:
-        text = text[: text.index(BEGIN)] + section + text[text.index(END) + len(END) :]
+    if begin in text and end in text:
+        text = text[: text.index(begin)] + section + text[text.index(end) + len(end) :]
     else:
         text = text.rstrip("\n") + "\n\n" + section + "\n"
     results.parent.mkdir(parents=True, exist_ok=True)
@@ -476,7 +539,13 @@ def main(argv: list[str] | None = None) -> str:
     parser.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="override for every recipe")
     parser.add_argument("--results", type=Path, default=ROOT / "docs" / "RESULTS.md")
     parser.add_argument("--figures", type=Path, default=ROOT / "docs" / "figures")
+    parser.add_argument("--workers", type=int, default=1, help="runs at a time, each in its own process")
+    parser.add_argument("--time-limit", type=float, default=None, help="seconds; then stop (resumable)")
+    parser.add_argument("--report-only", action="store_true", help="report the run folders there are; train none")
+    parser.add_argument("--job", default=None, help=argparse.SUPPRESS)  # VARIANT-sSEED: one run, in a worker
     args = parser.parse_args(argv)
+    if args.workers < 1:
+        parser.error(f"--workers must be at least 1, not {args.workers}")
     variants = args.recipes.split(",")
     if unknown := [v for v in variants if v not in VARIANTS]:
         parser.error(f"unknown recipes {unknown}; known: {list(VARIANTS)}")
@@ -497,16 +566,24 @@ def main(argv: list[str] | None = None) -> str:
         jobs += [(variant, seed, recipe) for variant, recipe in recipes.items()]
 
     args.out.mkdir(parents=True, exist_ok=True)
-    started = time.perf_counter()
-    for index, (variant, seed, recipe) in enumerate(jobs, 1):
-        run_dir = args.out / f"{variant}-s{seed}"
-        print(f"[{index}/{len(jobs)}] {run_dir} ({time.perf_counter() - started:.0f} s so far)", flush=True)
-        done = ensure_run(recipe, run_dir, args.out / "zero_shot.json")
-        print(f"[{index}/{len(jobs)}] {run_dir}: {done}", flush=True)
+    zero_shot_cache = args.out / "zero_shot.json"
+    if args.job is not None:
+        recipe = next(recipe for variant, seed, recipe in jobs if f"{variant}-s{seed}" == args.job)
+        print(f"{args.job}: {ensure_run(recipe, args.out / args.job, zero_shot_cache)}", flush=True)
+        return ""
+    if not args.report_only and (args.workers > 1 or args.time_limit is not None):
+        run_in_workers([f"{v}-s{s}" for v, s, _ in jobs], argv, args.out, args.workers, args.time_limit)
+    elif not args.report_only:
+        started = time.perf_counter()
+        for index, (variant, seed, recipe) in enumerate(jobs, 1):
+            run_dir = args.out / f"{variant}-s{seed}"
+            print(f"[{index}/{len(jobs)}] {run_dir} ({time.perf_counter() - started:.0f} s so far)", flush=True)
+            done = ensure_run(recipe, run_dir, zero_shot_cache)
+            print(f"[{index}/{len(jobs)}] {run_dir}: {done}", flush=True)
 
     runs = {v: [Run.read(args.out, v, s) for s in seeds] for v in variants}
     command = shlex.join(["python", "benchmarks/accuracy.py", *argv])
-    section = write_report(runs, counts, jobs[0][2], command, args.figures, args.results)
+    section = write_report(runs, counts, jobs[0][2], command, args.figures, args.results, args.out.name)
     (args.out / "accuracy.md").write_text(section + "\n")
     print(section)
     return section

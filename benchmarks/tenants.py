@@ -58,7 +58,9 @@ def build(variant: str, base: torch.nn.Module, rank: int):
     mix = loramix.wrap(model, config).eval()
     randomise(mix)
     if variant == "loramix-core":
-        return lambda inputs, tenants, **kwargs: mix.generate(**inputs, task_ids=torch.tensor(tenants), **kwargs)
+        return lambda inputs, tenants, **kwargs: mix.generate(
+            **inputs, task_ids=torch.tensor(tenants, device=inputs["input_ids"].device), **kwargs
+        )
     rows = TaskRows(mix)
 
     def generate(inputs: dict, tenants: list[int], **kwargs) -> torch.Tensor:
@@ -68,8 +70,8 @@ def build(variant: str, base: torch.nn.Module, rank: int):
     return generate
 
 
-def batches(args, vocab_size: int, pad_token_id: int) -> list[tuple[dict, list[int]]]:
-    """The requests as left-padded batches: (inputs, tenant of each row)."""
+def batches(args, vocab_size: int, pad_token_id: int, device: str) -> list[tuple[dict, list[int]]]:
+    """The requests as left-padded batches on `device`: (inputs, tenant of each row)."""
     generator = torch.Generator().manual_seed(0)
     lengths = torch.randint(16, 65, (args.requests,), generator=generator).tolist()
     prompts = [torch.randint(100, vocab_size, (n,), generator=generator) for n in lengths]
@@ -82,7 +84,8 @@ def batches(args, vocab_size: int, pad_token_id: int) -> list[tuple[dict, list[i
         for row, prompt in enumerate(chunk):
             input_ids[row, width - len(prompt) :] = prompt
             attention_mask[row, width - len(prompt) :] = 1
-        inputs = {"input_ids": input_ids, "attention_mask": attention_mask, "pad_token_id": pad_token_id}
+        inputs = {"input_ids": input_ids.to(device), "attention_mask": attention_mask.to(device)}
+        inputs["pad_token_id"] = pad_token_id
         result.append((inputs, [i % TENANTS for i in range(start, start + len(chunk))]))
     return result
 
@@ -119,11 +122,10 @@ def main() -> None:
     if args.rank % 8:
         parser.error("--rank must be a multiple of 8 (8 experts share it)")
     torch.set_num_threads(args.threads)
-    if torch.cuda.is_available():
-        parser.error("this benchmark runs on the CPU; on a GPU move the batches to the device first")
+    device = "cuda" if torch.cuda.is_available() else "cpu"
 
-    base, tokenizer = load_model(args.model)
-    work = batches(args, base.config.vocab_size, tokenizer.pad_token_id)
+    base, tokenizer = load_model(args.model, device=device)
+    work = batches(args, base.config.vocab_size, tokenizer.pad_token_id, device)
     models = {variant: build(variant, base, args.rank) for variant in VARIANTS}
     for generate in models.values():  # warm-up
         run(generate, work[:1], 2)
@@ -141,9 +143,9 @@ def main() -> None:
     decode = {variant: args.batch / statistics.median(times) for variant, times in steps.items()}
     same = sum(torch.equal(a, b) for a, b in zip(outputs["loramix"], outputs["loramix-core"], strict=True))
     print(
-        f"model {args.model or 'SmolLM2-135M-Instruct'} on cpu ({torch.get_num_threads()} threads): {TENANTS} tenants, "
-        f"{args.requests} requests in mixed batches of {args.batch}, prompts of 16-64 tokens, {args.new_tokens} new "
-        f"tokens, rank {args.rank} per tenant, {args.rounds} rounds\n"
+        f"model {args.model or 'SmolLM2-135M-Instruct'} on {device} ({torch.get_num_threads()} threads): "
+        f"{TENANTS} tenants, {args.requests} requests in mixed batches of {args.batch}, prompts of 16-64 tokens, "
+        f"{args.new_tokens} new tokens, rank {args.rank} per tenant, {args.rounds} rounds\n"
     )
     print("| variant | tokens/s | decode tokens/s | loramix is faster by |")
     print("|---|---:|---:|---:|")

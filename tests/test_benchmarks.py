@@ -81,7 +81,7 @@ def test_accuracy_trains_evaluates_skips_and_resumes(bench, task_file, tmp_path,
     accuracy.main(argv)
     assert sorted(calls) == [("remix-s0", False), ("topk-s1", True)]
     text = results.read_text()
-    assert text.startswith("# Results\n\nwritten by hand\n") and text.count(accuracy.BEGIN) == 1
+    assert text.startswith("# Results\n\nwritten by hand\n") and text.count(accuracy.markers(out.name)[0]) == 1
 
 
 def test_remix_samples_ways_agree(bench):
@@ -104,3 +104,33 @@ def test_train_step_runs_every_variant_in_both_precisions(bench, tmp_path):
     assert all(abs(r["active_params"] - peft) <= 0.05 * peft for r in results)
     assert all(r["gflop_per_step"] > 0 and r["memory_bytes"] > 0 for r in results)
     assert json.loads((tmp_path / "r.json").read_text())["results"][1]["variant"] == "soft"
+
+
+def test_accuracy_runs_in_worker_processes_stops_at_the_time_limit_and_reports_only(
+    bench, task_file, tmp_path, monkeypatch, capsys
+):
+    import accuracy
+
+    out, results = tmp_path / "gpu-runs", tmp_path / "RESULTS.md"
+    argv = [
+        *tiny_settings(task_file),
+        *("--recipes", "topk", "--seeds", "0", "--steps", "2", "--eval-examples", "2"),
+        *("--out", str(out), "--results", str(results), "--figures", str(tmp_path / "figures")),
+    ]
+    accuracy.main([*argv, "--time-limit", "0"])  # over at once: nothing starts
+    assert "not started (time limit): lora-s0, topk-s0" in capsys.readouterr().out
+    assert not (out / "lora-s0").exists()
+
+    section = accuracy.main([*argv, "--workers", "2"])
+    printed = capsys.readouterr().out
+    assert "lora-s0: done" in printed and "topk-s0: done" in printed
+    assert "topk-s0: trained and evaluated" in (out / "topk-s0.log").read_text()
+    assert "trained on CPU" in section and "| top-k (MixLoRA) | 4 |" in section
+    assert json.loads((out / "topk-s0" / "training.json").read_text())["device"].startswith("CPU, ")
+
+    # the report alone, as for run folders copied from another machine: nothing is trained
+    monkeypatch.setattr(accuracy, "train", lambda *args, **kwargs: pytest.fail("--report-only trained"))
+    (out / "topk-s0" / "metrics.json").unlink()
+    section = accuracy.main([*argv, "--report-only"])
+    assert "| top-k (MixLoRA) | 4 |" in section and "| 0 |" in section  # no finished seed of topk left
+    assert results.read_text().count(accuracy.markers("gpu-runs")[0]) == 1

@@ -287,3 +287,20 @@ def test_unload_returns_the_untouched_base_model():
     assert not any(isinstance(m, loramix.MixLoraLinear) for m in restored.modules())
     assert all(p.requires_grad for p in restored.parameters())
     assert torch.equal(restored(input_ids=ids).logits, expected)
+
+
+WITH_QUEUE = config_for("topk", contrastive_loss_weight=0.01, memory_queue_size=4)
+UNSHARED_TASK_GATES = config_for("task", shared_task_gate=False)
+
+
+@pytest.mark.parametrize(
+    "config",
+    [config_for(router, level) for router, level in ROUTER_SETTINGS] + [WITH_QUEUE, UNSHARED_TASK_GATES],
+    ids=[f"{router}-{level}" for router, level in ROUTER_SETTINGS] + ["memory-queue", "task-gate-per-layer"],
+)
+def test_wrapping_puts_every_adapter_tensor_on_the_base_models_device(config):
+    """A model wrapped on a GPU must not leave a router, buffer or memory queue on the CPU; the meta device
+    stands in for any other device."""
+    wrapped = loramix.wrap(tiny_llama().to("meta"), config)
+    tensors = {name: t.device.type for name, t in [*wrapped.named_parameters(), *wrapped.named_buffers()]}
+    assert {name: device for name, device in tensors.items() if device != "meta"} == {}

@@ -134,6 +134,7 @@ def test_a_run_writes_its_folder(tmp_path, task_file):
     assert set(json.loads((run / "routing.json").read_text())) == set(history[0]["load_per_layer"])
     summary = json.loads((run / "training.json").read_text())
     assert summary["steps"] == 4 and set(summary["truncated"]) == {"parity", "parity2"}
+    assert summary["device"] == f"CPU, {torch.get_num_threads()} threads"
 
     splits = json.loads((run / "splits.json").read_text())
     again = train(tiny_recipe(task_file, "remix", steps=1), tmp_path / "again", evaluate=False)

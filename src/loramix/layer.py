@@ -59,7 +59,9 @@ class MixLoraLinear(nn.Module):
         else:  # a router shared by several layers is owned by the MixLoraModel, not registered here
             object.__setattr__(self, "router", router)
         self.memory = (
-            ExpertMemoryQueue(num_experts, memory_queue_size, self.out_features) if memory_queue_size else None
+            ExpertMemoryQueue(num_experts, memory_queue_size, self.out_features).to(weight.device)
+            if memory_queue_size
+            else None
         )
 
     def forward(self, x: Tensor) -> Tensor:

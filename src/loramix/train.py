@@ -283,6 +283,13 @@ def init_distributed() -> tuple[int, int, torch.device]:
     return (dist.get_rank() if world > 1 else 0), world, device
 
 
+def device_name(device: torch.device) -> str:
+    """What trained a run, for its training.json: the GPU's name (for example "NVIDIA H200"), else the CPU threads."""
+    if device.type == "cuda":
+        return torch.cuda.get_device_name(device)
+    return f"CPU, {torch.get_num_threads()} threads"
+
+
 def all_finite(value: torch.Tensor, world: int) -> bool:
     """Whether the value is finite on every rank (so that all ranks stop together)."""
     flag = torch.isfinite(value.detach()).all().to(torch.float32).reshape(1)
@@ -499,6 +506,7 @@ def _train_steps(recipe: Recipe, run_dir: Path, resume: bool, rank: int, world: 
             "steps": step,
             "seconds": round(time.perf_counter() - started, 1),
             "world_size": world,
+            "device": device_name(device),
             "max_length": recipe.max_length,
             "bf16": bf16,
             **encoder.counts,
