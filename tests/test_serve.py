@@ -7,6 +7,8 @@ float32 a batch's rounding could flip a near-tie of the greedy choice; that is n
 import asyncio
 import json
 import socket
+import subprocess
+import sys
 import threading
 import time
 from contextlib import contextmanager
@@ -537,3 +539,20 @@ def test_a_client_leaving_a_stream_harms_nobody(server, tokenizer, expected):
         next(response.iter_lines())
     answer = httpx.post(f"{url}/v1/completions", json=body | {"stream": False}).json()["choices"][0]["text"]
     assert answer == decode(tokenizer, expected("completion", 2, PROMPTS[2]))
+
+
+def test_serving_core_imports_without_the_http_extra():
+    """Engine, TaskRows and load_engine need no fastapi/uvicorn (the `serve` extra); create_app says it needs them."""
+    code = """
+import sys
+sys.modules["fastapi"] = sys.modules["uvicorn"] = None  # as if not installed
+from loramix.serve import Engine, TaskRows, load_engine
+import loramix.serve
+try:
+    loramix.serve.create_app
+except ModuleNotFoundError as error:
+    print("needs", error.name)
+"""
+    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
+    assert done.returncode == 0, done.stderr
+    assert done.stdout.strip() == "needs fastapi"

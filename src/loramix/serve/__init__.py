@@ -1,9 +1,9 @@
 """Serving many tenants (tasks) of one backbone: batched multi-tenant generation and an OpenAI-compatible server.
 
-Needs the `serve` extra (fastapi, uvicorn): pip install 'loramix[serve]'.
+The HTTP server (`create_app`, `serve_run`) needs the `serve` extra (fastapi, uvicorn): pip install
+'loramix[serve]'. The rest (Engine, TaskRows, ...) needs only the core dependencies.
 """
 
-from loramix.serve.app import create_app
 from loramix.serve.batcher import Batcher, Ticket
 from loramix.serve.decoding import Completion, GenerationRequest
 from loramix.serve.engine import Engine, RequestError
@@ -23,3 +23,12 @@ __all__ = [
     "load_engine",
     "serve_run",
 ]
+
+
+def __getattr__(name: str):
+    """`create_app` is imported on first use: it needs fastapi, which the core install does not bring."""
+    if name == "create_app":
+        from loramix.serve.app import create_app
+
+        return create_app
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")

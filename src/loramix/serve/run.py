@@ -10,7 +10,6 @@ from torch import nn
 
 from loramix.model import load
 from loramix.models import DEFAULT_MODEL, load_model
-from loramix.serve.app import create_app
 from loramix.serve.engine import Engine
 
 
@@ -82,7 +81,9 @@ def serve_run(
     log_level: str = "info",
 ) -> None:
     """Serve a run's tasks over the OpenAI-compatible HTTP API until interrupted (`model` = task name)."""
-    import uvicorn
+    import uvicorn  # the `serve` extra, like fastapi: only the HTTP server needs them
+
+    from loramix.serve.app import create_app
 
     engine = load_engine(
         run_dir,
