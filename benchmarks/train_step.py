@@ -20,6 +20,10 @@ gradients); 6 P T: forward, input and weight gradients of the adapter (every exp
 scores and values, forward (4) and backward (8), counted over the full S x S (the causal mask is not
 subtracted). ReMix's batch is replicated M times, so B' = M B. The rate is set against the measured peak of
 large square `torch.matmul` on the same machine.
+
+Operators: the ATen operators one step dispatches (forward, backward, optimiser), counted in one extra step.
+On a GPU each costs a kernel launch or at least the framework's per-operator overhead, so at small batches a
+step's time follows this count rather than its FLOPs; it is the same on every machine.
 """
 
 from __future__ import annotations
@@ -34,6 +38,7 @@ from pathlib import Path
 
 import torch
 from peft import LoraConfig, get_peft_model
+from torch.utils._python_dispatch import TorchDispatchMode
 
 import loramix
 from loramix.layer import linear_features
@@ -108,6 +113,18 @@ def saved_activation_bytes(model: torch.nn.Module, batch: dict, autocast) -> int
 def trainable_state_bytes(model: torch.nn.Module) -> int:
     """Parameters + gradients + two AdamW moments of the trainable parameters."""
     return sum(4 * p.numel() * p.element_size() for p in model.parameters() if p.requires_grad)
+
+
+class OperatorCount(TorchDispatchMode):
+    """Counts the ATen operators dispatched while active (autograd's backward included)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.count = 0
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        self.count += 1
+        return func(*args, **(kwargs or {}))
 
 
 # ---- FLOPs and the machine's peak ----------------------------------------------------------------------------
@@ -227,6 +244,13 @@ def main(argv: list[str] | None = None) -> list[dict]:
             times[run].append(step(*run))
     peaks = {"none": matmul_peak(torch.float32, device), "bf16": matmul_peak(torch.bfloat16, device)}
 
+    def operators(name: str, precision: str) -> int:
+        with OperatorCount() as counter:
+            step(name, precision)
+        return counter.count
+
+    counts = {run: operators(*run) for run in runs}
+
     tokens = args.batch * args.length
     reference = statistics.median(times["peft", "none"])
     results = []
@@ -256,6 +280,8 @@ def main(argv: list[str] | None = None) -> list[dict]:
                 "gflop_per_step": flops / 1e9,
                 "gflop_per_s": flops / median / 1e9,
                 "of_peak": flops / median / peaks[precision],
+                "operators": counts[name, precision],
+                "operators_vs_peft": counts[name, precision] / counts["peft", "none"],
             }
         )
     peft_memory = results[0]["memory_bytes"]
@@ -265,16 +291,16 @@ def main(argv: list[str] | None = None) -> list[dict]:
     )
     print(
         "| variant | precision | expert rank | active expert params/token | step s | tokens/s | time vs peft f32 "
-        "| memory MB | vs peft | GFLOP/step | GFLOP/s | of matmul peak |"
+        "| memory MB | vs peft | GFLOP/step | GFLOP/s | of matmul peak | operators/step | vs peft |"
     )
-    print("|---|---|---|---|---|---|---|---|---|---|---|---|")
+    print("|---|---|---|---|---|---|---|---|---|---|---|---|---|---|")
     for r in results:
         cuda = f" (CUDA peak {r['cuda_peak_bytes'] / 2**20:,.0f})" if r["cuda_peak_bytes"] is not None else ""
         print(
             f"| {r['variant']} | {r['precision']} | {r['expert_rank']} | {r['active_params']:,} | {r['step_s']:.3f} | "
             f"{r['tokens_per_s']:,.0f} | {r['time_vs_peft']:.3f} | {r['memory_bytes'] / 2**20:,.0f}{cuda} | "
             f"{r['memory_bytes'] / peft_memory:.3f} | {r['gflop_per_step']:,.0f} | {r['gflop_per_s']:,.1f} | "
-            f"{r['of_peak']:.0%} |"
+            f"{r['of_peak']:.0%} | {r['operators']:,} | {r['operators_vs_peft']:.2f} |"
         )
     over = [
         r for r in results if r["variant"] in TOKEN_LEVEL and r["precision"] == "float32" and r["time_vs_peft"] > 1.15

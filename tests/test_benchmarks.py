@@ -103,6 +103,9 @@ def test_train_step_runs_every_variant_in_both_precisions(bench, tmp_path):
     peft = results[0]["active_params"]
     assert all(abs(r["active_params"] - peft) <= 0.05 * peft for r in results)
     assert all(r["gflop_per_step"] > 0 and r["memory_bytes"] > 0 for r in results)
+    assert all(r["operators"] > 0 for r in results) and results[0]["operators_vs_peft"] == 1.0
+    by_name = {(r["variant"], r["precision"]): r["operators"] for r in results}
+    assert by_name["topk", "float32"] > by_name["peft", "float32"]  # a router and its loss cost operators
     assert json.loads((tmp_path / "r.json").read_text())["results"][1]["variant"] == "soft"
 
 

@@ -5,7 +5,9 @@ import torch
 
 import loramix
 from loramix import MixLoraConfig
+from loramix.losses import load_balance_loss, router_z_loss
 from loramix.models import tiny_gpt2, tiny_llama
+from loramix.routing.base import effective_support_size
 
 ROUTER_SETTINGS = [
     ("soft", "token"),
@@ -272,6 +274,9 @@ def test_merge_task_matches_the_unmerged_model(architecture):
         assert not any(isinstance(m, loramix.MixLoraLinear) for m in merged.modules())
         expected = wrapped(input_ids=ids, task_ids=torch.full((3,), task)).logits
         torch.testing.assert_close(merged(input_ids=ids).logits, expected, atol=1e-5, rtol=1e-5)
+    before = wrapped.routing_stats()
+    merged(input_ids=ids)
+    assert wrapped.routing_stats() == before  # the copy reports to no routing context
     with pytest.raises(ValueError, match="router='task'"):
         loramix.wrap(tiny_llama(), config_for("topk")).merge_task(0)
 
@@ -304,3 +309,27 @@ def test_wrapping_puts_every_adapter_tensor_on_the_base_models_device(config):
     wrapped = loramix.wrap(tiny_llama().to("meta"), config)
     tensors = {name: t.device.type for name, t in [*wrapped.named_parameters(), *wrapped.named_buffers()]}
     assert {name: device for name, device in tensors.items() if device != "meta"} == {}
+
+
+@pytest.mark.parametrize(("router", "level"), [("topk", "token"), ("soft", "token"), ("topk", "sequence")])
+def test_stacked_losses_and_statistics_equal_the_per_router_ones(router, level):
+    """Losses and statistics are computed over all routers at once; the reference is router by router."""
+    config = config_for(router, level, balance_loss_weight=0.01, z_loss_weight=0.001)
+    wrapped = loramix.wrap(tiny_llama(), config).train()
+    wrapped.reset_routing_stats()
+    wrapped.compute_loss(batch())
+    records = wrapped.context.records
+    assert len(records) == len(wrapped.layers)
+    parts = wrapped.last_losses
+    if router == "topk":
+        expected = sum(load_balance_loss(r.routing.probs, r.routing.indices[..., 0], r.mask) for r in records)
+        torch.testing.assert_close(parts["balance"], expected / len(records))
+    expected = sum(router_z_loss(r.routing.logits, r.mask) for r in records) / len(records)
+    torch.testing.assert_close(parts["z"], expected)
+    stats = wrapped.routing_stats()
+    for name, record in zip(wrapped.layers, records, strict=True):
+        weight = record.mask.unsqueeze(-1).float()
+        load = (record.routing.expert_share() * weight).sum((0, 1))
+        ess = (effective_support_size(record.routing.weights) * weight[..., 0]).sum() / record.mask.sum()
+        assert stats[name]["load"] == pytest.approx((load / load.sum()).tolist(), rel=1e-5)
+        assert stats[name]["ess"] == pytest.approx(float(ess), rel=1e-5)

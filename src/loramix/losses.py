@@ -8,23 +8,26 @@ from torch import Tensor, nn
 
 
 def masked_mean(values: Tensor, mask: Tensor) -> Tensor:
-    """Mean of values (B, T, ...) over the positions where mask (B, T) is true."""
+    """Mean of values (..., B, T, *rest) over the (B, T) positions where mask (..., B, T) is true; leading
+    dimensions (one per router, say) are kept."""
+    dims = (mask.dim() - 2, mask.dim() - 1)
     weight = mask.to(values.dtype).view(*mask.shape, *([1] * (values.dim() - mask.dim())))
-    return (values * weight).sum((0, 1)) / weight.sum().clamp_min(1)
+    return (values * weight).sum(dims) / weight.sum(dims).clamp_min(1)
 
 
 def load_balance_loss(probs: Tensor, top1: Tensor, mask: Tensor) -> Tensor:
     """Switch Transformer loss n * sum_i f_i P_i; 1.0 when routing is perfectly balanced.
 
-    probs: (B, T, n) router probabilities; top1: (B, T) each token's first choice; mask: (B, T) real tokens.
+    probs: (..., B, T, n) router probabilities; top1: (..., B, T) each token's first choice; mask: (..., B, T)
+    real tokens. Leading dimensions (routers stacked) give one loss each.
     """
     num_experts = probs.shape[-1]
     fraction = masked_mean(F.one_hot(top1, num_experts).to(probs.dtype), mask)
-    return num_experts * (fraction * masked_mean(probs, mask)).sum()
+    return num_experts * (fraction * masked_mean(probs, mask)).sum(-1)
 
 
 def router_z_loss(logits: Tensor, mask: Tensor) -> Tensor:
-    """ST-MoE z-loss: mean over real tokens of logsumexp(logits)^2."""
+    """ST-MoE z-loss: mean over real tokens of logsumexp(logits)^2 (one per leading index, as masked_mean)."""
     return masked_mean(torch.logsumexp(logits.float(), -1).square(), mask)
 
 

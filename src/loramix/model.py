@@ -82,6 +82,7 @@ class MixLoraModel(nn.Module):
         else:
             self._wrap_each(targets)
         self._add_hook("", model.register_forward_pre_hook(self._start_forward(), with_kwargs=True))
+        self._add_hook("", model.register_forward_hook(self._finish_forward(), with_kwargs=True))
         self._takes_logits_to_keep = "logits_to_keep" in inspect.signature(model.forward).parameters
 
     # ---- construction -------------------------------------------------------------------------------------
@@ -154,6 +155,15 @@ class MixLoraModel(nn.Module):
             context.new_forward(kwargs.get("attention_mask"))
 
         return start
+
+    def _finish_forward(self):
+        context = self.context
+
+        def finish(module: nn.Module, args: tuple, kwargs: dict, output) -> None:
+            for stacked in context.stacked_records():
+                stacked.add_to_router_stats()
+
+        return finish
 
     def _capture_layer_input(self, block: str):
         context = self.context
@@ -234,9 +244,8 @@ class MixLoraModel(nn.Module):
             )
             summed = torch.zeros_like(labelled).index_add(0, rows, token_losses)
             sequence_losses = summed / labelled.clamp_min(1)
-            log_probs = sum(
-                (r.routing.log_prob * r.mask).sum(1) for r in self.context.records if r.routing.log_prob is not None
-            )
+            sampled = [r for r in self.context.records if r.routing.log_prob is not None]
+            log_probs = sum((s.routing.log_prob * s.mask).sum((0, 2)) for s in self.context.stacked_records(sampled))
             surrogate = rloo_surrogate(sequence_losses.view(samples, -1), log_probs.view(samples, -1))
             parts["rloo"] = surrogate.detach()
             total = total + surrogate
@@ -250,12 +259,16 @@ class MixLoraModel(nn.Module):
         total = torch.zeros((), device=next(self.parameters()).device)
         balanced = [r for r in records if r.router.balance_loss and r.routing.indices is not None]
         if config.balance_loss_weight > 0 and balanced:
-            loss = sum(load_balance_loss(r.routing.probs, r.routing.indices[..., 0], r.mask) for r in balanced)
+            loss = sum(
+                load_balance_loss(s.routing.probs, s.routing.indices[..., 0], s.mask).sum()
+                for s in self.context.stacked_records(balanced)
+            )
             parts["balance"] = (loss / len(balanced)).detach()
             total = total + config.balance_loss_weight * loss / len(balanced)
         scored = [r for r in records if r.routing.logits is not None]
         if config.z_loss_weight > 0 and scored:
-            loss = sum(router_z_loss(r.routing.logits, r.mask) for r in scored) / len(scored)
+            stacks = self.context.stacked_records(scored)
+            loss = sum(router_z_loss(s.routing.logits, s.mask).sum() for s in stacks) / len(scored)
             parts["z"] = loss.detach()
             total = total + config.z_loss_weight * loss
         samples = [s for s in self.context.expert_samples if len(s.hidden)]
@@ -381,9 +394,10 @@ class MixLoraModel(nn.Module):
         bases = {id(layer): copy.deepcopy(layer.base_layer) for layer in self.layers.values()}
         memo = dict(bases)
         merged = copy.deepcopy(self.base_model, memo)
-        for module_name, handle in self._hooks:
+        for module_name, handle in self._hooks:  # the copy must not report to this model's routing context
             module = merged.get_submodule(module_name)
-            module._forward_pre_hooks.pop(handle.id, None)
+            for hooks in (module._forward_pre_hooks, module._forward_hooks, module._forward_hooks_with_kwargs):
+                hooks.pop(handle.id, None)
             module._forward_pre_hooks_with_kwargs.pop(handle.id, None)
         for name, layer in self.layers.items():
             copied = bases[id(layer)]

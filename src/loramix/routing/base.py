@@ -61,11 +61,44 @@ class RoutingRecord:
     routing: Routing
     mask: Tensor
 
+    def key(self) -> tuple:
+        """Records with equal keys can be stacked into one tensor per field (every token-level router of a
+        forward has the same key)."""
+        values = (getattr(self.routing, f.name) for f in fields(Routing))
+        return (*((v.shape, v.dtype) if v is not None else None for v in values), self.mask.shape)
+
     def detached(self) -> RoutingRecord:
         """The same record cut from the autograd graph (for statistics once the loss has been built)."""
         values = {f.name: getattr(self.routing, f.name) for f in fields(Routing)}
         routing = Routing(**{k: v.detach() if v is not None else None for k, v in values.items()})
         return RoutingRecord(self.router, routing, self.mask)
+
+
+@dataclass
+class StackedRecords:
+    """Records of equal shapes stacked: each Routing field and the mask get a leading router dimension R."""
+
+    routers: list[Router]
+    routing: Routing
+    mask: Tensor
+
+    @classmethod
+    def of(cls, records: list[RoutingRecord]) -> StackedRecords:
+        values = {}
+        for f in fields(Routing):
+            tensors = [getattr(r.routing, f.name) for r in records]
+            values[f.name] = None if tensors[0] is None else torch.stack(tensors)
+        return cls([r.router for r in records], Routing(**values), torch.stack([r.mask for r in records]))
+
+    @torch.no_grad()
+    def add_to_router_stats(self) -> None:
+        """Add this routing to each router's statistics (expert load, ESS, token count)."""
+        weight = self.mask.unsqueeze(-1).to(self.routing.weights.dtype)
+        loads = (self.routing.expert_share() * weight).sum((1, 2)).float()
+        ess = (effective_support_size(self.routing.weights) * weight[..., 0]).sum((1, 2)).float()
+        counts = self.mask.sum((1, 2)).float()
+        for name, values in (("stat_load", loads), ("stat_ess", ess), ("stat_count", counts)):
+            torch._foreach_add_([getattr(router, name) for router in self.routers], list(values.unbind()))
 
 
 @dataclass
@@ -101,6 +134,14 @@ class RoutingContext:
         self.step_routes.clear()
         self.records.clear()
         self.expert_samples.clear()
+
+    def stacked_records(self, records: list[RoutingRecord] | None = None) -> list[StackedRecords]:
+        """`records` (default: this forward's) stacked into one Routing and mask per group of equal shapes,
+        so that losses and statistics over many routers cost a few tensor operations, not a few per router."""
+        groups: dict[tuple, list[RoutingRecord]] = {}
+        for record in self.records if records is None else records:
+            groups.setdefault(record.key(), []).append(record)
+        return [StackedRecords.of(group) for group in groups.values()]
 
     def token_mask(self, x: Tensor) -> Tensor:
         """(B, T) bool mask of the real (non-padding) tokens among the T tokens of x."""
@@ -212,17 +253,9 @@ class Router(nn.Module, ABC):
         context.step_routes[self.key] = routing
         return routing
 
-    @torch.no_grad()
-    def _accumulate(self, routing: Routing, mask: Tensor) -> None:
-        weight = mask.unsqueeze(-1).to(routing.weights.dtype)
-        self.stat_load += (routing.expert_share().detach() * weight).sum((0, 1))
-        self.stat_ess += (effective_support_size(routing.weights.detach()) * weight[..., 0]).sum()
-        self.stat_count += mask.sum()
-
     def record(self, routing: Routing, mask: Tensor, context: RoutingContext) -> None:
-        """Keep the routing for this step's auxiliary losses and add it to the statistics."""
+        """Keep the routing for this step's auxiliary losses and statistics (added once the forward ends)."""
         context.records.append(RoutingRecord(self, routing, mask))
-        self._accumulate(routing, mask)
 
     def active_parameters(self) -> int:
         """How many of this router's parameters one token uses."""

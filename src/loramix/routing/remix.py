@@ -24,7 +24,8 @@ def sample_without_replacement(log_probs: Tensor, k: int) -> Tensor:
 def selection_log_prob(log_probs: Tensor, indices: Tensor) -> Tensor:
     """log Q(I) = sum_j [log q_{i_j} - log(1 - sum_{j' < j} q_{i_j'})] for ordered draws I."""
     chosen = log_probs.gather(-1, indices)
-    before = chosen.exp().cumsum(-1) - chosen.exp()
+    probs = chosen.exp()
+    before = probs.cumsum(-1) - probs
     return (chosen - torch.log1p(-before.clamp(max=1 - 1e-6))).sum(-1)
 
 
