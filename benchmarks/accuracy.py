@@ -161,6 +161,12 @@ def merge_json(source: Path, target: Path) -> None:
         os.replace(staging.name, target)
 
 
+def is_finished(recipe: Recipe, run_dir: Path) -> bool:
+    """Whether the run was trained and evaluated on the recipe's number of test examples."""
+    metrics = run_dir / "metrics.json"
+    return metrics.is_file() and json.loads(metrics.read_text())["meta"].get("max_examples") == recipe.eval_examples
+
+
 def ensure_run(recipe: Recipe, run_dir: Path, zero_shot_cache: Path) -> str:
     """Train (or resume) and evaluate one run unless it is finished; says what it did."""
     if (run_dir / "recipe.yaml").is_file():
@@ -171,8 +177,7 @@ def ensure_run(recipe: Recipe, run_dir: Path, zero_shot_cache: Path) -> str:
                 f"{run_dir} finished with {saved.training.steps} steps, not {recipe.training.steps}: "
                 "choose another --out"
             )
-    metrics = run_dir / "metrics.json"
-    if metrics.is_file() and json.loads(metrics.read_text())["meta"].get("max_examples") == recipe.eval_examples:
+    if is_finished(recipe, run_dir):
         return "finished before: skipped"
     done = "evaluated"
     if not (run_dir / "training.json").is_file():
@@ -572,7 +577,8 @@ def main(argv: list[str] | None = None) -> str:
         print(f"{args.job}: {ensure_run(recipe, args.out / args.job, zero_shot_cache)}", flush=True)
         return ""
     if not args.report_only and (args.workers > 1 or args.time_limit is not None):
-        run_in_workers([f"{v}-s{s}" for v, s, _ in jobs], argv, args.out, args.workers, args.time_limit)
+        todo = [f"{v}-s{s}" for v, s, recipe in jobs if not is_finished(recipe, args.out / f"{v}-s{s}")]
+        run_in_workers(todo, argv, args.out, args.workers, args.time_limit)
     elif not args.report_only:
         started = time.perf_counter()
         for index, (variant, seed, recipe) in enumerate(jobs, 1):

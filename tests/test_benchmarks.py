@@ -130,6 +130,8 @@ def test_accuracy_runs_in_worker_processes_stops_at_the_time_limit_and_reports_o
     assert "topk-s0: trained and evaluated" in (out / "topk-s0.log").read_text()
     assert "trained on CPU" in section and "| top-k (MixLoRA) | 4 |" in section
     assert json.loads((out / "topk-s0" / "training.json").read_text())["device"].startswith("CPU, ")
+    accuracy.main([*argv, "--workers", "2"])  # finished runs start no worker (nor count as a job's duration)
+    assert "started" not in capsys.readouterr().out
 
     # the report alone, as for run folders copied from another machine: nothing is trained
     monkeypatch.setattr(accuracy, "train", lambda *args, **kwargs: pytest.fail("--report-only trained"))
