@@ -117,6 +117,27 @@ def test_sequence_routing_is_the_same_with_and_without_the_kv_cache(router, leve
         torch.testing.assert_close(cached, uncached, atol=1e-5, rtol=1e-5)
 
 
+@pytest.mark.parametrize(("router", "level"), ROUTER_SETTINGS)
+def test_generated_scores_equal_a_forward_over_the_generated_sequence(router, level):
+    """What `generate` keeps per call (routes, gates, the stacked B) changes nothing and does not leak into
+    the next call."""
+    wrapped = loramix.wrap(tiny_llama(), config_for(router, level)).eval()
+    randomise_experts(wrapped)
+    data = batch()
+    options = dict(task_ids=data["task_ids"], do_sample=False, pad_token_id=0)
+    wrapped.generate(input_ids=data["input_ids"][:, 3:], max_new_tokens=3, **options)  # an earlier call
+    prompt = data["input_ids"][:, :5]
+    out = wrapped.generate(
+        input_ids=prompt, max_new_tokens=4, output_scores=True, return_dict_in_generate=True, **options
+    )
+    is_prompt = torch.arange(out.sequences.shape[1]) < 5
+    logits = wrapped(
+        input_ids=out.sequences, task_ids=data["task_ids"], prompt_mask=is_prompt.expand_as(out.sequences)
+    ).logits
+    for step, scores in enumerate(out.scores):
+        torch.testing.assert_close(scores, logits[:, 4 + step], atol=1e-5, rtol=1e-5)
+
+
 def test_sequence_routing_decodes_without_running_a_router():
     wrapped = loramix.wrap(tiny_llama(), config_for("topk", "sequence")).eval()
     calls = []

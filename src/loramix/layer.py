@@ -10,7 +10,7 @@ from torch import Tensor, nn
 from transformers.pytorch_utils import Conv1D
 
 from loramix.losses import ExpertMemoryQueue
-from loramix.routing.base import ExpertSample, Router, RoutingContext
+from loramix.routing.base import ExpertSample, Router, Routing, RoutingContext
 
 CONTRAST_TOKENS = 64  # tokens per layer and step whose experts enter the contrastive loss
 
@@ -67,13 +67,26 @@ class MixLoraLinear(nn.Module):
     def forward(self, x: Tensor) -> Tensor:
         result = self.base_layer(x)
         routing = self.router.route(x, self.context)
-        weights = routing.weights if self.slot is None else routing.weights[..., self.slot : self.slot + 1]
         hidden = F.linear(self.dropout(x), self.lora_A.flatten(0, 1)).unflatten(-1, (self.num_experts, self.rank))
         if self.memory is not None and self.training:
             self._sample_for_contrast(hidden, routing.indices)
-        gates = (weights * self.router.expert_scale).unsqueeze(-1).to(hidden.dtype)
-        update = F.linear((hidden * gates).flatten(-2), self.lora_B.transpose(0, 1).flatten(1))
+        gates, up = self._gates_and_up(routing, hidden.dtype)
+        update = F.linear((hidden * gates).flatten(-2), up)
         return result + update.to(result.dtype)
+
+    def _gates_and_up(self, routing: Routing, dtype: torch.dtype) -> tuple[Tensor, Tensor]:
+        """(the experts' gates (B, T', n, 1), B as one (d_out, n r) matrix). During `generate` both are kept
+        for the call: B does not change, and a route computed once per prompt keeps its gates, so decoding
+        steps only run the two products."""
+        cached = self.context.layer_cache.get(self) if self.context.generating else None
+        if cached is not None and cached[0] is routing.weights:
+            return cached[1], cached[2]
+        up = cached[2] if cached is not None else self.lora_B.transpose(0, 1).flatten(1)
+        weights = routing.weights if self.slot is None else routing.weights[..., self.slot : self.slot + 1]
+        gates = (weights * self.router.expert_scale).unsqueeze(-1).to(dtype)
+        if self.context.generating:
+            self.context.layer_cache[self] = (routing.weights, gates, up)
+        return gates, up
 
     def _sample_for_contrast(self, hidden: Tensor, indices: Tensor) -> None:
         """Keep the expert activations of a few random real tokens for the contrastive loss."""

@@ -187,14 +187,11 @@ class MixLoraModel(nn.Module):
     @contextmanager
     def _routing_inputs(self, task_ids: Tensor | None, prompt_mask: Tensor | None, generating: bool = False):
         self._check_task_ids(task_ids)
-        context = self.context
-        context.task_ids, context.prompt_mask, context.generating = task_ids, prompt_mask, generating
-        context.sequence_routes.clear()
+        self.context.start_call(task_ids, prompt_mask, generating)
         try:
             yield
         finally:
-            context.task_ids, context.prompt_mask, context.generating = None, None, False
-            context.sequence_routes.clear()
+            self.context.start_call(None, None, False)
 
     # ---- the model's API ----------------------------------------------------------------------------------
     def forward(self, task_ids: Tensor | None = None, prompt_mask: Tensor | None = None, **inputs):

@@ -124,6 +124,7 @@ class RoutingContext:
     layer_inputs: dict[str, Tensor] = field(default_factory=dict)
     step_routes: dict[str, Routing] = field(default_factory=dict)
     sequence_routes: dict[str, Routing] = field(default_factory=dict)
+    layer_cache: dict[nn.Module, tuple] = field(default_factory=dict)  # per layer, for one `generate` call
     records: list[RoutingRecord] = field(default_factory=list)
     expert_samples: list[ExpertSample] = field(default_factory=list)
 
@@ -134,6 +135,12 @@ class RoutingContext:
         self.step_routes.clear()
         self.records.clear()
         self.expert_samples.clear()
+
+    def start_call(self, task_ids: Tensor | None, prompt_mask: Tensor | None, generating: bool) -> None:
+        """Set the inputs of a forward or `generate` call and forget what the previous call cached."""
+        self.task_ids, self.prompt_mask, self.generating = task_ids, prompt_mask, generating
+        self.sequence_routes.clear()
+        self.layer_cache.clear()
 
     def stacked_records(self, records: list[RoutingRecord] | None = None) -> list[StackedRecords]:
         """`records` (default: this forward's) stacked into one Routing and mask per group of equal shapes,
