@@ -159,6 +159,7 @@ class MixLoraModel(nn.Module):
     def _finish_forward(self):
         context = self.context
 
+        @torch.no_grad()
         def finish(module: nn.Module, args: tuple, kwargs: dict, output) -> None:
             for stacked in context.stacked_records():
                 stacked.add_to_router_stats()
@@ -393,9 +394,13 @@ class MixLoraModel(nn.Module):
         merged = copy.deepcopy(self.base_model, memo)
         for module_name, handle in self._hooks:  # the copy must not report to this model's routing context
             module = merged.get_submodule(module_name)
-            for hooks in (module._forward_pre_hooks, module._forward_hooks, module._forward_hooks_with_kwargs):
+            for hooks in (
+                module._forward_pre_hooks,
+                module._forward_pre_hooks_with_kwargs,
+                module._forward_hooks,
+                module._forward_hooks_with_kwargs,
+            ):
                 hooks.pop(handle.id, None)
-            module._forward_pre_hooks_with_kwargs.pop(handle.id, None)
         for name, layer in self.layers.items():
             copied = bases[id(layer)]
             delta = layer.delta_weight(weights[name])
