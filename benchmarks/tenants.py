@@ -84,8 +84,11 @@ def batches(args, vocab_size: int, pad_token_id: int, device: str) -> list[tuple
         for row, prompt in enumerate(chunk):
             input_ids[row, width - len(prompt) :] = prompt
             attention_mask[row, width - len(prompt) :] = 1
-        inputs = {"input_ids": input_ids.to(device), "attention_mask": attention_mask.to(device)}
-        inputs["pad_token_id"] = pad_token_id
+        inputs = {
+            "input_ids": input_ids.to(device),
+            "attention_mask": attention_mask.to(device),
+            "pad_token_id": pad_token_id,
+        }
         result.append((inputs, [i % TENANTS for i in range(start, start + len(chunk))]))
     return result
 

@@ -124,6 +124,12 @@ def test_accuracy_runs_in_worker_processes_stops_at_the_time_limit_and_reports_o
     assert "not started (time limit): lora-s0, topk-s0" in capsys.readouterr().out
     assert not (out / "lora-s0").exists()
 
+    long = [*argv, "--steps", "100000", "--out", str(tmp_path / "long"), "--time-limit", "2"]
+    accuracy.main(long)  # a run still going at the limit is stopped, and nothing starts after it
+    printed = capsys.readouterr().out
+    assert "lora-s0: stopped at the time limit" in printed and "not started (time limit): topk-s0" in printed
+    assert not (tmp_path / "long" / "lora-s0" / "metrics.json").exists()
+
     section = accuracy.main([*argv, "--workers", "2"])
     printed = capsys.readouterr().out
     assert "lora-s0: done" in printed and "topk-s0: done" in printed

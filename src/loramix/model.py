@@ -161,7 +161,7 @@ class MixLoraModel(nn.Module):
 
         @torch.no_grad()
         def finish(module: nn.Module, args: tuple, kwargs: dict, output) -> None:
-            for stacked in context.stacked_records():
+            for stacked in context.stacked_records(context.records, "weights", "indices"):
                 stacked.add_to_router_stats()
 
         return finish
@@ -243,7 +243,8 @@ class MixLoraModel(nn.Module):
             summed = torch.zeros_like(labelled).index_add(0, rows, token_losses)
             sequence_losses = summed / labelled.clamp_min(1)
             sampled = [r for r in self.context.records if r.routing.log_prob is not None]
-            log_probs = sum((s.routing.log_prob * s.mask).sum((0, 2)) for s in self.context.stacked_records(sampled))
+            stacks = self.context.stacked_records(sampled, "log_prob")
+            log_probs = sum((s.tensors["log_prob"] * s.mask).sum((0, 2)) for s in stacks)
             surrogate = rloo_surrogate(sequence_losses.view(samples, -1), log_probs.view(samples, -1))
             parts["rloo"] = surrogate.detach()
             total = total + surrogate
@@ -258,15 +259,15 @@ class MixLoraModel(nn.Module):
         balanced = [r for r in records if r.router.balance_loss and r.routing.indices is not None]
         if config.balance_loss_weight > 0 and balanced:
             loss = sum(
-                load_balance_loss(s.routing.probs, s.routing.indices[..., 0], s.mask).sum()
-                for s in self.context.stacked_records(balanced)
+                load_balance_loss(s.tensors["probs"], s.tensors["indices"][..., 0], s.mask).sum()
+                for s in self.context.stacked_records(balanced, "probs", "indices")
             )
             parts["balance"] = (loss / len(balanced)).detach()
             total = total + config.balance_loss_weight * loss / len(balanced)
         scored = [r for r in records if r.routing.logits is not None]
         if config.z_loss_weight > 0 and scored:
-            stacks = self.context.stacked_records(scored)
-            loss = sum(router_z_loss(s.routing.logits, s.mask).sum() for s in stacks) / len(scored)
+            stacks = self.context.stacked_records(scored, "logits")
+            loss = sum(router_z_loss(s.tensors["logits"], s.mask).sum() for s in stacks) / len(scored)
             parts["z"] = loss.detach()
             total = total + config.z_loss_weight * loss
         samples = [s for s in self.context.expert_samples if len(s.hidden)]

@@ -61,10 +61,10 @@ class RoutingRecord:
     routing: Routing
     mask: Tensor
 
-    def key(self) -> tuple:
-        """Records with equal keys can be stacked into one tensor per field (every token-level router of a
-        forward has the same key)."""
-        values = (getattr(self.routing, f.name) for f in fields(Routing))
+    def key(self, names: tuple[str, ...]) -> tuple:
+        """Records with equal keys can stack their Routing fields `names` into one tensor each (every token-level
+        router of a forward has the same key)."""
+        values = (getattr(self.routing, name) for name in names)
         return (*((v.shape, v.dtype) if v is not None else None for v in values), self.mask.shape)
 
     def detached(self) -> RoutingRecord:
@@ -76,26 +76,29 @@ class RoutingRecord:
 
 @dataclass
 class StackedRecords:
-    """Records of equal shapes stacked: each Routing field and the mask get a leading router dimension R."""
+    """Records of equal shapes stacked: the Routing fields asked for and the mask, each with a leading router
+    dimension R (`tensors[name]` is None where the records have no such field)."""
 
     routers: list[Router]
-    routing: Routing
+    tensors: dict[str, Tensor | None]
     mask: Tensor
 
     @classmethod
-    def of(cls, records: list[RoutingRecord]) -> StackedRecords:
-        values = {}
-        for f in fields(Routing):
-            tensors = [getattr(r.routing, f.name) for r in records]
-            values[f.name] = None if tensors[0] is None else torch.stack(tensors)
-        return cls([r.router for r in records], Routing(**values), torch.stack([r.mask for r in records]))
+    def of(cls, records: list[RoutingRecord], names: tuple[str, ...]) -> StackedRecords:
+        stacked = {}
+        for name in names:
+            tensors = [getattr(r.routing, name) for r in records]
+            stacked[name] = None if tensors[0] is None else torch.stack(tensors)
+        return cls([r.router for r in records], stacked, torch.stack([r.mask for r in records]))
 
     @torch.no_grad()
     def add_to_router_stats(self) -> None:
-        """Add this routing to each router's statistics (expert load, ESS, token count)."""
-        weight = self.mask.unsqueeze(-1).to(self.routing.weights.dtype)
-        loads = (self.routing.expert_share() * weight).sum((1, 2)).float()
-        ess = (effective_support_size(self.routing.weights) * weight[..., 0]).sum((1, 2)).float()
+        """Add this routing to each router's statistics (expert load, ESS, token count); needs the fields
+        weights and indices."""
+        routing = Routing(self.tensors["weights"], indices=self.tensors["indices"])
+        weight = self.mask.unsqueeze(-1).to(routing.weights.dtype)
+        loads = (routing.expert_share() * weight).sum((1, 2)).float()
+        ess = (effective_support_size(routing.weights) * weight[..., 0]).sum((1, 2)).float()
         counts = self.mask.sum((1, 2)).float()
         for name, values in (("stat_load", loads), ("stat_ess", ess), ("stat_count", counts)):
             torch._foreach_add_([getattr(router, name) for router in self.routers], list(values.unbind()))
@@ -142,13 +145,13 @@ class RoutingContext:
         self.sequence_routes.clear()
         self.layer_cache.clear()
 
-    def stacked_records(self, records: list[RoutingRecord] | None = None) -> list[StackedRecords]:
-        """`records` (default: this forward's) stacked into one Routing and mask per group of equal shapes,
-        so that losses and statistics over many routers cost a few tensor operations, not a few per router."""
+    def stacked_records(self, records: list[RoutingRecord], *names: str) -> list[StackedRecords]:
+        """The Routing fields `names` and the masks of `records`, stacked per group of equal shapes, so that
+        losses and statistics over many routers cost a few tensor operations, not a few per router."""
         groups: dict[tuple, list[RoutingRecord]] = {}
-        for record in self.records if records is None else records:
-            groups.setdefault(record.key(), []).append(record)
-        return [StackedRecords.of(group) for group in groups.values()]
+        for record in records:
+            groups.setdefault(record.key(names), []).append(record)
+        return [StackedRecords.of(group, names) for group in groups.values()]
 
     def token_mask(self, x: Tensor) -> Tensor:
         """(B, T) bool mask of the real (non-padding) tokens among the T tokens of x."""
