@@ -36,6 +36,20 @@ def test_layer_matches_a_loop_over_experts(router_name, base_type):
         assert (weights > 0).sum(-1).eq(2).all()
 
 
+def test_active_expert_outputs_are_each_experts_b_times_a():
+    torch.manual_seed(0)
+    config = MixLoraConfig(["x"], router="topk", num_experts=4, expert_rank=3, top_k=2)
+    layer = MixLoraLinear(nn.Linear(6, 5), 4, 3, 0.0, ROUTERS["topk"](config, 6, 4, "l"), RoutingContext())
+    nn.init.normal_(layer.lora_B)
+    x = torch.randn(7, 6)
+    active = torch.stack([torch.randperm(4)[:2] for _ in range(7)])
+    hidden = (x @ layer.lora_A.flatten(0, 1).T).unflatten(-1, (4, 3))
+    expected = torch.stack(
+        [torch.stack([layer.lora_B[i] @ layer.lora_A[i] @ x[s] for i in row]) for s, row in enumerate(active.tolist())]
+    )
+    torch.testing.assert_close(layer.active_expert_outputs(hidden, active), expected)
+
+
 def test_delta_weight_is_the_merged_update():
     torch.manual_seed(0)
     config = MixLoraConfig(["x"], router="soft", num_experts=3, expert_rank=2)

@@ -1,5 +1,6 @@
 """Losses and routers against independent references: exact RLOO gradient, balance, z-loss, contrast."""
 
+import copy
 import itertools
 import math
 
@@ -110,6 +111,8 @@ def test_memory_queue_is_fifo_per_expert():
     queue = ExpertMemoryQueue(num_experts=2, size=3, dim=1)
     queue.push(torch.tensor([[1.0], [2.0], [10.0]]), torch.tensor([0, 0, 1]))
     queue.push(torch.tensor([[3.0], [4.0], [5.0]]), torch.tensor([0, 0, 0]))
+    assert not queue.filled.any(), "pushes are written when the queue is next read or saved"
+    assert torch.equal(queue.state_dict()["queue"], queue.queue)
     assert sorted(queue.queue[0, :, 0].tolist()) == [3.0, 4.0, 5.0]  # 1 and 2 were pushed out
     assert queue.filled[0].all() and queue.filled[1].tolist() == [True, False, False]
     assert queue.queue[1, 0, 0] == 10.0
@@ -122,6 +125,7 @@ def test_contrastive_loss_against_a_per_token_loop():
     active = torch.stack([torch.randperm(n)[:k] for _ in range(tokens)])
     queue = ExpertMemoryQueue(n, size=4, dim=dim)
     queue.push(torch.nn.functional.normalize(torch.randn(12, dim), dim=-1), torch.arange(12) % n)
+    queue.flush()
 
     terms = []
     for s in range(tokens):
@@ -136,6 +140,36 @@ def test_contrastive_loss_against_a_per_token_loop():
                 negative = negatives @ query / temperature
                 terms.append(-(positive - torch.logsumexp(torch.cat([positive[None], negative]), 0)))
     expected = torch.stack(terms).mean()
-    got = expert_contrastive_loss(representations, active, queue, temperature)
+    queries = representations[torch.arange(tokens)[:, None], active]
+    got = expert_contrastive_loss(queries, active, queue, temperature)
     assert float(got) == pytest.approx(float(expected), rel=1e-5)
     assert math.isfinite(float(got))
+
+
+def test_a_push_before_the_backward_does_not_change_the_gradient_of_the_loss_that_read_the_queue():
+    torch.manual_seed(0)
+    n, dim, temperature = 4, 3, 0.5
+    queue = ExpertMemoryQueue(n, size=2, dim=dim)
+    queue.push(torch.nn.functional.normalize(torch.randn(8, dim), dim=-1), torch.arange(8) % n)
+    active = torch.tensor([[0, 1], [2, 3]])
+
+    def loss_and_queries():
+        queries = torch.nn.functional.normalize(torch.randn(2, 2, dim), dim=-1).requires_grad_()
+        return expert_contrastive_loss(queries, active, queue, temperature), queries
+
+    reference_queue = copy.deepcopy(queue)
+    loss, queries = loss_and_queries()
+    (expected,) = torch.autograd.grad(expert_contrastive_loss(queries, active, reference_queue, temperature), queries)
+    kept = queue.queue
+    queue.push(torch.ones(2, dim), torch.tensor([0, 2]))
+    loss_and_queries()  # reads the queue: the push is written before `loss` has run its backward
+    loss.backward()
+    assert torch.allclose(queries.grad, expected)
+    assert queue.queue is not kept, "the queue was copied, not written under the pending backward"
+
+    loss, queries = loss_and_queries()
+    loss.backward()
+    kept = queue.queue
+    queue.push(torch.ones(2, dim), torch.tensor([1, 3]))
+    loss_and_queries()
+    assert queue.queue is kept and queue.queue[1].eq(1).all(-1).any(), "after the backward: written in place"

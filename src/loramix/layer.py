@@ -97,9 +97,11 @@ class MixLoraLinear(nn.Module):
         active = indices.expand(*hidden.shape[:2], -1).flatten(0, 1)[picks]
         self.context.expert_samples.append(ExpertSample(self, hidden.flatten(0, 1)[picks], active))
 
-    def expert_outputs(self, hidden: Tensor) -> Tensor:
-        """(S, n, d_out) each expert's output B_i h_i for rank-space activations h: (S, n, r)."""
-        return torch.einsum("snr,nor->sno", hidden, self.lora_B)
+    def active_expert_outputs(self, hidden: Tensor, active: Tensor) -> Tensor:
+        """(S, k, d_out) the output B_i h_i of each token's active experts i (S, k), for rank-space
+        activations h of every expert: (S, n, r)."""
+        chosen = hidden.gather(1, active.unsqueeze(-1).expand(-1, -1, self.rank))
+        return (self.lora_B[active] @ chosen.unsqueeze(-1)).squeeze(-1)
 
     def delta_weight(self, expert_weights: Tensor) -> Tensor:
         """scale * sum_i w_i B_i A_i as a (d_out, d_in) matrix, for expert weights w: (n,)."""

@@ -44,17 +44,58 @@ def rloo_surrogate(sequence_losses: Tensor, log_probs: Tensor) -> Tensor:
 
 
 class ExpertMemoryQueue(nn.Module):
-    """Per-expert FIFO queues of detached, normalised expert representations from earlier batches."""
+    """Per-expert FIFO queues of detached, normalised expert representations from earlier batches.
+
+    A push is written when the queue is next read (or saved), not at once: the loss that read the queue in
+    this step needs its contents until its backward, and writing after it spares copying every queue in
+    every step. Should a push be written while such a backward is still to come, the queue is copied first.
+    """
 
     def __init__(self, num_experts: int, size: int, dim: int) -> None:
         super().__init__()
         self.register_buffer("queue", torch.zeros(num_experts, size, dim))
         self.register_buffer("filled", torch.zeros(num_experts, size, dtype=torch.bool))
         self.register_buffer("position", torch.zeros(num_experts, dtype=torch.long))
+        self._pending: list[tuple[Tensor, Tensor]] = []
+        self._awaiting_backward = False
+        self.register_state_dict_pre_hook(lambda module, prefix, keep_vars: module.flush())
+        self.register_load_state_dict_pre_hook(lambda module, *args: module._pending.clear())
 
-    @torch.no_grad()
     def push(self, representations: Tensor, experts: Tensor) -> None:
         """Add representations (S, d) to the queues of their experts (S,), oldest out first."""
+        self._pending.append((representations.detach(), experts))
+
+    def negative_logits(self, queries: Tensor, active: Tensor) -> Tensor:
+        """(S, k, n Q) dot products of queries (S, k, d) with every queued representation; -inf for empty
+        slots and for the queues of the token's active experts (S, k), which are not its negatives."""
+        self.flush()
+        num_experts = self.filled.shape[0]
+        queued = self.queue.flatten(0, 1).to(queries.dtype)
+        logits = (queries.flatten(0, 1) @ queued.T).view(*queries.shape[:2], num_experts, -1)
+        is_active = torch.zeros(len(active), num_experts, dtype=torch.bool, device=active.device)
+        is_active.scatter_(1, active, True)
+        logits = logits.masked_fill_(is_active[:, None, :, None] | ~self.filled, float("-inf")).flatten(2)
+        if logits.requires_grad:
+            self._awaiting_backward = True
+            logits.register_hook(self._backward_reached)
+        return logits
+
+    def _backward_reached(self, grad: Tensor) -> None:
+        self._awaiting_backward = False
+
+    @torch.no_grad()
+    def flush(self) -> None:
+        """Write the pushed representations into the queues."""
+        if not self._pending:
+            return
+        if self._awaiting_backward:  # a graph that has not run its backward yet holds the current queue
+            self.queue = self.queue.clone()
+            self._awaiting_backward = False
+        for representations, experts in self._pending:
+            self._write(representations, experts)
+        self._pending.clear()
+
+    def _write(self, representations: Tensor, experts: Tensor) -> None:
         num_experts, size = self.filled.shape
         order = experts.argsort(stable=True)
         experts = experts[order]
@@ -63,32 +104,24 @@ class ExpertMemoryQueue(nn.Module):
         # Written in arrival order, only the last `size` rows of each expert would survive.
         keep = rank >= counts[experts] - size
         slots = (self.position[experts] + rank) % size
-        self.queue[experts[keep], slots[keep]] = representations[order][keep].to(self.queue.dtype)
+        self.queue[experts[keep], slots[keep]] = representations[order][keep].to(self.queue)
         self.filled[experts[keep], slots[keep]] = True
         self.position.copy_((self.position + counts) % size)
 
 
-def expert_contrastive_loss(
-    representations: Tensor, active: Tensor, queue: ExpertMemoryQueue, temperature: float
-) -> Tensor:
+def expert_contrastive_loss(queries: Tensor, active: Tensor, queue: ExpertMemoryQueue, temperature: float) -> Tensor:
     """InfoNCE between experts (SparseDoctor design, after CoMoE).
 
-    representations: (S, n, d) normalised outputs of every expert for S tokens; active: (S, k) the experts
-    each token was routed to. For each token and active expert (the query), the other active experts'
-    outputs are positives and the queued representations of the inactive experts are negatives.
+    queries: (S, k, d) normalised outputs of the experts active for S tokens; active: (S, k) those experts.
+    For each token and active expert (the query), the other active experts' outputs are positives and the
+    queued representations of the inactive experts are negatives.
     """
-    tokens, num_experts, _ = representations.shape
-    k = active.shape[1]
+    tokens, k = active.shape
     if k < 2:
         raise ValueError("the contrastive loss needs top_k >= 2 (positives are the other active experts)")
-    queries = representations.gather(1, active.unsqueeze(-1).expand(-1, -1, representations.shape[-1]))
-    positive_logits = queries @ queries.transpose(1, 2) / temperature  # (S, k, k)
-    is_active = torch.zeros(tokens, num_experts, dtype=torch.bool, device=active.device)
-    is_active.scatter_(1, active, True)
-    negatives = queue.queue.to(queries.dtype, copy=True)  # (n, Q, d); a copy: the queue moves on before backward
-    negative_logits = torch.einsum("skd,nqd->sknq", queries, negatives) / temperature
-    usable = (~is_active)[:, None, :, None] & queue.filled[None, None]
-    negative_logits = negative_logits.masked_fill(~usable, float("-inf")).flatten(2)  # (S, k, n Q)
+    scaled = queries / temperature
+    positive_logits = scaled @ queries.transpose(1, 2)  # (S, k, k)
+    negative_logits = queue.negative_logits(scaled, active)  # (S, k, n Q)
     # Each (query, positive) pair is one InfoNCE term against all the query's negatives.
     off_diagonal = ~torch.eye(k, dtype=torch.bool, device=active.device)
     pairs = positive_logits[:, off_diagonal].view(tokens, k, k - 1)

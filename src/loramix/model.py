@@ -274,16 +274,11 @@ class MixLoraModel(nn.Module):
         if config.contrastive_loss_weight > 0 and samples:
             losses = []
             for sample in samples:
-                representations = F.normalize(sample.layer.expert_outputs(sample.hidden).float(), dim=-1)
-                losses.append(
-                    expert_contrastive_loss(
-                        representations, sample.active, sample.layer.memory, config.contrastive_temperature
-                    )
-                )
-                chosen = representations.gather(
-                    1, sample.active.unsqueeze(-1).expand(-1, -1, representations.shape[-1])
-                )
-                sample.layer.memory.push(chosen.flatten(0, 1).detach(), sample.active.flatten())
+                outputs = sample.layer.active_expert_outputs(sample.hidden, sample.active)
+                queries = F.normalize(outputs.float(), dim=-1)
+                memory = sample.layer.memory
+                losses.append(expert_contrastive_loss(queries, sample.active, memory, config.contrastive_temperature))
+                memory.push(queries.flatten(0, 1), sample.active.flatten())
             loss = torch.stack(losses).mean()
             parts["contrastive"] = loss.detach()
             total = total + config.contrastive_loss_weight * loss
