@@ -1,13 +1,17 @@
 """MixLoraLinear against a per-expert loop, for every router; and the contrastive path."""
 
+import copy
+
 import pytest
 import torch
+import torch.nn.functional as F
 from torch import nn
 from transformers.pytorch_utils import Conv1D
 
 import loramix
 from loramix import MixLoraConfig
-from loramix.layer import MixLoraLinear
+from loramix.layer import MixLoraLinear, active_expert_outputs
+from loramix.losses import expert_contrastive_loss
 from loramix.models import tiny_llama
 from loramix.routing import ROUTERS, RoutingContext
 
@@ -39,15 +43,26 @@ def test_layer_matches_a_loop_over_experts(router_name, base_type):
 def test_active_expert_outputs_are_each_experts_b_times_a():
     torch.manual_seed(0)
     config = MixLoraConfig(["x"], router="topk", num_experts=4, expert_rank=3, top_k=2)
-    layer = MixLoraLinear(nn.Linear(6, 5), 4, 3, 0.0, ROUTERS["topk"](config, 6, 4, "l"), RoutingContext())
-    nn.init.normal_(layer.lora_B)
-    x = torch.randn(7, 6)
-    active = torch.stack([torch.randperm(4)[:2] for _ in range(7)])
-    hidden = (x @ layer.lora_A.flatten(0, 1).T).unflatten(-1, (4, 3))
-    expected = torch.stack(
-        [torch.stack([layer.lora_B[i] @ layer.lora_A[i] @ x[s] for i in row]) for s, row in enumerate(active.tolist())]
+    layers = [
+        MixLoraLinear(nn.Linear(6, 5), 4, 3, 0.0, ROUTERS["topk"](config, 6, 4, "l"), RoutingContext())
+        for _ in range(2)
+    ]
+    for layer in layers:
+        nn.init.normal_(layer.lora_B)
+    x = torch.randn(2, 7, 6)
+    active = torch.stack([torch.stack([torch.randperm(4)[:2] for _ in range(7)]) for _ in range(2)])
+    hidden = torch.stack(
+        [(x[i] @ layer.lora_A.flatten(0, 1).T).unflatten(-1, (4, 3)) for i, layer in enumerate(layers)]
     )
-    torch.testing.assert_close(layer.active_expert_outputs(hidden, active), expected)
+    expected = torch.stack(
+        [
+            torch.stack(
+                [torch.stack([layer.lora_B[e] @ layer.lora_A[e] @ x[i, s] for e in row]) for s, row in enumerate(rows)]
+            )
+            for i, (layer, rows) in enumerate(zip(layers, active.tolist(), strict=True))
+        ]
+    )
+    torch.testing.assert_close(active_expert_outputs(layers, hidden, active), expected)
 
 
 def test_delta_weight_is_the_merged_update():
@@ -75,9 +90,22 @@ def test_contrastive_training_adds_the_loss_and_fills_the_queues():
     ids = torch.randint(0, 128, (2, 12))
     data = {"input_ids": ids, "attention_mask": torch.ones_like(ids), "labels": ids}
     wrapped.compute_loss(data)  # the first step fills the queues
+    queues_read = copy.deepcopy(wrapped.memory_queues)  # as the second step reads them
     loss = wrapped.compute_loss(data)
     assert "contrastive" in wrapped.last_losses and wrapped.last_losses["contrastive"] > 0
+    samples = list(wrapped.context.expert_samples)
     loss.backward()
+    assert set(wrapped.memory_queues) == {"32", "16"}, "one queue per output size (q_proj: 32, v_proj: 16)"
+    for queue in wrapped.memory_queues.values():
+        assert queue.filled.any(-1).all(), "every expert's queue received representations"
     layer = next(iter(wrapped.layers.values()))
-    assert layer.memory.filled.any(-1).all(), "every expert's queue received representations"
     assert layer.lora_B.grad.abs().sum() > 0
+
+    # the stacked loss is the mean of the layers' losses, each computed on its own
+    per_layer = []
+    for sample in samples:
+        name, index = sample.layer.memory_slot
+        queries = F.normalize(active_expert_outputs([sample.layer], sample.hidden[None], sample.active[None]), dim=-1)
+        per_layer.append(expert_contrastive_loss(queries, sample.active[None], queues_read[name], 0.07, [index]))
+    assert len(per_layer) == len(wrapped.layers)
+    torch.testing.assert_close(wrapped.last_losses["contrastive"], torch.cat(per_layer).mean().detach())

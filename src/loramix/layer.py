@@ -9,10 +9,9 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 from transformers.pytorch_utils import Conv1D
 
-from loramix.losses import ExpertMemoryQueue
 from loramix.routing.base import ExpertSample, Router, Routing, RoutingContext
 
-CONTRAST_TOKENS = 64  # tokens per layer and step whose experts enter the contrastive loss
+CONTRAST_TOKENS = 64  # tokens per step (the same in every layer) whose experts enter the contrastive loss
 
 
 def linear_features(layer: nn.Module) -> tuple[int, int]:
@@ -42,7 +41,6 @@ class MixLoraLinear(nn.Module):
         context: RoutingContext,
         owns_router: bool = True,
         slot: int | None = None,
-        memory_queue_size: int = 0,
     ) -> None:
         super().__init__()
         self.base_layer = base_layer
@@ -58,17 +56,14 @@ class MixLoraLinear(nn.Module):
             self.router = router
         else:  # a router shared by several layers is owned by the MixLoraModel, not registered here
             object.__setattr__(self, "router", router)
-        self.memory = (
-            ExpertMemoryQueue(num_experts, memory_queue_size, self.out_features).to(weight.device)
-            if memory_queue_size
-            else None
-        )
+        # (name, index) of this layer's memory queue in the MixLoraModel, set when it trains a contrastive loss
+        self.memory_slot: tuple[str, int] | None = None
 
     def forward(self, x: Tensor) -> Tensor:
         result = self.base_layer(x)
         routing = self.router.route(x, self.context)
         hidden = F.linear(self.dropout(x), self.lora_A.flatten(0, 1)).unflatten(-1, (self.num_experts, self.rank))
-        if self.memory is not None and self.training:
+        if self.memory_slot is not None and self.training:
             self._sample_for_contrast(hidden, routing.indices)
         gates, up = self._gates_and_up(routing, hidden.dtype)
         update = F.linear((hidden * gates).flatten(-2), up)
@@ -89,19 +84,10 @@ class MixLoraLinear(nn.Module):
         return gates, up
 
     def _sample_for_contrast(self, hidden: Tensor, indices: Tensor) -> None:
-        """Keep the expert activations of a few random real tokens for the contrastive loss."""
-        mask = self.context.token_mask(hidden).flatten()
-        count = min(CONTRAST_TOKENS, mask.numel())
-        picks = (torch.rand(mask.shape, device=mask.device) + mask).topk(count).indices
-        picks = picks[mask[picks]]
+        """Keep the expert activations of this forward's sampled tokens for the contrastive loss."""
+        picks = self.context.contrast_tokens(hidden, CONTRAST_TOKENS)
         active = indices.expand(*hidden.shape[:2], -1).flatten(0, 1)[picks]
         self.context.expert_samples.append(ExpertSample(self, hidden.flatten(0, 1)[picks], active))
-
-    def active_expert_outputs(self, hidden: Tensor, active: Tensor) -> Tensor:
-        """(S, k, d_out) the output B_i h_i of each token's active experts i (S, k), for rank-space
-        activations h of every expert: (S, n, r)."""
-        chosen = hidden.gather(1, active.unsqueeze(-1).expand(-1, -1, self.rank))
-        return (self.lora_B[active] @ chosen.unsqueeze(-1)).squeeze(-1)
 
     def delta_weight(self, expert_weights: Tensor) -> Tensor:
         """scale * sum_i w_i B_i A_i as a (d_out, d_in) matrix, for expert weights w: (n,)."""
@@ -118,3 +104,14 @@ class MixLoraLinear(nn.Module):
 
     def extra_repr(self) -> str:
         return f"experts={self.num_experts}, rank={self.rank}, in={self.in_features}, out={self.out_features}"
+
+
+def active_expert_outputs(layers: list[MixLoraLinear], hidden: Tensor, active: Tensor) -> Tensor:
+    """(L, S, k, d_out) the outputs B_i h_i of each token's active experts i, for L layers of equal shape at
+    once; hidden: (L, S, n, r) every expert's rank-space activation A_i x; active: (L, S, k)."""
+    num_layers, tokens, num_experts, rank = hidden.shape
+    # Token s's j-th query keeps only expert active[s, j]'s activation, so one product with all of B is its output.
+    chosen = hidden.unsqueeze(2) * F.one_hot(active, num_experts).unsqueeze(-1).to(hidden.dtype)
+    up = torch.stack([layer.lora_B.transpose(0, 1) for layer in layers]).flatten(2)  # (L, d_out, n r)
+    outputs = chosen.flatten(3).flatten(1, 2) @ up.transpose(1, 2)
+    return outputs.view(num_layers, tokens, active.shape[-1], -1)

@@ -44,37 +44,45 @@ def rloo_surrogate(sequence_losses: Tensor, log_probs: Tensor) -> Tensor:
 
 
 class ExpertMemoryQueue(nn.Module):
-    """Per-expert FIFO queues of detached, normalised expert representations from earlier batches.
+    """Per-expert FIFO queues of detached, normalised expert representations from earlier batches, for L
+    layers of equal output size at once: (L, n experts, Q slots, d).
 
     A push is written when the queue is next read (or saved), not at once: the loss that read the queue in
     this step needs its contents until its backward, and writing after it spares copying every queue in
     every step. Should a push be written while such a backward is still to come, the queue is copied first.
     """
 
-    def __init__(self, num_experts: int, size: int, dim: int) -> None:
+    def __init__(self, num_layers: int, num_experts: int, size: int, dim: int) -> None:
         super().__init__()
-        self.register_buffer("queue", torch.zeros(num_experts, size, dim))
-        self.register_buffer("filled", torch.zeros(num_experts, size, dtype=torch.bool))
-        self.register_buffer("position", torch.zeros(num_experts, dtype=torch.long))
-        self._pending: list[tuple[Tensor, Tensor]] = []
+        self.register_buffer("queue", torch.zeros(num_layers, num_experts, size, dim))
+        self.register_buffer("filled", torch.zeros(num_layers, num_experts, size, dtype=torch.bool))
+        self.register_buffer("position", torch.zeros(num_layers, num_experts, dtype=torch.long))
+        self._pending: list[tuple[Tensor, Tensor, list[int] | None]] = []
         self._awaiting_backward = False
         self.register_state_dict_pre_hook(lambda module, prefix, keep_vars: module.flush())
         self.register_load_state_dict_pre_hook(lambda module, *args: module._pending.clear())
 
-    def push(self, representations: Tensor, experts: Tensor) -> None:
-        """Add representations (S, d) to the queues of their experts (S,), oldest out first."""
-        self._pending.append((representations.detach(), experts))
+    def push(self, representations: Tensor, experts: Tensor, layers: list[int] | None = None) -> None:
+        """Add representations (L', S, d) to the queues of their experts (L', S), oldest out first; `layers`
+        names the L' layers (default: all, in order)."""
+        self._pending.append((representations.detach(), experts, layers))
 
-    def negative_logits(self, queries: Tensor, active: Tensor) -> Tensor:
-        """(S, k, n Q) dot products of queries (S, k, d) with every queued representation; -inf for empty
-        slots and for the queues of the token's active experts (S, k), which are not its negatives."""
+    def negative_logits(self, queries: Tensor, active: Tensor, layers: list[int] | None = None) -> Tensor:
+        """(L', S, k, n Q) dot products of queries (L', S, k, d) with every queued representation of their
+        layer; -inf for empty slots and for the queues of the token's active experts (L', S, k), which are not
+        its negatives. `layers` as in `push`."""
         self.flush()
-        num_experts = self.filled.shape[0]
-        queued = self.queue.flatten(0, 1).to(queries.dtype)
-        logits = (queries.flatten(0, 1) @ queued.T).view(*queries.shape[:2], num_experts, -1)
-        is_active = torch.zeros(len(active), num_experts, dtype=torch.bool, device=active.device)
-        is_active.scatter_(1, active, True)
-        logits = logits.masked_fill_(is_active[:, None, :, None] | ~self.filled, float("-inf")).flatten(2)
+        queue, filled = self.queue, self.filled
+        if layers is not None and layers != list(range(len(queue))):  # some layers did not run: a copy
+            queue, filled = queue[layers], filled[layers]
+        num_layers, tokens, k, _ = queries.shape
+        num_experts = filled.shape[1]
+        logits = queries.flatten(1, 2) @ queue.flatten(1, 2).to(queries.dtype).transpose(1, 2)
+        logits = logits.view(num_layers, tokens, k, num_experts, -1)
+        is_active = torch.zeros(num_layers, tokens, num_experts, dtype=torch.bool, device=active.device)
+        is_active.scatter_(2, active, True)
+        unusable = is_active[:, :, None, :, None] | ~filled[:, None, None]
+        logits = logits.masked_fill_(unusable, float("-inf")).flatten(3)
         if logits.requires_grad:
             self._awaiting_backward = True
             logits.register_hook(self._backward_reached)
@@ -91,40 +99,46 @@ class ExpertMemoryQueue(nn.Module):
         if self._awaiting_backward:  # a graph that has not run its backward yet holds the current queue
             self.queue = self.queue.clone()
             self._awaiting_backward = False
-        for representations, experts in self._pending:
-            self._write(representations, experts)
+        for pending in self._pending:
+            self._write(*pending)
         self._pending.clear()
 
-    def _write(self, representations: Tensor, experts: Tensor) -> None:
-        num_experts, size = self.filled.shape
-        order = experts.argsort(stable=True)
-        experts = experts[order]
-        counts = torch.bincount(experts, minlength=num_experts)
-        rank = torch.arange(len(experts), device=experts.device) - (counts.cumsum(0) - counts)[experts]
-        # Written in arrival order, only the last `size` rows of each expert would survive.
-        keep = rank >= counts[experts] - size
-        slots = (self.position[experts] + rank) % size
-        self.queue[experts[keep], slots[keep]] = representations[order][keep].to(self.queue)
-        self.filled[experts[keep], slots[keep]] = True
-        self.position.copy_((self.position + counts) % size)
+    def _write(self, representations: Tensor, experts: Tensor, layers: list[int] | None) -> None:
+        num_layers, num_experts, size, dim = self.queue.shape
+        layer = torch.tensor(layers if layers is not None else range(num_layers), device=experts.device)
+        # Each (layer, expert) queue is one row of the flattened buffers.
+        queues = (layer[:, None] * num_experts + experts).flatten()
+        queue, filled, position = self.queue.view(-1, size, dim), self.filled.view(-1, size), self.position.view(-1)
+        order = queues.argsort(stable=True)
+        queues = queues[order]
+        counts = torch.bincount(queues, minlength=len(position))
+        rank = torch.arange(len(queues), device=queues.device) - (counts.cumsum(0) - counts)[queues]
+        # Written in arrival order, only the last `size` rows of each queue would survive.
+        keep = rank >= counts[queues] - size
+        slots = (position[queues] + rank) % size
+        queue[queues[keep], slots[keep]] = representations.flatten(0, 1)[order][keep].to(queue)
+        filled[queues[keep], slots[keep]] = True
+        position.copy_((position + counts) % size)
 
 
-def expert_contrastive_loss(queries: Tensor, active: Tensor, queue: ExpertMemoryQueue, temperature: float) -> Tensor:
-    """InfoNCE between experts (SparseDoctor design, after CoMoE).
+def expert_contrastive_loss(
+    queries: Tensor, active: Tensor, queue: ExpertMemoryQueue, temperature: float, layers: list[int] | None = None
+) -> Tensor:
+    """(L,) InfoNCE between experts (SparseDoctor design, after CoMoE), one loss per layer.
 
-    queries: (S, k, d) normalised outputs of the experts active for S tokens; active: (S, k) those experts.
-    For each token and active expert (the query), the other active experts' outputs are positives and the
-    queued representations of the inactive experts are negatives.
+    queries: (L, S, k, d) normalised outputs of the experts active for S tokens in L layers; active: (L, S, k)
+    those experts; `layers`: which of the queue's layers they are (default: all). For each token and active
+    expert (the query), the other active experts' outputs are positives and the queued representations of
+    the inactive experts are negatives.
     """
-    tokens, k = active.shape
+    num_layers, tokens, k = active.shape
     if k < 2:
         raise ValueError("the contrastive loss needs top_k >= 2 (positives are the other active experts)")
     scaled = queries / temperature
-    positive_logits = scaled @ queries.transpose(1, 2)  # (S, k, k)
-    negative_logits = queue.negative_logits(scaled, active)  # (S, k, n Q)
+    positive_logits = scaled @ queries.transpose(-1, -2)  # (L, S, k, k)
+    negative_logits = queue.negative_logits(scaled, active, layers)  # (L, S, k, n Q)
     # Each (query, positive) pair is one InfoNCE term against all the query's negatives.
     off_diagonal = ~torch.eye(k, dtype=torch.bool, device=active.device)
-    pairs = positive_logits[:, off_diagonal].view(tokens, k, k - 1)
+    pairs = positive_logits[..., off_diagonal].view(num_layers, tokens, k, k - 1)
     negative_mass = torch.logsumexp(negative_logits, -1, keepdim=True).expand_as(pairs)
-    denominator = torch.logaddexp(pairs, negative_mass)
-    return (denominator - pairs).mean()
+    return (torch.logaddexp(pairs, negative_mass) - pairs).mean((1, 2, 3))

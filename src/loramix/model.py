@@ -18,9 +18,16 @@ from torch import Tensor, nn
 from transformers.pytorch_utils import Conv1D
 
 from loramix.config import MixLoraConfig
-from loramix.layer import MixLoraLinear, linear_features
-from loramix.losses import expert_contrastive_loss, load_balance_loss, rloo_surrogate, router_z_loss
+from loramix.layer import MixLoraLinear, active_expert_outputs, linear_features
+from loramix.losses import (
+    ExpertMemoryQueue,
+    expert_contrastive_loss,
+    load_balance_loss,
+    rloo_surrogate,
+    router_z_loss,
+)
 from loramix.routing import ROUTERS, Router, RoutingContext
+from loramix.routing.base import ExpertSample
 
 CONFIG_NAME = "loramix_config.json"
 WEIGHTS_NAME = "adapter.safetensors"
@@ -81,6 +88,9 @@ class MixLoraModel(nn.Module):
             self._wrap_by_decoder_layer(targets)
         else:
             self._wrap_each(targets)
+        self.memory_queues = nn.ModuleDict()
+        if config.contrastive_loss_weight > 0:
+            self._add_memory_queues()
         self._add_hook("", model.register_forward_pre_hook(self._start_forward(), with_kwargs=True))
         self._add_hook("", model.register_forward_hook(self._finish_forward(), with_kwargs=True))
         self._takes_logits_to_keep = "logits_to_keep" in inspect.signature(model.forward).parameters
@@ -93,18 +103,9 @@ class MixLoraModel(nn.Module):
 
     def _new_layer(self, name: str, router: Router, owns_router: bool, num_experts: int, slot=None):
         config = self.config
-        queue = config.memory_queue_size if config.contrastive_loss_weight > 0 else 0
         base = self.base_model.get_submodule(name)
         layer = MixLoraLinear(
-            base,
-            num_experts,
-            config.expert_rank,
-            config.dropout,
-            router,
-            self.context,
-            owns_router,
-            slot,
-            queue,
+            base, num_experts, config.expert_rank, config.dropout, router, self.context, owns_router, slot
         )
         self._replace(name, layer)
 
@@ -120,6 +121,19 @@ class MixLoraModel(nn.Module):
             in_features, _ = linear_features(self.base_model.get_submodule(name))
             router = shared or router_class(config, in_features, config.num_experts, key=name).to(device)
             self._new_layer(name, router, owns_router=shared is None, num_experts=config.num_experts)
+
+    def _add_memory_queues(self) -> None:
+        """One memory queue per output size, holding the queues of every layer of that size, so that the
+        contrastive loss of all those layers is computed at once."""
+        by_size: dict[str, list[MixLoraLinear]] = {}
+        for layer in self.layers.values():
+            by_size.setdefault(str(layer.out_features), []).append(layer)
+        device = next(self.base_model.parameters()).device
+        for size, layers in by_size.items():
+            queue = ExpertMemoryQueue(len(layers), self.config.num_experts, self.config.memory_queue_size, int(size))
+            self.memory_queues[size] = queue.to(device)
+            for index, layer in enumerate(layers):
+                layer.memory_slot = (size, index)
 
     def _wrap_by_decoder_layer(self, targets: list[str]) -> None:
         groups: dict[str, list[str]] = {}
@@ -272,17 +286,26 @@ class MixLoraModel(nn.Module):
             total = total + config.z_loss_weight * loss
         samples = [s for s in self.context.expert_samples if len(s.hidden)]
         if config.contrastive_loss_weight > 0 and samples:
-            losses = []
+            by_queue: dict[str, list[ExpertSample]] = {}
             for sample in samples:
-                outputs = sample.layer.active_expert_outputs(sample.hidden, sample.active)
-                queries = F.normalize(outputs.float(), dim=-1)
-                memory = sample.layer.memory
-                losses.append(expert_contrastive_loss(queries, sample.active, memory, config.contrastive_temperature))
-                memory.push(queries.flatten(0, 1), sample.active.flatten())
-            loss = torch.stack(losses).mean()
+                by_queue.setdefault(sample.layer.memory_slot[0], []).append(sample)
+            loss = torch.cat([self._contrastive_losses(name, group) for name, group in by_queue.items()]).mean()
             parts["contrastive"] = loss.detach()
             total = total + config.contrastive_loss_weight * loss
         return total
+
+    def _contrastive_losses(self, name: str, samples: list[ExpertSample]) -> Tensor:
+        """(L,) the contrastive loss of each of the L layers sharing memory queue `name`, computed at once; the
+        queries then join the queue."""
+        samples = sorted(samples, key=lambda sample: sample.layer.memory_slot[1])
+        queue, layers = self.memory_queues[name], [sample.layer.memory_slot[1] for sample in samples]
+        hidden = torch.stack([sample.hidden for sample in samples])
+        active = torch.stack([sample.active for sample in samples])
+        outputs = active_expert_outputs([sample.layer for sample in samples], hidden, active)
+        queries = F.normalize(outputs.float(), dim=-1)
+        losses = expert_contrastive_loss(queries, active, queue, self.config.contrastive_temperature, layers)
+        queue.push(queries.flatten(1, 2), active.flatten(1), layers)
+        return losses
 
     # ---- statistics ---------------------------------------------------------------------------------------
     def routers(self) -> dict[str, Router]:

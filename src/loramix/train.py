@@ -24,6 +24,7 @@ from tqdm.auto import tqdm
 
 import loramix
 from loramix.data import SPLIT_SEED, Example, collate, encode_example, get_task
+from loramix.losses import ExpertMemoryQueue
 from loramix.models import load_model
 from loramix.precision import use_bf16
 from loramix.recipe import Recipe, Training
@@ -147,10 +148,16 @@ class LossModule(nn.Module):
 def training_state(model: nn.Module) -> dict[str, torch.Tensor]:
     """Everything training changes in the model: trainable parameters and the contrastive memory queues."""
     trainable = {name for name, p in model.named_parameters() if p.requires_grad}
+    queues = {
+        f"{prefix}.{name}"
+        for prefix, m in model.named_modules()
+        if isinstance(m, ExpertMemoryQueue)
+        for name, _ in m.named_buffers()
+    }
     return {
         name: tensor.detach().cpu().contiguous()
         for name, tensor in model.state_dict(keep_vars=True).items()
-        if name in trainable or ".memory." in name
+        if name in trainable or name in queues
     }
 
 
