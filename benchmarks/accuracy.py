@@ -268,6 +268,12 @@ def mean_std(values: list[float]) -> tuple[float, float | None]:
     return statistics.mean(values), statistics.stdev(values) if len(values) > 1 else None
 
 
+def step_seconds(group: list[Run]) -> float | None:
+    """Training seconds per step of a variant: the lowest over its seeds, as load on the machine only adds."""
+    rates = [s for run in group if (s := run.seconds_per_step()) is not None]
+    return min(rates) if rates else None
+
+
 def format_score(values: list[float]) -> str:
     if not values:
         return "—"
@@ -320,8 +326,8 @@ def score_table(runs: dict[str, list[Run]], counts: dict[str, Counts], tasks: li
         ratio = f" ({c.active_experts / peft.active_experts:.3f}x)" if peft else ""
         per_task = [format_score([r.scores()[t] for r in finished if t in r.scores()]) for t in tasks]
         averages = [a for r in finished if (a := average(r.scores(), tasks)) is not None]
-        rates = [s for r in group if (s := r.seconds_per_step()) is not None]
-        rate = f"{statistics.mean(rates):.2f}" if rates else "—"
+        rate = step_seconds(group)
+        rate = f"{rate:.2f}" if rate is not None else "—"
         lines.append(
             f"| {LABELS[variant]} | {c.rank} | {c.trainable:,} | {c.active_experts:,}{ratio} | {c.active:,} | "
             + " | ".join(per_task)
@@ -368,8 +374,7 @@ def scaling_table(runs: dict[str, list[Run]], tasks: list[str]) -> list[str]:
         if not group:
             continue
         averages = [a for r in group if r.metrics and (a := average(r.scores(), tasks)) is not None]
-        rates = [s for r in group if (s := r.seconds_per_step()) is not None]
-        rate = statistics.mean(rates) if rates else None
+        rate = step_seconds(group)
         reference = reference or (rate if samples == 2 else None)
         ratio = f"{rate / reference:.2f}x" if rate and reference else "—"
         lines.append(
@@ -435,9 +440,9 @@ def plot_scaling(runs: dict[str, list[Run]], tasks: list[str], path: Path) -> bo
     for variant, samples in zip(REMIX_SCALING, (2, 4, 8), strict=True):
         group = runs.get(variant, [])
         averages = [a for r in group if r.metrics and (a := average(r.scores(), tasks)) is not None]
-        rates = [s for r in group if (s := r.seconds_per_step()) is not None]
-        if averages and rates:
-            points.append((samples, np.mean(averages), np.std(averages), np.mean(rates)))
+        rate = step_seconds(group)
+        if averages and rate is not None:
+            points.append((samples, np.mean(averages), np.std(averages), rate))
     if len(points) < 2:
         return False
     samples, means, stds, rates = zip(*points, strict=True)
@@ -504,7 +509,8 @@ def write_report(
         f"{settings.grad_accumulation} (max length {recipe.max_length}, lr {settings.lr}, {settings.schedule}, bf16 "
         f"autocast {settings.bf16}); {recipe.eval_examples or 'all'} test examples per task; seeds "
         f"{sorted({r.seed for g in runs.values() for r in g})}. Scores: each task's main metric, mean ± std over "
-        "seeds; s/step: median training seconds per step from history.jsonl.",
+        "seeds; s/step: median training seconds per step from history.jsonl, the lowest over seeds (other work on "
+        "the machine only slows a run down).",
         "",
         *score_table(runs, counts, tasks),
         "",

@@ -84,6 +84,18 @@ def test_accuracy_trains_evaluates_skips_and_resumes(bench, task_file, tmp_path,
     assert text.startswith("# Results\n\nwritten by hand\n") and text.count(accuracy.markers(out.name)[0]) == 1
 
 
+def test_step_time_is_the_median_interval_of_the_least_loaded_seed(bench):
+    import accuracy
+
+    def run(seed, seconds):  # cumulative seconds logged every 2 steps
+        return accuracy.Run("topk", seed, history=[{"step": 2 * (i + 1), "seconds": s} for i, s in enumerate(seconds)])
+
+    quiet, loaded = run(0, [2.0, 4.2, 6.2, 20.0]), run(1, [9.0, 18.0, 20.0, 29.0])
+    assert quiet.seconds_per_step() == pytest.approx(1.05)  # intervals 1, 1.1, 1, 6.9 per step
+    assert accuracy.step_seconds([loaded, quiet]) == pytest.approx(1.05)
+    assert accuracy.step_seconds([accuracy.Run("topk", 0)]) is None
+
+
 def test_remix_samples_ways_agree(bench):
     import remix_samples
 
