@@ -13,9 +13,10 @@ from loramix.losses import (
     load_balance_loss,
     rloo_surrogate,
     router_z_loss,
+    selection_log_prob,
 )
 from loramix.routing import RoutingContext
-from loramix.routing.remix import ReMixRouter, selection_log_prob
+from loramix.routing.remix import ReMixRouter
 
 
 def test_selection_log_prob_is_a_distribution_over_ordered_draws():

@@ -31,6 +31,14 @@ def router_z_loss(logits: Tensor, mask: Tensor) -> Tensor:
     return masked_mean(torch.logsumexp(logits.float(), -1).square(), mask)
 
 
+def selection_log_prob(log_probs: Tensor, indices: Tensor) -> Tensor:
+    """log Q(I) = sum_j [log q_{i_j} - log(1 - sum_{j' < j} q_{i_j'})] for ordered draws I without replacement."""
+    chosen = log_probs.gather(-1, indices)
+    probs = chosen.exp()
+    before = probs.cumsum(-1) - probs
+    return (chosen - torch.log1p(-before.clamp(max=1 - 1e-6))).sum(-1)
+
+
 def rloo_surrogate(sequence_losses: Tensor, log_probs: Tensor) -> Tensor:
     """Surrogate whose gradient is the RLOO (REINFORCE leave-one-out) estimate for the router.
 

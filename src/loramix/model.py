@@ -25,6 +25,7 @@ from loramix.losses import (
     load_balance_loss,
     rloo_surrogate,
     router_z_loss,
+    selection_log_prob,
 )
 from loramix.routing import ROUTERS, Router, RoutingContext
 from loramix.routing.base import ExpertSample
@@ -256,9 +257,11 @@ class MixLoraModel(nn.Module):
             )
             summed = torch.zeros_like(labelled).index_add(0, rows, token_losses)
             sequence_losses = summed / labelled.clamp_min(1)
-            sampled = [r for r in self.context.records if r.routing.log_prob is not None]
-            stacks = self.context.stacked_records(sampled, "log_prob")
-            log_probs = sum((s.tensors["log_prob"] * s.mask).sum((0, 2)) for s in stacks)
+            sampled = [r for r in self.context.records if r.routing.sampled]
+            log_probs = sum(
+                (selection_log_prob(s.tensors["logits"].log_softmax(-1), s.tensors["indices"]) * s.mask).sum((0, 2))
+                for s in self.context.stacked_records(sampled, "logits", "indices")
+            )
             surrogate = rloo_surrogate(sequence_losses.view(samples, -1), log_probs.view(samples, -1))
             parts["rloo"] = surrogate.detach()
             total = total + surrogate

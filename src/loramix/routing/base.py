@@ -9,6 +9,8 @@ from typing import TYPE_CHECKING
 import torch
 from torch import Tensor, nn
 
+from loramix.losses import selection_log_prob
+
 if TYPE_CHECKING:
     from loramix.config import MixLoraConfig
 
@@ -35,15 +37,21 @@ class Routing:
     weights:  (B, T', n) combination weights of the experts, zero for inactive ones.
     probs:    (B, T', n) the router's distribution (load balance, statistics), if it has one.
     logits:   (B, T', n) pre-softmax scores (z-loss), if any.
-    indices:  (B, T', k) the active experts for sparse routers, best first.
-    log_prob: (B, T') log-probability of a sampled selection (ReMix in training).
+    indices:  (B, T', k) the active experts for sparse routers, best first (in the order drawn if sampled).
+    sampled:  whether `indices` were drawn from softmax(logits) (ReMix in training); `log_prob` is then their
+              log-probability.
     """
 
     weights: Tensor
     probs: Tensor | None = None
     logits: Tensor | None = None
     indices: Tensor | None = None
-    log_prob: Tensor | None = None
+    sampled: bool = False
+
+    @property
+    def log_prob(self) -> Tensor | None:
+        """(B, T') log-probability of the sampled selection, None if the experts were not sampled."""
+        return selection_log_prob(self.logits.log_softmax(-1), self.indices) if self.sampled else None
 
     def expert_share(self) -> Tensor:
         """(B, T', n) each expert's share of a token: 1/k per active expert, or the dense weight share."""
@@ -70,7 +78,7 @@ class RoutingRecord:
     def detached(self) -> RoutingRecord:
         """The same record cut from the autograd graph (for statistics once the loss has been built)."""
         values = {f.name: getattr(self.routing, f.name) for f in fields(Routing)}
-        routing = Routing(**{k: v.detach() if v is not None else None for k, v in values.items()})
+        routing = Routing(**{k: v.detach() if isinstance(v, Tensor) else v for k, v in values.items()})
         return RoutingRecord(self.router, routing, self.mask)
 
 

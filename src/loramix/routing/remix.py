@@ -21,14 +21,6 @@ def sample_without_replacement(log_probs: Tensor, k: int) -> Tensor:
     return (log_probs - (-uniform.log()).log()).topk(k, dim=-1).indices
 
 
-def selection_log_prob(log_probs: Tensor, indices: Tensor) -> Tensor:
-    """log Q(I) = sum_j [log q_{i_j} - log(1 - sum_{j' < j} q_{i_j'})] for ordered draws I."""
-    chosen = log_probs.gather(-1, indices)
-    probs = chosen.exp()
-    before = probs.cumsum(-1) - probs
-    return (chosen - torch.log1p(-before.clamp(max=1 - 1e-6))).sum(-1)
-
-
 @register_router("remix")
 class ReMixRouter(Router):
     """q = softmax(P x); the active set is sampled (training) or the top-k (inference); weights constant."""
@@ -47,9 +39,8 @@ class ReMixRouter(Router):
         log_probs = logits.log_softmax(-1)
         if self.training:
             indices = sample_without_replacement(log_probs.detach(), self.top_k)
-            log_prob = selection_log_prob(log_probs, indices)
         else:
             indices = log_probs.topk(self.top_k, dim=-1).indices
-            log_prob = None
         weights = torch.zeros_like(logits).scatter(-1, indices, 1.0)
-        return Routing(weights=weights, probs=log_probs.exp(), logits=logits, indices=indices, log_prob=log_prob)
+        # The selection's log-probability (Routing.log_prob) is left to the loss, which takes it for all layers at once.
+        return Routing(weights=weights, probs=log_probs.exp(), logits=logits, indices=indices, sampled=self.training)
