@@ -176,3 +176,15 @@ def test_a_push_before_the_backward_does_not_change_the_gradient_of_the_loss_tha
     queue.push(torch.ones(1, 2, dim), torch.tensor([[1, 3]]))
     loss_and_queries()
     assert queue.queue is kept and queue.queue[0, 1].eq(1).all(-1).any(), "after the backward: written in place"
+
+
+def test_contrastive_loss_stays_float32_under_bf16_autocast():
+    torch.manual_seed(0)
+    queue = ExpertMemoryQueue(2, 4, size=8, dim=16)
+    queue.push(torch.nn.functional.normalize(torch.randn(2, 20, 16), dim=-1), torch.randint(0, 4, (2, 20)))
+    queries = torch.nn.functional.normalize(torch.randn(2, 5, 2, 16), dim=-1)
+    active = torch.stack([torch.stack([torch.randperm(4)[:2] for _ in range(5)]) for _ in range(2)])
+    expected = expert_contrastive_loss(queries, active, queue, 0.07)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        got = expert_contrastive_loss(queries, active, queue, 0.07)
+    torch.testing.assert_close(got, expected)

@@ -143,8 +143,10 @@ def expert_contrastive_loss(
     if k < 2:
         raise ValueError("the contrastive loss needs top_k >= 2 (positives are the other active experts)")
     scaled = queries / temperature
-    positive_logits = scaled @ queries.transpose(-1, -2)  # (L, S, k, k)
-    negative_logits = queue.negative_logits(scaled, active, layers)  # (L, S, k, n Q)
+    # In the queries' precision: under autocast the products would also copy the whole queue to cast it.
+    with torch.autocast(queries.device.type, enabled=False):
+        positive_logits = scaled @ queries.transpose(-1, -2)  # (L, S, k, k)
+        negative_logits = queue.negative_logits(scaled, active, layers)  # (L, S, k, n Q)
     # Each (query, positive) pair is one InfoNCE term against all the query's negatives.
     off_diagonal = ~torch.eye(k, dtype=torch.bool, device=active.device)
     pairs = positive_logits[..., off_diagonal].view(num_layers, tokens, k, k - 1)
