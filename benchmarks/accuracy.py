@@ -326,8 +326,8 @@ def score_table(runs: dict[str, list[Run]], counts: dict[str, Counts], tasks: li
         ratio = f" ({c.active_experts / peft.active_experts:.3f}x)" if peft else ""
         per_task = [format_score([r.scores()[t] for r in finished if t in r.scores()]) for t in tasks]
         averages = [a for r in finished if (a := average(r.scores(), tasks)) is not None]
-        rate = step_seconds(group)
-        rate = f"{rate:.2f}" if rate is not None else "—"
+        seconds = step_seconds(group)
+        rate = f"{seconds:.2f}" if seconds is not None else "—"
         lines.append(
             f"| {LABELS[variant]} | {c.rank} | {c.trainable:,} | {c.active_experts:,}{ratio} | {c.active:,} | "
             + " | ".join(per_task)

@@ -1,6 +1,7 @@
 """MixLoraLinear against a per-expert loop, for every router; and the contrastive path."""
 
 import copy
+from types import SimpleNamespace
 
 import pytest
 import torch
@@ -109,3 +110,52 @@ def test_contrastive_training_adds_the_loss_and_fills_the_queues():
         per_layer.append(expert_contrastive_loss(queries, sample.active[None], queues_read[name], 0.07, [index]))
     assert len(per_layer) == len(wrapped.layers)
     torch.testing.assert_close(wrapped.last_losses["contrastive"], torch.cat(per_layer).mean().detach())
+
+
+class PooledBranchLM(nn.Module):
+    """A causal LM whose adapted linears see different token counts: `pooled` runs on two positions only,
+    and `unused` never runs."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.embed, self.head = nn.Embedding(50, 8), nn.Linear(8, 50)
+        self.mixer, self.pooled, self.unused = nn.Linear(8, 8), nn.Linear(8, 8), nn.Linear(8, 8)
+
+    def get_output_embeddings(self) -> nn.Module:
+        return self.head
+
+    def forward(self, input_ids, attention_mask=None, **kwargs):
+        hidden = self.mixer(self.embed(input_ids))
+        pooled = self.pooled(hidden[:, :2]).mean(1, keepdim=True)
+        return SimpleNamespace(logits=self.head(hidden + pooled))
+
+
+def test_contrastive_loss_with_layers_that_see_different_tokens_or_do_not_run():
+    torch.manual_seed(0)
+    config = MixLoraConfig(
+        ["mixer", "pooled", "unused"],
+        router="topk",
+        num_experts=4,
+        expert_rank=2,
+        contrastive_loss_weight=0.1,
+        memory_queue_size=4,
+    )
+    wrapped = loramix.wrap(PooledBranchLM(), config).train()
+    for layer in wrapped.layers.values():
+        nn.init.normal_(layer.lora_B, std=0.1)
+    ids = torch.randint(0, 50, (2, 12))
+    data = {"input_ids": ids, "attention_mask": torch.ones_like(ids), "labels": ids}
+    wrapped.compute_loss(data).backward()
+    queues_read = copy.deepcopy(wrapped.memory_queues)
+    wrapped.compute_loss(data).backward()
+    samples = list(wrapped.context.expert_samples)
+    assert sorted(len(sample.hidden) for sample in samples) == [4, 24], "every real token of each layer's input"
+
+    per_layer = []
+    for sample in samples:
+        name, index = sample.layer.memory_slot
+        queries = F.normalize(active_expert_outputs([sample.layer], sample.hidden[None], sample.active[None]), dim=-1)
+        per_layer.append(expert_contrastive_loss(queries, sample.active[None], queues_read[name], 0.07, [index]))
+    torch.testing.assert_close(wrapped.last_losses["contrastive"], torch.cat(per_layer).mean().detach())
+    filled = wrapped.memory_queues["8"].filled
+    assert filled[:2].any() and not filled[2].any(), "the layer that did not run got nothing"

@@ -155,26 +155,37 @@ def test_a_push_before_the_backward_does_not_change_the_gradient_of_the_loss_tha
     queue.push(torch.nn.functional.normalize(torch.randn(1, 8, dim), dim=-1), torch.arange(8)[None] % n)
     active = torch.tensor([[[0, 1], [2, 3]]])
 
-    def loss_and_queries():
+    def read(queue):
         queries = torch.nn.functional.normalize(torch.randn(1, 2, 2, dim), dim=-1).requires_grad_()
         return expert_contrastive_loss(queries, active, queue, temperature).sum(), queries
 
-    reference_queue = copy.deepcopy(queue)
-    loss, queries = loss_and_queries()
-    reference = expert_contrastive_loss(queries, active, reference_queue, temperature).sum()
-    (expected,) = torch.autograd.grad(reference, queries)
+    def reference_gradient(queries):
+        (gradient,) = torch.autograd.grad(read_reference(queries), queries)
+        return gradient
+
+    reference = copy.deepcopy(queue)
+    reference.flush()
+
+    def read_reference(queries):
+        return expert_contrastive_loss(queries, active, reference, temperature).sum()
+
+    (first, first_queries), (second, second_queries) = read(queue), read(queue)
+    expected = reference_gradient(first_queries), reference_gradient(second_queries)
     kept = queue.queue
+    first.backward()
     queue.push(torch.ones(1, 2, dim), torch.tensor([[0, 2]]))
-    loss_and_queries()  # reads the queue: the push is written before `loss` has run its backward
-    loss.backward()
-    assert torch.allclose(queries.grad, expected)
+    read(queue)  # writes the push while `second` still awaits its backward
+    queue.load_state_dict(queue.state_dict())  # so does a load
+    second.backward()
+    torch.testing.assert_close(first_queries.grad, expected[0])
+    torch.testing.assert_close(second_queries.grad, expected[1])
     assert queue.queue is not kept, "the queue was copied, not written under the pending backward"
 
-    loss, queries = loss_and_queries()
+    loss, _ = read(queue)
     loss.backward()
     kept = queue.queue
     queue.push(torch.ones(1, 2, dim), torch.tensor([[1, 3]]))
-    loss_and_queries()
+    read(queue)
     assert queue.queue is kept and queue.queue[0, 1].eq(1).all(-1).any(), "after the backward: written in place"
 
 

@@ -57,7 +57,8 @@ class ExpertMemoryQueue(nn.Module):
 
     A push is written when the queue is next read (or saved), not at once: the loss that read the queue in
     this step needs its contents until its backward, and writing after it spares copying every queue in
-    every step. Should a push be written while such a backward is still to come, the queue is copied first.
+    every step. Should a push (or a load) be written while such a backward is still to come, the queue is
+    copied first.
     """
 
     def __init__(self, num_layers: int, num_experts: int, size: int, dim: int) -> None:
@@ -66,9 +67,10 @@ class ExpertMemoryQueue(nn.Module):
         self.register_buffer("filled", torch.zeros(num_layers, num_experts, size, dtype=torch.bool))
         self.register_buffer("position", torch.zeros(num_layers, num_experts, dtype=torch.long))
         self._pending: list[tuple[Tensor, Tensor, list[int] | None]] = []
-        self._awaiting_backward = False
+        self._reads_awaiting_backward = 0  # of the current queue tensor; a copy starts a new generation
+        self._generation = 0
         self.register_state_dict_pre_hook(lambda module, prefix, keep_vars: module.flush())
-        self.register_load_state_dict_pre_hook(lambda module, *args: module._pending.clear())
+        self.register_load_state_dict_pre_hook(lambda module, *args: module._before_load())
 
     def push(self, representations: Tensor, experts: Tensor, layers: list[int] | None = None) -> None:
         """Add representations (L', S, d) to the queues of their experts (L', S), oldest out first; `layers`
@@ -92,30 +94,43 @@ class ExpertMemoryQueue(nn.Module):
         unusable = is_active[:, :, None, :, None] | ~filled[:, None, None]
         logits = logits.masked_fill_(unusable, float("-inf")).flatten(3)
         if logits.requires_grad:
-            self._awaiting_backward = True
-            logits.register_hook(self._backward_reached)
+            self._reads_awaiting_backward += 1
+            logits.register_hook(self._backward_reached(self._generation))
         return logits
 
-    def _backward_reached(self, grad: Tensor) -> None:
-        self._awaiting_backward = False
+    def _backward_reached(self, generation: int):
+        def hook(grad: Tensor) -> None:
+            if generation == self._generation:
+                self._reads_awaiting_backward -= 1
+
+        return hook
+
+    def _copy_if_read(self) -> None:
+        """Give the queue a new tensor if a graph that has not run its backward yet holds the current one."""
+        if self._reads_awaiting_backward:
+            self.queue = self.queue.clone()
+            self._reads_awaiting_backward, self._generation = 0, self._generation + 1
+
+    def _before_load(self) -> None:
+        self._pending.clear()
+        self._copy_if_read()
 
     @torch.no_grad()
     def flush(self) -> None:
         """Write the pushed representations into the queues."""
         if not self._pending:
             return
-        if self._awaiting_backward:  # a graph that has not run its backward yet holds the current queue
-            self.queue = self.queue.clone()
-            self._awaiting_backward = False
+        self._copy_if_read()
         for pending in self._pending:
             self._write(*pending)
         self._pending.clear()
 
     def _write(self, representations: Tensor, experts: Tensor, layers: list[int] | None) -> None:
         num_layers, num_experts, size, dim = self.queue.shape
-        layer = torch.tensor(layers if layers is not None else range(num_layers), device=experts.device)
+        device = self.queue.device  # the module may have moved since the push
+        layer = torch.tensor(layers if layers is not None else range(num_layers), device=device)
         # Each (layer, expert) queue is one row of the flattened buffers.
-        queues = (layer[:, None] * num_experts + experts).flatten()
+        queues = (layer[:, None] * num_experts + experts.to(device)).flatten()
         queue, filled, position = self.queue.view(-1, size, dim), self.filled.view(-1, size), self.position.view(-1)
         order = queues.argsort(stable=True)
         queues = queues[order]
@@ -124,7 +139,7 @@ class ExpertMemoryQueue(nn.Module):
         # Written in arrival order, only the last `size` rows of each queue would survive.
         keep = rank >= counts[queues] - size
         slots = (position[queues] + rank) % size
-        queue[queues[keep], slots[keep]] = representations.flatten(0, 1)[order][keep].to(queue)
+        queue[queues[keep], slots[keep]] = representations.to(queue).flatten(0, 1)[order][keep]
         filled[queues[keep], slots[keep]] = True
         position.copy_((position + counts) % size)
 

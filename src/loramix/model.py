@@ -289,17 +289,17 @@ class MixLoraModel(nn.Module):
             total = total + config.z_loss_weight * loss
         samples = [s for s in self.context.expert_samples if len(s.hidden)]
         if config.contrastive_loss_weight > 0 and samples:
-            by_queue: dict[str, list[ExpertSample]] = {}
+            stackable: dict[tuple[str, int], list[ExpertSample]] = {}  # same queue, same number of tokens
             for sample in samples:
-                by_queue.setdefault(sample.layer.memory_slot[0], []).append(sample)
-            loss = torch.cat([self._contrastive_losses(name, group) for name, group in by_queue.items()]).mean()
+                stackable.setdefault((sample.layer.memory_slot[0], len(sample.hidden)), []).append(sample)
+            loss = torch.cat([self._contrastive_losses(key[0], group) for key, group in stackable.items()]).mean()
             parts["contrastive"] = loss.detach()
             total = total + config.contrastive_loss_weight * loss
         return total
 
     def _contrastive_losses(self, name: str, samples: list[ExpertSample]) -> Tensor:
-        """(L,) the contrastive loss of each of the L layers sharing memory queue `name`, computed at once; the
-        queries then join the queue."""
+        """(L,) the contrastive loss of each of L layers that share memory queue `name` and sampled as many
+        tokens, computed at once; the queries then join the queue."""
         samples = sorted(samples, key=lambda sample: sample.layer.memory_slot[1])
         queue, layers = self.memory_queues[name], [sample.layer.memory_slot[1] for sample in samples]
         hidden = torch.stack([sample.hidden for sample in samples])

@@ -138,7 +138,7 @@ class RoutingContext:
     layer_cache: dict[nn.Module, tuple] = field(default_factory=dict)  # per layer, for one `generate` call
     records: list[RoutingRecord] = field(default_factory=list)
     expert_samples: list[ExpertSample] = field(default_factory=list)
-    sampled_tokens: Tensor | None = None  # this forward's tokens for the contrastive loss
+    sampled_tokens: dict[tuple[int, ...], Tensor] = field(default_factory=dict)  # for the contrastive loss
 
     def new_forward(self, attention_mask: Tensor | None) -> None:
         """Forget what the previous forward routed; keep what `generate` caches across steps."""
@@ -147,7 +147,7 @@ class RoutingContext:
         self.step_routes.clear()
         self.records.clear()
         self.expert_samples.clear()
-        self.sampled_tokens = None
+        self.sampled_tokens.clear()
 
     def start_call(self, task_ids: Tensor | None, prompt_mask: Tensor | None, generating: bool) -> None:
         """Set the inputs of a forward or `generate` call and forget what the previous call cached."""
@@ -164,13 +164,14 @@ class RoutingContext:
         return [StackedRecords.of(group, names) for group in groups.values()]
 
     def contrast_tokens(self, x: Tensor, count: int) -> Tensor:
-        """Flat indices into the (B T) tokens of x of up to `count` random real tokens, drawn once per forward:
-        every layer's contrastive loss sees the same tokens, so the layers' losses stack."""
-        if self.sampled_tokens is None:
+        """Flat indices into the (B T) tokens of x of up to `count` random real tokens, drawn once per forward
+        and token shape: the layers that see the same tokens use the same draw, so their losses stack."""
+        shape = tuple(x.shape[:2])
+        if shape not in self.sampled_tokens:
             mask = self.token_mask(x).flatten()
             picks = (torch.rand(mask.shape, device=mask.device) + mask).topk(min(count, mask.numel())).indices
-            self.sampled_tokens = picks[mask[picks]]
-        return self.sampled_tokens
+            self.sampled_tokens[shape] = picks[mask[picks]]
+        return self.sampled_tokens[shape]
 
     def token_mask(self, x: Tensor) -> Tensor:
         """(B, T) bool mask of the real (non-padding) tokens among the T tokens of x."""
