@@ -76,18 +76,34 @@ def test_delta_weight_is_the_merged_update():
     torch.testing.assert_close(layer.delta_weight(w), expected)
 
 
-def test_contrastive_training_adds_the_loss_and_fills_the_queues():
+def wrap_for_contrast(base: nn.Module, targets: list[str], queue_size: int) -> loramix.MixLoraModel:
+    """`base` wrapped with a top-2-of-4 router and the contrastive loss, its experts' B made non-zero."""
     config = MixLoraConfig(
-        ["q_proj", "v_proj"],
+        targets,
         router="topk",
         num_experts=4,
         expert_rank=2,
         contrastive_loss_weight=0.1,
-        memory_queue_size=16,
+        memory_queue_size=queue_size,
     )
-    wrapped = loramix.wrap(tiny_llama(), config).train()
+    wrapped = loramix.wrap(base, config).train()
     for layer in wrapped.layers.values():
         nn.init.normal_(layer.lora_B, std=0.1)
+    return wrapped
+
+
+def mean_of_layers_alone(samples: list, queues: nn.ModuleDict) -> torch.Tensor:
+    """The reference for the stacked contrastive loss: each sampled layer's loss computed on its own."""
+    per_layer = []
+    for sample in samples:
+        name, index = sample.layer.memory_slot
+        queries = F.normalize(active_expert_outputs([sample.layer], sample.hidden[None], sample.active[None]), dim=-1)
+        per_layer.append(expert_contrastive_loss(queries, sample.active[None], queues[name], 0.07, [index]))
+    return torch.cat(per_layer).mean().detach()
+
+
+def test_contrastive_training_adds_the_loss_and_fills_the_queues():
+    wrapped = wrap_for_contrast(tiny_llama(), ["q_proj", "v_proj"], queue_size=16)
     ids = torch.randint(0, 128, (2, 12))
     data = {"input_ids": ids, "attention_mask": torch.ones_like(ids), "labels": ids}
     wrapped.compute_loss(data)  # the first step fills the queues
@@ -102,14 +118,8 @@ def test_contrastive_training_adds_the_loss_and_fills_the_queues():
     layer = next(iter(wrapped.layers.values()))
     assert layer.lora_B.grad.abs().sum() > 0
 
-    # the stacked loss is the mean of the layers' losses, each computed on its own
-    per_layer = []
-    for sample in samples:
-        name, index = sample.layer.memory_slot
-        queries = F.normalize(active_expert_outputs([sample.layer], sample.hidden[None], sample.active[None]), dim=-1)
-        per_layer.append(expert_contrastive_loss(queries, sample.active[None], queues_read[name], 0.07, [index]))
-    assert len(per_layer) == len(wrapped.layers)
-    torch.testing.assert_close(wrapped.last_losses["contrastive"], torch.cat(per_layer).mean().detach())
+    assert len(samples) == len(wrapped.layers)
+    torch.testing.assert_close(wrapped.last_losses["contrastive"], mean_of_layers_alone(samples, queues_read))
 
 
 class PooledBranchLM(nn.Module):
@@ -132,17 +142,7 @@ class PooledBranchLM(nn.Module):
 
 def test_contrastive_loss_with_layers_that_see_different_tokens_or_do_not_run():
     torch.manual_seed(0)
-    config = MixLoraConfig(
-        ["mixer", "pooled", "unused"],
-        router="topk",
-        num_experts=4,
-        expert_rank=2,
-        contrastive_loss_weight=0.1,
-        memory_queue_size=4,
-    )
-    wrapped = loramix.wrap(PooledBranchLM(), config).train()
-    for layer in wrapped.layers.values():
-        nn.init.normal_(layer.lora_B, std=0.1)
+    wrapped = wrap_for_contrast(PooledBranchLM(), ["mixer", "pooled", "unused"], queue_size=4)
     ids = torch.randint(0, 50, (2, 12))
     data = {"input_ids": ids, "attention_mask": torch.ones_like(ids), "labels": ids}
     wrapped.compute_loss(data).backward()
@@ -151,11 +151,6 @@ def test_contrastive_loss_with_layers_that_see_different_tokens_or_do_not_run():
     samples = list(wrapped.context.expert_samples)
     assert sorted(len(sample.hidden) for sample in samples) == [4, 24], "every real token of each layer's input"
 
-    per_layer = []
-    for sample in samples:
-        name, index = sample.layer.memory_slot
-        queries = F.normalize(active_expert_outputs([sample.layer], sample.hidden[None], sample.active[None]), dim=-1)
-        per_layer.append(expert_contrastive_loss(queries, sample.active[None], queues_read[name], 0.07, [index]))
-    torch.testing.assert_close(wrapped.last_losses["contrastive"], torch.cat(per_layer).mean().detach())
+    torch.testing.assert_close(wrapped.last_losses["contrastive"], mean_of_layers_alone(samples, queues_read))
     filled = wrapped.memory_queues["8"].filled
     assert filled[:2].any() and not filled[2].any(), "the layer that did not run got nothing"
