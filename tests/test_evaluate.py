@@ -9,9 +9,18 @@ from peft import LoraConfig, get_peft_model
 import loramix
 import loramix.evaluate as evaluation
 from loramix import MixLoraConfig
-from loramix.data import TASKS, Example, Task, get_task
-from loramix.evaluate import evaluate_model, evaluate_run, generate_answers
-from loramix.models import tiny_llama, tiny_tokenizer
+from loramix.data import TASKS, Example, Task, encode_example, get_task
+from loramix.data.encode import template_parts
+from loramix.evaluate import (
+    _prompt_chunks,
+    choice_predictions,
+    evaluate_model,
+    evaluate_run,
+    generate_answers,
+    score_choices,
+    task_metrics,
+)
+from loramix.models import tiny_gpt2, tiny_llama, tiny_tokenizer
 
 PROMPTS = ["Is aspirin an NSAID?", "fever, cough and a sore throat for three days", "a", "Which gene? BRCA1 or TP53"]
 
@@ -141,13 +150,15 @@ def test_evaluate_model_scores_parsed_answers(monkeypatch):
         return outputs
 
     monkeypatch.setattr(evaluation, "generate_answers", scripted)
-    results = evaluate_model(None, None, {"pubmedqa": examples}, {"pubmedqa": 2})
+    results = evaluate_model(None, None, {"pubmedqa": examples}, {"pubmedqa": 2}, mode="generate")
     assert results["pubmedqa"]["outputs"] == outputs
     assert results["pubmedqa"]["predictions"] == ["yes", "no", "maybe", "yes", "yes", "it is unclear"]
     # 4 of 6 right; F1 yes = 2*2/(3+3), no = 2*1/(1+2), maybe = 2*1/(1+1)
     assert results["pubmedqa"]["metrics"] == pytest.approx({"accuracy": 4 / 6, "macro_f1": (2 / 3 + 2 / 3 + 1) / 3})
     assert calls == [("pubmedqa", 2, get_task("pubmedqa").max_new_tokens, False, None)]
-    evaluate_model(None, None, {"pubmedqa": examples}, None, max_new_tokens=9, bf16=True, system_prompt="")
+    evaluate_model(
+        None, None, {"pubmedqa": examples}, None, mode="generate", max_new_tokens=9, bf16=True, system_prompt=""
+    )
     assert calls[-1] == ("pubmedqa", None, 9, True, "")
 
 
@@ -155,6 +166,7 @@ def write_run(run, adapter, **recipe_values) -> None:
     """A run folder as training leaves it: recipe, splits (a subset of alpha's test set) and the adapter."""
     run.mkdir(exist_ok=True)
     recipe = {"name": "run", "model": "tiny-llama", "tasks": ["alpha", "beta"], "evaluation": ["gamma"]}
+    recipe["eval_mode"] = "generate"
     recipe |= recipe_values
     if isinstance(adapter, loramix.MixLoraModel):
         recipe["mixlora"] = adapter.config.to_dict()
@@ -237,3 +249,117 @@ def test_evaluate_run_refuses_changed_data(tmp_path, monkeypatch):
     tasks["alpha"].splits["test"].pop()
     with pytest.raises(ValueError, match="the data changed"):
         evaluate_run(run)
+
+
+# ---- choice scoring -------------------------------------------------------------------------------------------
+CHOICES = ("yes", "no", "maybe so", "a much longer answer")
+CHOICE_EXAMPLES = [Example("pubmedqa", prompt, "no", CHOICES, str(i)) for i, prompt in enumerate(PROMPTS)]
+CHOICE_BUILDS = {
+    **BUILDS,
+    "soft": lambda model: mixture(model, "soft"),
+    "remix": lambda model: mixture(model, "remix"),
+    "task": lambda model: mixture(model, "task"),
+}
+
+
+def reference_choice_scores(model, tokenizer, example, task_id=None) -> list[float]:
+    """The log-likelihood of each choice by hand: one forward over prompt + choice, summed over the choice."""
+    prompt = encode_example(example, tokenizer, 1024, with_answer=False)["input_ids"]
+    _, _, lead, end = template_parts(tokenizer)
+    scores = []
+    for choice in example.choices:
+        choice_ids = tokenizer(lead + choice + end, add_special_tokens=False)["input_ids"]
+        inputs = {"input_ids": torch.tensor([prompt + choice_ids])}
+        if isinstance(model, loramix.MixLoraModel):  # sequence-level routes pool over the prompt, as generate does
+            inputs["prompt_mask"] = torch.tensor([[True] * len(prompt) + [False] * len(choice_ids)])
+            if task_id is not None:
+                inputs["task_ids"] = torch.tensor([task_id])
+        with torch.no_grad():
+            log_probs = model(**inputs).logits[0].float().log_softmax(-1)
+        scores.append(sum(log_probs[len(prompt) - 1 + j, token].item() for j, token in enumerate(choice_ids)))
+    return scores
+
+
+@pytest.mark.parametrize("build", CHOICE_BUILDS)
+def test_choice_scores_equal_one_forward_per_choice(build):
+    model, tokenizer = tiny_model_and_tokenizer()
+    model = CHOICE_BUILDS[build](model).eval()
+    task_id = 1 if build == "task" else None
+    # batch_size 2: at most 6 continuation rows per forward, so the 4 prompts of 4 choices take 4 forwards
+    scores = score_choices(model, tokenizer, CHOICE_EXAMPLES, task_id=task_id, batch_size=2)
+    for example, got in zip(CHOICE_EXAMPLES, scores, strict=True):
+        reference = reference_choice_scores(model, tokenizer, example, task_id)
+        assert [total for total, _ in got] == pytest.approx(reference, abs=1e-4)
+        assert [count for _, count in got] == [len(tokenizer(c + "<|im_end|>")["input_ids"]) for c in CHOICES]
+    assert len({round(total, 3) for options in scores for total, _ in options}) > 8  # the scores differ
+
+
+def test_choice_scores_of_a_gpt2_model_and_batching():
+    model, tokenizer = tiny_gpt2(), tiny_tokenizer()
+    batched = score_choices(model, tokenizer, CHOICE_EXAMPLES, batch_size=4)
+    single = score_choices(model, tokenizer, CHOICE_EXAMPLES, batch_size=1)
+    for got, alone, example in zip(batched, single, CHOICE_EXAMPLES, strict=True):
+        assert [t for t, _ in got] == pytest.approx([t for t, _ in alone], abs=1e-4)
+        assert [t for t, _ in got] == pytest.approx(reference_choice_scores(model, tokenizer, example), abs=1e-4)
+
+
+def test_prompt_chunks_bound_prompts_and_continuation_rows():
+    assert _prompt_chunks([0, 1, 2, 3, 4], [2, 2, 2, 2, 2], batch_size=2) == [[0, 1], [2, 3], [4]]
+    assert _prompt_chunks([0, 1, 2], [24, 24, 24], batch_size=16) == [[0, 1], [2]]  # 48 rows at most
+    assert _prompt_chunks([0, 1], [100, 1], batch_size=4) == [[0], [1]]  # one example alone may exceed it
+
+
+def test_choice_predictions_by_sum_and_by_length():
+    example = Example("pubmedqa", "q", "maybe", ("no", "maybe"))
+    best, best_norm = choice_predictions([example], [[(-3.0, 2), (-4.0, 3)]])
+    assert best == ["no"] and best_norm == ["maybe"]  # -3/2 < -4/5 per character
+    metrics = task_metrics(get_task("pubmedqa"), [example], best, best_norm)
+    assert list(metrics) == ["accuracy", "accuracy_norm", "macro_f1"]
+    assert metrics["accuracy"] == 0 and metrics["accuracy_norm"] == 1
+
+
+def test_choice_scoring_refuses_examples_without_choices():
+    model, tokenizer = tiny_model_and_tokenizer()
+    with pytest.raises(ValueError, match="have no choices"):
+        score_choices(model, tokenizer, EXAMPLES)
+    with pytest.raises(ValueError, match="allowed: choices, generate"):
+        evaluate_model(model, tokenizer, {"pubmedqa": CHOICE_EXAMPLES}, mode="greedy")
+
+
+def test_evaluate_model_scores_choices_and_generates_free_text(monkeypatch):
+    model, tokenizer = tiny_model_and_tokenizer()
+    generated = []
+    monkeypatch.setattr(evaluation, "generate_answers", lambda *args, **kwargs: generated.append(1) or ["none"] * 2)
+    free = [Example("ncbi_disease", "Sentence: a", "none"), Example("ncbi_disease", "Sentence: b", "cancer")]
+    results = evaluate_model(model, tokenizer, {"pubmedqa": CHOICE_EXAMPLES, "ncbi_disease": free})
+    assert results["pubmedqa"]["mode"] == "choices" and results["ncbi_disease"]["mode"] == "generate"
+    assert generated == [1]  # only the free-text task generated
+    assert set(results["pubmedqa"]["predictions"]) <= set(CHOICES)
+    assert len(results["pubmedqa"]["scores"]) == 4 and all(len(s) == 4 for s in results["pubmedqa"]["scores"])
+    assert results["ncbi_disease"]["metrics"] == pytest.approx({"f1": 0.0, "precision": 0.0, "recall": 0.0})
+
+
+@pytest.mark.parametrize("adapter", ["topk", "prompt", "peft"])
+def test_evaluate_run_scores_choices_with_intervals(tmp_path, monkeypatch, adapter):
+    register_yes_no_tasks(monkeypatch)
+    model, _ = tiny_model_and_tokenizer()
+    run = tmp_path / "run"
+    wrapped = peft_lora(model) if adapter == "peft" else mixture(model, adapter, **({"top_k": 3} if adapter == "prompt" else {}))
+    write_run(run, wrapped, eval_mode="choices")
+    metrics = evaluate_run(run)
+    alpha = metrics["tasks"]["alpha"]
+    assert alpha["mode"] == "choices" and alpha["n"] == 4
+    assert list(alpha["model"]) == list(alpha["zero_shot"]) == ["accuracy", "accuracy_norm", "macro_f1"]
+    assert alpha["majority"]["accuracy"] == alpha["majority"]["accuracy_norm"]  # a constant answer
+    for column in ("model", "zero_shot", "majority"):
+        for metric, (low, high) in alpha["intervals"][column].items():
+            assert low <= alpha[column][metric] <= high
+    for baseline in ("zero_shot", "majority"):
+        difference = alpha["differences"][baseline]
+        assert difference["difference"] == pytest.approx(alpha["model"]["accuracy"] - alpha[baseline]["accuracy"])
+        assert difference["low"] <= difference["difference"] <= difference["high"]
+        assert difference["beats"] == (difference["low"] > 0)
+    rows = [json.loads(line) for line in (run / "predictions.jsonl").read_text().splitlines()]
+    assert all(len(row["choice_scores"]) == 2 and row["prediction"] in ("yes", "no") for row in rows)
+    again = evaluate_run(run, mode="generate")  # the zero-shot cache is kept per mode
+    assert again["tasks"]["alpha"]["mode"] == "generate" and "accuracy_norm" not in again["tasks"]["alpha"]["model"]

@@ -14,6 +14,11 @@ METRICS = {
             "model": {"accuracy": 0.6, "macro_f1": 0.5},
             "zero_shot": {"accuracy": 0.4, "macro_f1": 0.3},
             "majority": {"accuracy": 0.55, "macro_f1": 0.24},
+            "intervals": {"model": {"accuracy": [0.5, 0.7]}, "zero_shot": {"accuracy": [0.3, 0.5]}},
+            "differences": {
+                "zero_shot": {"metric": "accuracy", "difference": 0.2, "low": 0.08, "high": 0.31, "beats": True},
+                "majority": {"metric": "accuracy", "difference": 0.05, "low": -0.04, "high": 0.14, "beats": False},
+            },
             "n": 100,
         },
         "medqa_usmle": {"model": None, "zero_shot": {"accuracy": 0.2}, "majority": {"accuracy": 0.3}, "n": 50},
@@ -73,8 +78,10 @@ def test_write_report_makes_plots_and_a_table(tmp_path):
         data = (run / name).read_bytes()
         assert data.startswith(b"\x89PNG") and len(data) > 5000, name
     text = report.read_text()
-    assert "| pubmedqa | accuracy | 0.600 | 0.400 | 0.550 | 100 |" in text
-    assert "| medqa_usmle | accuracy | — | 0.200 | 0.300 | 50 |" in text
+    pubmedqa = "| pubmedqa | accuracy | 0.600 [0.500, 0.700] | 0.400 [0.300, 0.500] | 0.550 |"
+    assert f"{pubmedqa} +0.200 [+0.080, +0.310] ✓ | +0.050 [-0.040, +0.140] ✗ | 100 |" in text
+    assert "| pubmedqa | macro_f1 | 0.500 | 0.300 | 0.240 |  |  | 100 |" in text  # differences: main metric only
+    assert "| medqa_usmle | accuracy | — | 0.200 | 0.300 |  |  | 50 |" in text
     assert "**average**" in text
     assert "trainable: 1,234" in text
     assert "inputs truncated to 256 tokens: pubmedqa 12/240" in text
@@ -101,10 +108,10 @@ def test_many_modules_are_grouped_by_layer_and_kind(tmp_path):
 def test_summary_table_lists_every_task(tmp_path):
     run = tmp_path / "run"
     write_run(run)
-    console = Console(record=True, width=120)
+    console = Console(record=True, width=150)
     console.print(summary_table(run))
     text = console.export_text()
-    for expected in ("pubmedqa", "macro_f1", "medqa_usmle", "average", "0.600", "1 of 2 tasks"):
+    for expected in ("pubmedqa", "macro_f1", "medqa_usmle", "average", "0.600", "[0.500, 0.700]", "1 of 2 tasks"):
         assert expected in text
 
 

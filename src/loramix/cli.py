@@ -83,6 +83,9 @@ def evaluate(
     ] = None,
     data_dir: Annotated[Path | None, typer.Option(help="medical data folder")] = None,
     zero_shot: Annotated[bool, typer.Option(help="also score the base model zero-shot")] = True,
+    mode: Annotated[
+        str | None, typer.Option(help="choices (log-likelihood of each label) or generate (default: the recipe's)")
+    ] = None,
 ) -> None:
     """Score a run per task against zero-shot and the majority class; rewrite its report."""
     from loramix.recipe import load_recipe
@@ -93,7 +96,7 @@ def evaluate(
             raise FileNotFoundError(f"{run / 'adapter'} is missing: is {run} a finished `loramix train` run?")
         extra = [f"data_dir={data_dir}"] if data_dir is not None else []
         recipe = load_recipe(run / "recipe.yaml", extra)
-        evaluate_and_report(run, recipe, max_examples, zero_shot=zero_shot)
+        evaluate_and_report(run, recipe, max_examples, zero_shot=zero_shot, mode=mode)
     except _user_errors() as error:
         raise _fail(error) from None
     _print_summary(run)

@@ -2,22 +2,26 @@
 
 from __future__ import annotations
 
+import inspect
 import json
 import os
 import tempfile
 import time
 from collections.abc import Sequence
+from contextlib import nullcontext
 from pathlib import Path
 
 import torch
-from torch import nn
+from torch import Tensor, nn
 from tqdm.auto import tqdm
 
-from loramix.data import Example, collate, encode_example, get_task
+from loramix.data import Example, Task, collate, encode_example, get_task
+from loramix.data.metrics import bootstrap, percentile_interval
+from loramix.data.encode import template_parts
 from loramix.model import MixLoraModel, load
 from loramix.models import load_model
 from loramix.precision import use_bf16
-from loramix.recipe import load_recipe
+from loramix.recipe import EVAL_MODES, load_recipe
 
 DEFAULT_MAX_PROMPT_LENGTH = 1024
 
@@ -101,40 +105,265 @@ def generate_answers(
     return answers
 
 
+# ---- choice scoring -----------------------------------------------------------------------------------------
+def _continuation_ids(tokenizer, system_prompt: str | None) -> callable:
+    """Token ids of a choice as training writes an answer after the generation prompt (with its end of turn)."""
+    _, _, lead, end = template_parts(tokenizer, system_prompt)
+    cache: dict[str, list[int]] = {}
+
+    def ids(choice: str) -> list[int]:
+        if choice not in cache:
+            cache[choice] = list(tokenizer(lead + choice + end, add_special_tokens=False)["input_ids"])
+        return cache[choice]
+
+    return ids
+
+
+def _prompt_chunks(order: list[int], choice_counts: list[int], batch_size: int) -> list[list[int]]:
+    """Consecutive examples of `order` per forward: at most batch_size prompts and, once past one example, at
+    most 3 * batch_size continuation rows (a row per choice shares its prompt's key-value cache)."""
+    chunks: list[list[int]] = []
+    rows = 0
+    for index in order:
+        if chunks and len(chunks[-1]) < batch_size and rows + choice_counts[index] <= 3 * batch_size:
+            chunks[-1].append(index)
+            rows += choice_counts[index]
+        else:
+            chunks.append([index])
+            rows = choice_counts[index]
+    return chunks
+
+
+def score_choices(
+    model: nn.Module,
+    tokenizer,
+    examples: Sequence[Example],
+    *,
+    task_id: int | None = None,
+    batch_size: int = 16,
+    max_prompt_length: int = DEFAULT_MAX_PROMPT_LENGTH,
+    bf16: bool = False,
+    system_prompt: str | None = None,
+) -> list[list[tuple[float, int]]]:
+    """Per example, per choice: (log-likelihood of the choice after the prompt, its token count), the choice
+    written as training writes an answer (with the end of the assistant's turn).
+
+    The lm-evaluation-harness `multiple_choice` scoring, with the prompt encoded once per example: a batch of
+    left-padded prompts runs once, its key-value cache is repeated for the choices, and one more forward scores
+    every choice's tokens. Routes computed once per prompt (task ids, `prompt` and sequence-level routers)
+    come from the prompt alone and serve all its choices, as in `generate`.
+    """
+    mixture = isinstance(model, MixLoraModel)
+    if task_id is not None and not mixture:
+        raise ValueError(f"task_id={task_id} given, but only a MixLoraModel takes task ids ({type(model).__name__})")
+    missing = [example.id or str(i) for i, example in enumerate(examples) if not example.choices]
+    if missing:
+        raise ValueError(f"examples {missing[:5]} of {examples[0].task} have no choices to score: use generation")
+    if not examples:
+        return []
+    pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else _eos_token_ids(model, tokenizer)[0]
+    device = next(model.parameters()).device
+    prompts = [encode_example(example, tokenizer, max_prompt_length, False, system_prompt) for example in examples]
+    choice_ids = _continuation_ids(tokenizer, system_prompt)
+    order = sorted(range(len(prompts)), key=lambda i: -len(prompts[i]["input_ids"]))  # longest first: less padding
+    scores: list[list[tuple[float, int]]] = [[] for _ in examples]
+    was_training = model.training
+    model.eval()
+    try:
+        with torch.inference_mode(), torch.autocast(device.type, dtype=torch.bfloat16, enabled=bf16):
+            chunks = _prompt_chunks(order, [len(e.choices) for e in examples], batch_size)
+            for chunk in tqdm(chunks, desc=f"scoring {examples[0].task}", leave=False, disable=None):
+                routing = model.prompt_routing(_task_ids(task_id, len(chunk), device)) if mixture else nullcontext()
+                with routing:
+                    for index, result in zip(chunk, _score_chunk(model, [prompts[i] for i in chunk],
+                                                                 [[choice_ids(c) for c in examples[i].choices]
+                                                                  for i in chunk], pad, device), strict=True):
+                        scores[index] = result
+    finally:
+        model.train(was_training)
+    return scores
+
+
+def _task_ids(task_id: int | None, rows: int, device: torch.device) -> Tensor | None:
+    return None if task_id is None else torch.full((rows,), task_id, dtype=torch.long, device=device)
+
+
+def _score_chunk(
+    model: nn.Module, prompts: list[dict], choices: list[list[list[int]]], pad: int, device: torch.device
+) -> list[list[tuple[float, int]]]:
+    """Log-likelihoods of every choice of a few prompts: one forward over the prompts, one over the choices."""
+    batch = collate(prompts, pad, padding_side="left")
+    mask = batch["attention_mask"].to(device)
+    positions = (mask.cumsum(-1) - 1).clamp_min(0)
+    hf_model = _hf_model(model)
+    parameters = inspect.signature(hf_model.forward).parameters
+    last_only = {"logits_to_keep": 1} if "logits_to_keep" in parameters else {}
+    cache_key = "cache" if "cache" in parameters else "past_key_values"  # transformers 5.2x renamed it
+    prompt = hf_model(
+        input_ids=batch["input_ids"].to(device), attention_mask=mask, position_ids=positions, use_cache=True, **last_only
+    )
+    first = prompt.logits[:, -1].float().log_softmax(-1)  # the distribution of every choice's first token
+    owners = [row for row, options in enumerate(choices) for _ in options]
+    continuations = [ids for options in choices for ids in options]
+    rows = torch.tensor(owners, device=device)
+    if isinstance(model, MixLoraModel):
+        model.select_rows(rows)
+    cache = prompt[cache_key]
+    cache.batch_select_indices(rows)
+    width = max(len(ids) for ids in continuations)
+    tokens = torch.tensor([ids + [pad] * (width - len(ids)) for ids in continuations], device=device)
+    real = torch.tensor([[1] * len(ids) + [0] * (width - len(ids)) for ids in continuations], device=device)
+    log_probs = first[rows].gather(1, tokens[:, :1])
+    if width > 1:  # token j + 1 of a choice is predicted at its position j
+        following = hf_model(
+            input_ids=tokens[:, :-1],
+            attention_mask=torch.cat([mask[rows], real[:, :-1]], dim=1),
+            position_ids=mask.sum(-1)[rows, None] + torch.arange(width - 1, device=device),
+            use_cache=True,
+            **{cache_key: cache},
+        )
+        later = following.logits.float().log_softmax(-1).gather(2, tokens[:, 1:, None])[..., 0]
+        log_probs = torch.cat([log_probs, later], dim=1)
+    totals = (log_probs * real).sum(-1).tolist()
+    results: list[list[tuple[float, int]]] = [[] for _ in choices]
+    for owner, total, ids in zip(owners, totals, continuations, strict=True):
+        results[owner].append((total, len(ids)))
+    return results
+
+
 # ---- metrics ------------------------------------------------------------------------------------------------
+BOOTSTRAP_RESAMPLES = 1000
+
+
+def task_metrics(
+    task: Task, examples: Sequence[Example], predictions: list[str], predictions_norm: list[str] | None = None
+) -> dict[str, float]:
+    """The task's metrics of the predictions; with choice scoring also `accuracy_norm`, the accuracy of the
+    length-normalised choices (lm-evaluation-harness `acc_norm`; `accuracy` is its `acc`), after `accuracy`."""
+    metrics = task.score(predictions, list(examples))
+    if predictions_norm is None or "accuracy" not in metrics:
+        return metrics
+    norm = task.score(predictions_norm, list(examples))["accuracy"]
+    ordered = {}
+    for name, value in metrics.items():
+        ordered[name] = value
+        if name == "accuracy":
+            ordered["accuracy_norm"] = norm
+    return ordered
+
+
+def choice_predictions(examples: Sequence[Example], scores: list[list[tuple[float, int]]]) -> tuple[list, list]:
+    """(the choice of highest log-likelihood, the choice of highest log-likelihood per character) per example."""
+    best, best_norm = [], []
+    for example, options in zip(examples, scores, strict=True):
+        totals = [total for total, _ in options]
+        per_char = [total / max(len(choice), 1) for (total, _), choice in zip(options, example.choices, strict=True)]
+        best.append(example.choices[max(range(len(totals)), key=totals.__getitem__)])
+        best_norm.append(example.choices[max(range(len(per_char)), key=per_char.__getitem__)])
+    return best, best_norm
+
+
+def uses_choices(mode: str, examples: Sequence[Example]) -> bool:
+    """Whether a task's examples are scored by choice log-likelihood: mode "choices" and every example has choices."""
+    if mode not in EVAL_MODES:
+        raise ValueError(f"evaluation mode {mode!r} is invalid; allowed: {', '.join(EVAL_MODES)}")
+    return mode == "choices" and all(example.choices for example in examples)
+
+
 def evaluate_model(
     model: nn.Module,
     tokenizer,
     tasks: dict[str, list[Example]],
     task_ids: dict[str, int] | None = None,
     *,
+    mode: str = "choices",
     batch_size: int = 16,
     max_prompt_length: int = DEFAULT_MAX_PROMPT_LENGTH,
     max_new_tokens: int | None = None,
     bf16: bool = False,
     system_prompt: str | None = None,
 ) -> dict[str, dict]:
-    """Per task: {"metrics": the task's score of the parsed answers, "outputs": generated texts,
-    "predictions": parsed answers}. `task_ids` maps task names to the ids a MixLoraModel routes by
-    (tasks missing from it get none); `max_new_tokens` overrides each task's own; `bf16` and `system_prompt`
-    as in generate_answers."""
+    """Per task: {"mode", "metrics", "predictions"} and, by mode, "predictions_norm" and "scores" (the choices'
+    log-likelihoods, `score_choices`) or "outputs" (the generated texts, `generate_answers`).
+
+    mode "choices" scores tasks whose examples all have choices by log-likelihood and generates answers for
+    the others (free text); "generate" generates for every task and parses the answers. `task_ids` maps task
+    names to the ids a MixLoraModel routes by (tasks missing from it get none); `max_new_tokens` overrides
+    each task's own; `bf16` and `system_prompt` as in generate_answers."""
     results = {}
+    options = dict(batch_size=batch_size, max_prompt_length=max_prompt_length, bf16=bf16, system_prompt=system_prompt)
     for name, examples in tasks.items():
-        task = get_task(name)
+        task, task_id = get_task(name), (task_ids or {}).get(name)
+        if uses_choices(mode, examples):
+            scores = score_choices(model, tokenizer, examples, task_id=task_id, **options)
+            predictions, predictions_norm = choice_predictions(examples, scores)
+            results[name] = {
+                "mode": "choices",
+                "metrics": task_metrics(task, examples, predictions, predictions_norm),
+                "predictions": predictions,
+                "predictions_norm": predictions_norm,
+                "scores": [[round(total, 4) for total, _ in choice_scores] for choice_scores in scores],
+            }
+            continue
         outputs = generate_answers(
-            model,
-            tokenizer,
-            examples,
-            task_id=(task_ids or {}).get(name),
-            max_new_tokens=max_new_tokens or task.max_new_tokens,
-            batch_size=batch_size,
-            max_prompt_length=max_prompt_length,
-            bf16=bf16,
-            system_prompt=system_prompt,
+            model, tokenizer, examples, task_id=task_id, max_new_tokens=max_new_tokens or task.max_new_tokens, **options
         )
         predictions = [task.parse(output) for output in outputs]
-        results[name] = {"metrics": task.score(predictions, examples), "outputs": outputs, "predictions": predictions}
+        results[name] = {
+            "mode": "generate",
+            "metrics": task_metrics(task, examples, predictions),
+            "outputs": outputs,
+            "predictions": predictions,
+        }
     return results
+
+
+def compare(
+    task: Task,
+    examples: Sequence[Example],
+    columns: dict[str, dict],
+    against: str = "model",
+    resamples: int = BOOTSTRAP_RESAMPLES,
+    seed: int = 0,
+) -> dict:
+    """95% percentile-bootstrap intervals of every column's metrics, and the paired-bootstrap difference of the
+    task's main metric between column `against` and each other column (the same resampled examples for both).
+
+    `columns` maps a name to {"predictions", optionally "predictions_norm"}. Returns {"intervals": {column:
+    {metric: [low, high]}}, "differences": {column: {"metric", "difference", "low", "high", "beats"}}}, where
+    `beats` means the interval's low end is above zero.
+    """
+    def score(column: dict, rows: list[int]) -> dict[str, float]:
+        norm = column.get("predictions_norm")
+        return task_metrics(
+            task,
+            [examples[i] for i in rows],
+            [column["predictions"][i] for i in rows],
+            None if norm is None else [norm[i] for i in rows],
+        )
+
+    draws = bootstrap(lambda rows: {name: score(column, rows) for name, column in columns.items()}, len(examples),
+                      resamples, seed)
+    whole = {name: score(column, list(range(len(examples)))) for name, column in columns.items()}
+    intervals = {
+        name: {metric: percentile_interval([d[name][metric] for d in draws]) for metric in whole[name]}
+        for name in columns
+    }
+    differences = {}
+    if against in columns:
+        main = next(iter(whole[against]))
+        for name in columns:
+            if name == against or main not in whole[name]:
+                continue
+            low, high = percentile_interval([d[against][main] - d[name][main] for d in draws])
+            differences[name] = {
+                "metric": main,
+                "difference": whole[against][main] - whole[name][main],
+                "low": low,
+                "high": high,
+                "beats": low > 0,
+            }
+    return {"intervals": intervals, "differences": differences}
 
 
 # ---- a run folder -------------------------------------------------------------------------------------------
@@ -196,17 +425,20 @@ def evaluate_run(
     data_dir: str | Path | None = None,
     max_examples: int | None = None,
     zero_shot: bool = True,
+    mode: str | None = None,
     batch_size: int = 16,
     device: str | torch.device = "cpu",
     bf16: bool | None = None,
 ) -> dict:
-    """Score a run's adapter, the zero-shot base model and the majority class on each task's test split.
+    """Score a run's adapter, the zero-shot base model and the majority class on each task's test split, with
+    95% bootstrap intervals and the paired-bootstrap difference of the model against each baseline.
 
     The tasks are the recipe's `tasks` (task id = position) and its evaluation-only `evaluation` tasks;
-    the test examples are the first `max_examples` of splits.json's test indices. Zero-shot scores are
-    cached in zero_shot.json (by model, task, test size, precision, prompt length and system prompt). `bf16`
-    (default: the recipe's training.bf16, resolved by loramix.precision.use_bf16) runs both models under
-    bfloat16 autocast. The prompts carry the recipe's system prompt.
+    the test examples are the first `max_examples` of splits.json's test indices. `mode` (default: the
+    recipe's eval_mode) is as in evaluate_model; the baselines are scored the same way. Zero-shot results
+    are cached in zero_shot.json (by model, task, test size, mode, precision, prompt length and system
+    prompt). `bf16` (default: the recipe's training.bf16, resolved by loramix.precision.use_bf16) runs both
+    models under bfloat16 autocast. The prompts carry the recipe's system prompt.
     Writes metrics.json and predictions.jsonl in the run folder and returns the metrics.
     """
     started = time.perf_counter()
@@ -214,11 +446,13 @@ def evaluate_run(
     recipe = load_recipe(run_dir / "recipe.yaml")  # also registers the recipe's JSONL tasks
     splits = _read_json(run_dir / "splits.json")
     data_dir = data_dir or recipe.data_dir
+    mode = mode or recipe.eval_mode
     trained = list(recipe.tasks)
     names = list(dict.fromkeys([*trained, *recipe.evaluation]))
     examples = {name: _split_examples(name, splits, data_dir, max_examples) for name in names}
     bf16 = use_bf16(recipe.training.bf16, device) if bf16 is None else bf16
     settings = {
+        "mode": mode,
         "batch_size": batch_size,
         "max_prompt_length": recipe.max_length,
         "bf16": bf16,
@@ -229,13 +463,13 @@ def evaluate_run(
     cache_path = run_dir / "zero_shot.json"
     cache = _read_json(cache_path)
     # the prompts' format is part of the key: runs that share a cache (benchmarks/accuracy.py) may differ in it
-    prompt_format = f"{'bf16' if bf16 else 'fp32'}|{recipe.max_length}|system={recipe.system_prompt!r}"
+    prompt_format = f"{mode}|{'bf16' if bf16 else 'fp32'}|{recipe.max_length}|system={recipe.system_prompt!r}"
     keys = {name: f"{recipe.model}|{name}|{len(test)}|{prompt_format}" for name, (_, test) in examples.items()}
     uncached = {name: test for name, (_, test) in examples.items() if keys[name] not in cache}
     if zero_shot and uncached:
         for name, result in evaluate_model(model, tokenizer, uncached, None, **settings).items():
-            cache[keys[name]] = result["metrics"]
-        _write_atomically(cache_path, json.dumps(cache, indent=2))
+            cache[keys[name]] = {key: result[key] for key in ("metrics", "predictions", "predictions_norm") if key in result}
+        _write_atomically(cache_path, json.dumps(cache))
 
     model = _load_adapter(model, run_dir / "adapter")
     notes = []
@@ -251,10 +485,21 @@ def evaluate_run(
 
     tasks = {}
     for name, (train, test) in examples.items():
+        task = get_task(name)
+        majority = [task.majority_answer(train)] * len(test)
+        columns = {"model": results.get(name), "zero_shot": cache.get(keys[name]) if zero_shot else None}
+        columns = {column: value for column, value in columns.items() if value and "predictions" in value}
+        columns["majority"] = {"predictions": majority}
+        if uses_choices(mode, test):
+            columns["majority"]["predictions_norm"] = majority
+        comparison = compare(task, test, columns)
         tasks[name] = {
             "model": results[name]["metrics"] if name in results else None,
-            "zero_shot": cache.get(keys[name]),
-            "majority": get_task(name).majority(train, test),
+            "zero_shot": (cache.get(keys[name]) or {}).get("metrics") if zero_shot else None,
+            "majority": task_metrics(task, test, **columns["majority"]),
+            "intervals": comparison["intervals"],
+            "differences": comparison["differences"],
+            "mode": "choices" if uses_choices(mode, test) else "generate",
             "n": len(test),
         }
     meta = _read_json(run_dir / "metrics.json").get("meta", {})
@@ -265,6 +510,7 @@ def evaluate_run(
         task_ids=task_ids,
         max_examples=max_examples,
         **settings,
+        intervals=f"95% percentile bootstrap over test examples, {BOOTSTRAP_RESAMPLES} resamples, paired for differences",
         eval_seconds=round(time.perf_counter() - started, 1),
     )
     meta.pop("notes", None)
@@ -272,10 +518,13 @@ def evaluate_run(
         meta["notes"] = notes
     metrics = {"tasks": tasks, "meta": meta}
     _write_atomically(run_dir / "metrics.json", json.dumps(metrics, indent=2))
-    predictions = [
-        {"task": name, "id": example.id, "output": output, "prediction": prediction, "answer": example.answer}
-        for name, result in results.items()
-        for example, output, prediction in zip(scored[name], result["outputs"], result["predictions"], strict=True)
-    ]
-    _write_atomically(run_dir / "predictions.jsonl", "".join(json.dumps(row) + "\n" for row in predictions))
+    rows = []
+    for name, result in results.items():
+        for index, example in enumerate(scored[name]):
+            row = {"task": name, "id": example.id, "prediction": result["predictions"][index], "answer": example.answer}
+            for key, field in (("predictions_norm", "prediction_norm"), ("scores", "choice_scores"), ("outputs", "output")):
+                if key in result:
+                    row[field] = result[key][index]
+            rows.append(row)
+    _write_atomically(run_dir / "predictions.jsonl", "".join(json.dumps(row) + "\n" for row in rows))
     return metrics

@@ -223,6 +223,18 @@ class MixLoraModel(nn.Module):
         with self._routing_inputs(task_ids, None, generating=True):
             return self.base_model.generate(*args, **kwargs)
 
+    @contextmanager
+    def prompt_routing(self, task_ids: Tensor | None = None):
+        """Forwards of `base_model` inside share one call's routing, as the steps of `generate` do: routes made
+        once per sequence are computed on the first forward (the prompt) and reused by the next ones (which
+        continue it through the key-value cache); `select_rows` re-indexes them with the cache's rows."""
+        with self._routing_inputs(task_ids, None, generating=True):
+            yield
+
+    def select_rows(self, rows: Tensor) -> None:
+        """Inside `prompt_routing`: the next forwards continue batch rows `rows` of the previous one."""
+        self.context.select_rows(rows)
+
     def compute_loss(self, batch: dict[str, Tensor]) -> Tensor:
         """Cross-entropy on the labelled tokens + weighted auxiliary losses (+ the ReMix RLOO surrogate).
 

@@ -18,6 +18,7 @@ from loramix.precision import BF16_SETTINGS
 SAMPLINGS = ("proportional", "temperature", "uniform")
 BATCHINGS = ("mixed", "task")  # rows of any tasks, or of one task per batch (less padding between short and long)
 SCHEDULES = ("cosine", "linear", "constant")
+EVAL_MODES = ("choices", "generate")  # closed-label tasks by choice log-likelihood, or every task by generation
 LORA_DEFAULTS = {"r": 8, "lora_alpha": 16, "lora_dropout": 0.0, "target_modules": "all-linear"}
 LORA_RESERVED = ("task_type", "peft_type", "base_model_name_or_path", "revision", "inference_mode")
 
@@ -115,6 +116,7 @@ class Recipe:
     max_length: int = 256
     system_prompt: str | None = None  # None: the chat template's default
     eval_examples: int | None = 100
+    eval_mode: str = "choices"  # closed-label tasks by choice log-likelihood; "generate": parse greedy answers
     training: Training = field(default_factory=Training)
     mixlora: dict | None = None
     lora: dict | None = None
@@ -134,6 +136,7 @@ class Recipe:
                 except ValueError as error:
                     _fail(key, name, str(error))
         _check(self.sampling in SAMPLINGS, "sampling", self.sampling, f"allowed: {list(SAMPLINGS)}")
+        _check(self.eval_mode in EVAL_MODES, "eval_mode", self.eval_mode, f"allowed: {list(EVAL_MODES)}")
         _check(self.batching in BATCHINGS, "batching", self.batching, f"allowed: {list(BATCHINGS)}")
         _check(self.sampling_temperature > 0, "sampling_temperature", self.sampling_temperature, "expected > 0")
         _at_least(self, "", ("max_length",), 16)

@@ -17,6 +17,7 @@ from rich.table import Table  # noqa: E402
 COLUMNS = ("model", "zero_shot", "majority")
 LABELS = {"model": "model", "zero_shot": "zero-shot", "majority": "majority"}
 COLOURS = {"model": "#1f77b4", "zero_shot": "#ff7f0e", "majority": "#9e9e9e"}
+DIFFERENCE_LABELS = {"zero_shot": "model − zero-shot", "majority": "model − majority"}
 DENSE_ROUTERS = ("soft", "task")  # every expert is active: top_k means nothing for them
 MAX_HEATMAP_ROWS = 40
 
@@ -66,27 +67,50 @@ def _format(value: float | None) -> str:
     return "—" if value is None else f"{value:.3f}"
 
 
+def _with_interval(result: dict, column: str, metric: str, value: float | None, separator: str = " ") -> str:
+    """"0.617 [0.550, 0.680]": the value and its 95% interval, where metrics.json has one."""
+    interval = ((result.get("intervals") or {}).get(column) or {}).get(metric)
+    if value is None or interval is None:
+        return _format(value)
+    return f"{value:.3f}{separator}[{interval[0]:.3f}, {interval[1]:.3f}]"
+
+
+def _difference(result: dict, column: str, metric: str, separator: str = " ") -> str:
+    """"+0.120 [+0.050, +0.190] ✓": the model's paired difference from a baseline on the task's main metric
+    (✓: the interval's low end is above zero, the model beats it; ✗ otherwise)."""
+    difference = (result.get("differences") or {}).get(column)
+    if not difference or difference["metric"] != metric:
+        return ""
+    mark = "✓" if difference["beats"] else "✗"
+    return f"{difference['difference']:+.3f}{separator}[{difference['low']:+.3f}, {difference['high']:+.3f}] {mark}"
+
+
 def summary_table(run_dir: str | Path) -> Table:
-    """A rich table of the run's per-task metrics (model, zero-shot, majority) with an average row."""
+    """A rich table of the run's per-task metrics (model, zero-shot, majority, with 95% intervals), the model's
+    paired differences from both baselines, and an average row."""
     run_dir = Path(run_dir)
     metrics = _read_json(run_dir / "metrics.json")
     if metrics is None:
         raise FileNotFoundError(f"{run_dir / 'metrics.json'} is missing: run `loramix eval --run {run_dir}` first")
-    table = Table(title=f"{run_dir.name}: test scores")
+    table = Table(title=f"{run_dir.name}: test scores [95% interval]; ✓ = beats the baseline (paired bootstrap)")
     table.add_column("task")
     table.add_column("metric")
     for column in COLUMNS:
         table.add_column(LABELS[column], justify="right")
+    for label in DIFFERENCE_LABELS.values():
+        table.add_column(label, justify="right")
     table.add_column("n", justify="right")
     previous = None
     rows = score_rows(metrics)
     for index, (task, name, values) in enumerate(rows):
         last = index == len(rows) - 1
-        n = "" if last or task == previous else str(metrics["tasks"][task].get("n", ""))
+        result = metrics["tasks"].get(task, {})
+        n = "" if last or task == previous else str(result.get("n", ""))
         table.add_row(
             "" if task == previous else task,
             name,
-            *(_format(values[column]) for column in COLUMNS),
+            *(_with_interval(result, column, name, values[column], "\n") for column in COLUMNS),
+            *(_difference(result, column, name, "\n") for column in DIFFERENCE_LABELS),
             n,
             end_section=not last and rows[index + 1][0] != task,
             style="bold" if last else None,
@@ -96,10 +120,17 @@ def summary_table(run_dir: str | Path) -> Table:
 
 
 def _markdown_table(metrics: dict) -> str:
-    lines = ["| task | metric | model | zero-shot | majority | n |", "|---|---|---:|---:|---:|---:|"]
+    header = ["task", "metric", "model", "zero-shot", "majority", *DIFFERENCE_LABELS.values(), "n"]
+    lines = ["| " + " | ".join(header) + " |", "|---|---|" + "---:|" * (len(header) - 2)]
     for task, name, values in score_rows(metrics):
-        n = metrics["tasks"].get(task, {}).get("n", "")
-        cells = [task, name, *(_format(values[column]) for column in COLUMNS), str(n)]
+        result = metrics["tasks"].get(task, {})
+        cells = [
+            task,
+            name,
+            *(_with_interval(result, column, name, values[column]) for column in COLUMNS),
+            *(_difference(result, column, name) for column in DIFFERENCE_LABELS),
+            str(result.get("n", "")),
+        ]
         if task == "average":
             cells = [f"**{cell}**" if cell else "" for cell in cells]
         lines.append("| " + " | ".join(cells) + " |")

@@ -30,7 +30,14 @@ from loramix.precision import use_bf16
 from loramix.recipe import Recipe, Training
 
 # Keys a resumed run may change: they do not alter what the finished steps computed.
-RESUMABLE_CHANGES = {"training.steps", "training.log_every", "training.save_every", "eval_examples", "evaluation"}
+RESUMABLE_CHANGES = {
+    "training.steps",
+    "training.log_every",
+    "training.save_every",
+    "eval_examples",
+    "eval_mode",
+    "evaluation",
+}
 
 
 class TrainingError(RuntimeError):

@@ -82,12 +82,15 @@ class Task(ABC):
             scores["macro_f1"] = macro_f1(predicted, gold, tuple(normalise(c) for c in self.choices))
         return scores
 
-    def majority(self, train: list[Example], test: list[Example]) -> dict[str, float]:
-        """The scores on `test` of always answering the most frequent answer of `train`."""
+    def majority_answer(self, train: list[Example]) -> str:
+        """The most frequent answer of `train` (the majority-class baseline's constant prediction)."""
         if not train:
             raise ValueError(f"no training examples of {self.name} to take the majority answer from")
-        most_common = Counter(e.answer for e in train).most_common(1)[0][0]
-        return self.score([most_common] * len(test), test)
+        return Counter(e.answer for e in train).most_common(1)[0][0]
+
+    def majority(self, train: list[Example], test: list[Example]) -> dict[str, float]:
+        """The scores on `test` of always answering the most frequent answer of `train`."""
+        return self.score([self.majority_answer(train)] * len(test), test)
 
 
 TASKS: dict[str, Task] = {}

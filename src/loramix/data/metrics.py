@@ -1,8 +1,9 @@
-"""Metrics: accuracy, macro-F1 over a label set, and micro precision / recall / F1 over sets of items."""
+"""Metrics: accuracy, macro-F1 over a label set, micro precision / recall / F1 over sets of items, and the\nbootstrap that puts intervals on them."""
 
 from __future__ import annotations
 
-from collections.abc import Hashable
+import random
+from collections.abc import Callable, Hashable
 
 
 def accuracy(predictions: list[str], golds: list[str]) -> float:
@@ -34,3 +35,19 @@ def micro_prf(predicted: set[Hashable], gold: set[Hashable]) -> dict[str, float]
     recall = true_positives / len(gold) if gold else 0.0
     f1 = 2 * precision * recall / (precision + recall) if precision + recall else 0.0
     return {"f1": f1, "precision": precision, "recall": recall}
+
+
+def bootstrap(score: Callable[[list[int]], dict], size: int, resamples: int = 1000, seed: int = 0) -> list[dict]:
+    """`score(rows)` of `resamples` bootstrap samples: each `size` row indices drawn with replacement (seeded)."""
+    if size < 1:
+        raise ValueError(f"cannot bootstrap {size} examples")
+    rng = random.Random(seed)
+    return [score([rng.randrange(size) for _ in range(size)]) for _ in range(resamples)]
+
+
+def percentile_interval(values: list[float], confidence: float = 0.95) -> list[float]:
+    """[low, high]: the central `confidence` share of the values (the bootstrap percentile interval)."""
+    ordered = sorted(values)
+    tail = (1 - confidence) / 2
+    last = len(ordered) - 1
+    return [ordered[round(tail * last)], ordered[round((1 - tail) * last)]]

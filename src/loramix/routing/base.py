@@ -155,6 +155,17 @@ class RoutingContext:
         self.sequence_routes.clear()
         self.layer_cache.clear()
 
+    def select_rows(self, rows: Tensor) -> None:
+        """Continue this call on the batch rows `rows` (repeats allowed): the task ids and the routes computed
+        once per sequence follow their rows, as when several continuations of one prompt are scored."""
+        if self.task_ids is not None:
+            self.task_ids = self.task_ids[rows.to(self.task_ids.device)]
+        for key, routing in self.sequence_routes.items():
+            values = {f.name: getattr(routing, f.name) for f in fields(Routing)}
+            picked = {k: v[rows.to(v.device)] if isinstance(v, Tensor) else v for k, v in values.items()}
+            self.sequence_routes[key] = Routing(**picked)
+        self.layer_cache.clear()
+
     def stacked_records(self, records: list[RoutingRecord], *names: str) -> list[StackedRecords]:
         """The Routing fields `names` and the masks of `records`, stacked per group of equal shapes, so that
         losses and statistics over many routers cost a few tensor operations, not a few per router."""
