@@ -344,7 +344,11 @@ def test_evaluate_run_scores_choices_with_intervals(tmp_path, monkeypatch, adapt
     register_yes_no_tasks(monkeypatch)
     model, _ = tiny_model_and_tokenizer()
     run = tmp_path / "run"
-    wrapped = peft_lora(model) if adapter == "peft" else mixture(model, adapter, **({"top_k": 3} if adapter == "prompt" else {}))
+    wrapped = (
+        peft_lora(model)
+        if adapter == "peft"
+        else mixture(model, adapter, **({"top_k": 3} if adapter == "prompt" else {}))
+    )
     write_run(run, wrapped, eval_mode="choices")
     metrics = evaluate_run(run)
     alpha = metrics["tasks"]["alpha"]

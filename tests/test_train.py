@@ -2,6 +2,7 @@
 resume after a kill, NaN stop, the run folder."""
 
 import json
+import time
 
 import numpy as np
 import pytest
@@ -12,8 +13,16 @@ import loramix
 import loramix.train as training
 from loramix.data import Example, encode_example, load_jsonl_tasks
 from loramix.models import load_model, tiny_tokenizer
-from loramix.recipe import Recipe, Training
-from loramix.train import Encoder, TaskSampler, TrainingError, answer_loss, learning_rate_factor, train
+from loramix.recipe import Recipe, Training, parse_duration
+from loramix.train import (
+    Encoder,
+    StepPlan,
+    TaskSampler,
+    TrainingError,
+    answer_loss,
+    learning_rate_factor,
+    train,
+)
 
 
 def tiny_recipe(task_file, adapter: str = "topk", **training_values) -> Recipe:
@@ -79,6 +88,48 @@ def test_the_logged_learning_rate_follows_the_schedule(tmp_path, task_file):
     run = train(recipe, tmp_path / "run", evaluate=False)
     rates = [json.loads(line)["lr"] for line in (run / "history.jsonl").read_text().splitlines()]
     assert rates == pytest.approx([5e-3, 1e-2, 1e-2, 5e-3])  # warm-up over 2 steps, then linear decay
+
+
+def test_a_step_plan_fits_the_time_limit():
+    plan = StepPlan(Training(steps=1000, time_limit="100s"))
+    plan.after_step(1, 5.0)  # the first step (warming up) is not timed
+    for step in range(2, 11):
+        plan.after_step(step, 5.0 + 2 * (step - 1))
+    assert not plan.planned and plan.steps == 1000
+    plan.after_step(11, 25.0)  # 10 steps of 2 s: 37 more fit in the 75 s left
+    assert plan.planned and plan.steps == 48
+    assert not plan.out_of_time(99.9) and plan.out_of_time(100.0)
+    capped = StepPlan(Training(steps=30, time_limit="1h"))
+    for step in range(1, 12):
+        capped.after_step(step, float(step))
+    assert capped.steps == 30  # `steps` stays the most a run takes
+    assert StepPlan(Training(steps=7)).steps == 7 and StepPlan(Training(steps=7)).planned
+
+
+@pytest.mark.parametrize("text", ["14m", "90s", "1.5h", "1h30m", " 2m 30s "])
+def test_durations_parse(text):
+    assert parse_duration(text) == {"14m": 840, "90s": 90, "1.5h": 5400, "1h30m": 5400, " 2m 30s ": 150}[text]
+
+
+@pytest.mark.parametrize("text", ["", "14", "ten minutes", "0s", "-5m"])
+def test_a_bad_time_limit_names_the_field(text):
+    with pytest.raises(ValueError, match="training.time_limit"):
+        Training(time_limit=text)
+
+
+def test_a_time_limited_run_lays_its_schedule_over_the_steps_that_fit(tmp_path, task_file, monkeypatch):
+    clock = iter(range(10**6))  # every reading of the clock is one second later: a step costs a few seconds
+    monkeypatch.setattr(time, "perf_counter", lambda: float(next(clock)))
+    recipe = tiny_recipe(task_file, steps=500, warmup_steps=2, log_every=1, save_every=1000, time_limit="60s")
+    run = train(recipe, tmp_path / "run", evaluate=False)
+    summary = json.loads((run / "training.json").read_text())
+    history = [json.loads(line) for line in (run / "history.jsonl").read_text().splitlines()]
+    steps = summary["steps"]
+    assert 12 <= steps < 60 and len(history) == steps and not summary["stopped_by_time_limit"]
+    assert history[-1]["seconds"] <= 60 + 5
+    expected = [1e-2 * learning_rate_factor(step, recipe.training, steps) for step in range(11, steps)]
+    assert [h["lr"] for h in history[11:]] == pytest.approx(expected)  # planned after 11 steps: decays to 0
+    assert history[-1]["lr"] < 0.05 * 1e-2
 
 
 # ---- loss and encoding ----------------------------------------------------------------------------------------

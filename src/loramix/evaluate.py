@@ -16,8 +16,8 @@ from torch import Tensor, nn
 from tqdm.auto import tqdm
 
 from loramix.data import Example, Task, collate, encode_example, get_task
-from loramix.data.metrics import bootstrap, percentile_interval
 from loramix.data.encode import template_parts
+from loramix.data.metrics import bootstrap, percentile_interval
 from loramix.model import MixLoraModel, load
 from loramix.models import load_model
 from loramix.precision import use_bf16
@@ -175,9 +175,17 @@ def score_choices(
             for chunk in tqdm(chunks, desc=f"scoring {examples[0].task}", leave=False, disable=None):
                 routing = model.prompt_routing(_task_ids(task_id, len(chunk), device)) if mixture else nullcontext()
                 with routing:
-                    for index, result in zip(chunk, _score_chunk(model, [prompts[i] for i in chunk],
-                                                                 [[choice_ids(c) for c in examples[i].choices]
-                                                                  for i in chunk], pad, device), strict=True):
+                    for index, result in zip(
+                        chunk,
+                        _score_chunk(
+                            model,
+                            [prompts[i] for i in chunk],
+                            [[choice_ids(c) for c in examples[i].choices] for i in chunk],
+                            pad,
+                            device,
+                        ),
+                        strict=True,
+                    ):
                         scores[index] = result
     finally:
         model.train(was_training)
@@ -200,7 +208,11 @@ def _score_chunk(
     last_only = {"logits_to_keep": 1} if "logits_to_keep" in parameters else {}
     cache_key = "cache" if "cache" in parameters else "past_key_values"  # transformers 5.2x renamed it
     prompt = hf_model(
-        input_ids=batch["input_ids"].to(device), attention_mask=mask, position_ids=positions, use_cache=True, **last_only
+        input_ids=batch["input_ids"].to(device),
+        attention_mask=mask,
+        position_ids=positions,
+        use_cache=True,
+        **last_only,
     )
     first = prompt.logits[:, -1].float().log_softmax(-1)  # the distribution of every choice's first token
     owners = [row for row, options in enumerate(choices) for _ in options]
@@ -333,6 +345,7 @@ def compare(
     {metric: [low, high]}}, "differences": {column: {"metric", "difference", "low", "high", "beats"}}}, where
     `beats` means the interval's low end is above zero.
     """
+
     def score(column: dict, rows: list[int]) -> dict[str, float]:
         norm = column.get("predictions_norm")
         return task_metrics(
@@ -342,8 +355,9 @@ def compare(
             None if norm is None else [norm[i] for i in rows],
         )
 
-    draws = bootstrap(lambda rows: {name: score(column, rows) for name, column in columns.items()}, len(examples),
-                      resamples, seed)
+    draws = bootstrap(
+        lambda rows: {name: score(column, rows) for name, column in columns.items()}, len(examples), resamples, seed
+    )
     whole = {name: score(column, list(range(len(examples)))) for name, column in columns.items()}
     intervals = {
         name: {metric: percentile_interval([d[name][metric] for d in draws]) for metric in whole[name]}
@@ -468,7 +482,9 @@ def evaluate_run(
     uncached = {name: test for name, (_, test) in examples.items() if keys[name] not in cache}
     if zero_shot and uncached:
         for name, result in evaluate_model(model, tokenizer, uncached, None, **settings).items():
-            cache[keys[name]] = {key: result[key] for key in ("metrics", "predictions", "predictions_norm") if key in result}
+            cache[keys[name]] = {
+                key: result[key] for key in ("metrics", "predictions", "predictions_norm") if key in result
+            }
         _write_atomically(cache_path, json.dumps(cache))
 
     model = _load_adapter(model, run_dir / "adapter")
@@ -510,7 +526,7 @@ def evaluate_run(
         task_ids=task_ids,
         max_examples=max_examples,
         **settings,
-        intervals=f"95% percentile bootstrap over test examples, {BOOTSTRAP_RESAMPLES} resamples, paired for differences",
+        intervals=f"95% percentile bootstrap of the test examples ({BOOTSTRAP_RESAMPLES}x), paired for differences",
         eval_seconds=round(time.perf_counter() - started, 1),
     )
     meta.pop("notes", None)
@@ -522,7 +538,11 @@ def evaluate_run(
     for name, result in results.items():
         for index, example in enumerate(scored[name]):
             row = {"task": name, "id": example.id, "prediction": result["predictions"][index], "answer": example.answer}
-            for key, field in (("predictions_norm", "prediction_norm"), ("scores", "choice_scores"), ("outputs", "output")):
+            for key, field in (
+                ("predictions_norm", "prediction_norm"),
+                ("scores", "choice_scores"),
+                ("outputs", "output"),
+            ):
                 if key in result:
                     row[field] = result[key][index]
             rows.append(row)

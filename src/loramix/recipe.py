@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import math
+import re
 import types
 import typing
 from dataclasses import asdict, dataclass, field, fields
@@ -73,6 +74,18 @@ def _at_least(section: object, where: str, names: tuple[str, ...], bound: float)
         _check(value is None or value >= bound, f"{where}{name}", value, f"expected a number >= {bound}")
 
 
+_DURATION = re.compile(r"^\s*(?:(\d+(?:\.\d+)?)h)?\s*(?:(\d+(?:\.\d+)?)m)?\s*(?:(\d+(?:\.\d+)?)s)?\s*$")
+
+
+def parse_duration(text: str) -> float | None:
+    """Seconds of a duration like "14m", "90s", "1.5h" or "1h30m"; None if it is not one."""
+    match = _DURATION.match(text)
+    if not match or not any(match.groups()):
+        return None
+    hours, minutes, seconds = (float(part or 0) for part in match.groups())
+    return 3600 * hours + 60 * minutes + seconds
+
+
 @dataclass
 class Training:
     """Optimisation settings of a run."""
@@ -89,9 +102,20 @@ class Training:
     seed: int = 0
     log_every: int = 10
     save_every: int = 100
+    # A wall-clock budget ("14m", "90s", "1h"): the run takes as many steps as fit (at most `steps`), planned
+    # from the measured speed of its first CALIBRATION_STEPS steps, and its schedule is laid over them.
+    time_limit: str | None = None
 
     def __post_init__(self) -> None:
         _check_types(self, "training.")
+        if self.time_limit is not None:
+            seconds = parse_duration(self.time_limit)
+            _check(
+                seconds is not None and seconds > 0,
+                "training.time_limit",
+                self.time_limit,
+                "expected a duration such as '14m', '90s', '1.5h' or '1h30m'",
+            )
         _at_least(self, "training.", ("steps", "batch_size", "grad_accumulation", "log_every", "save_every"), 1)
         _at_least(self, "training.", ("warmup_steps", "weight_decay", "max_grad_norm"), 0)
         _check(math.isfinite(self.lr) and self.lr > 0, "training.lr", self.lr, "expected a finite number > 0")

@@ -68,7 +68,7 @@ def _format(value: float | None) -> str:
 
 
 def _with_interval(result: dict, column: str, metric: str, value: float | None, separator: str = " ") -> str:
-    """"0.617 [0.550, 0.680]": the value and its 95% interval, where metrics.json has one."""
+    """ "0.617 [0.550, 0.680]": the value and its 95% interval, where metrics.json has one."""
     interval = ((result.get("intervals") or {}).get(column) or {}).get(metric)
     if value is None or interval is None:
         return _format(value)
@@ -76,7 +76,7 @@ def _with_interval(result: dict, column: str, metric: str, value: float | None, 
 
 
 def _difference(result: dict, column: str, metric: str, separator: str = " ") -> str:
-    """"+0.120 [+0.050, +0.190] ✓": the model's paired difference from a baseline on the task's main metric
+    """ "+0.120 [+0.050, +0.190] ✓": the model's paired difference from a baseline on the task's main metric
     (✓: the interval's low end is above zero, the model beats it; ✗ otherwise)."""
     difference = (result.get("differences") or {}).get(column)
     if not difference or difference["metric"] != metric:

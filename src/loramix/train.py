@@ -27,9 +27,10 @@ from loramix.data import SPLIT_SEED, Example, collate, encode_example, get_task
 from loramix.losses import ExpertMemoryQueue
 from loramix.models import load_model
 from loramix.precision import use_bf16
-from loramix.recipe import Recipe, Training
+from loramix.recipe import Recipe, Training, parse_duration
 
 # Keys a resumed run may change: they do not alter what the finished steps computed.
+CALIBRATION_STEPS = 10  # steps timed to plan a run with a time limit
 RESUMABLE_CHANGES = {
     "training.steps",
     "training.log_every",
@@ -177,17 +178,50 @@ def save_adapter(model: nn.Module, directory: Path) -> None:
 
 
 # ---- schedule -------------------------------------------------------------------------------------------------
-def learning_rate_factor(step: int, training: Training) -> float:
+def learning_rate_factor(step: int, training: Training, total_steps: int | None = None) -> float:
     """The factor of the peak learning rate at `step` (0-based): linear warm-up to 1 over `warmup_steps`,
-    then the schedule's decay (cosine, linear or none) to 0 at the last step."""
+    then the schedule's decay (cosine, linear or none) to 0 at the last of `total_steps` (default: `steps`)."""
+    total = total_steps or training.steps
     if step < training.warmup_steps:
         return (step + 1) / training.warmup_steps
     if training.schedule == "constant":
         return 1.0
-    progress = min(1.0, (step - training.warmup_steps) / max(1, training.steps - training.warmup_steps))
+    progress = min(1.0, (step - training.warmup_steps) / max(1, total - training.warmup_steps))
     if training.schedule == "linear":
         return 1.0 - progress
     return 0.5 * (1.0 + math.cos(math.pi * progress))
+
+
+class StepPlan:
+    """How many steps a run takes: `training.steps`, or with a `time_limit` as many as fit (at most `steps`),
+    planned once from the speed of the CALIBRATION_STEPS steps after the first (which also pays for warming
+    up); the run also stops, whatever was planned, once its time is up."""
+
+    def __init__(self, training: Training) -> None:
+        self.limit = parse_duration(training.time_limit) if training.time_limit else None
+        self.steps = training.steps
+        self.planned = self.limit is None
+        self.timer: tuple[int, float] | None = None  # (step, seconds) when the calibration began
+
+    def after_step(self, step: int, elapsed: float) -> None:
+        """Called after each step with the seconds spent so far; plans the step count once calibrated."""
+        if self.planned:
+            return
+        if self.timer is None:
+            self.timer = (step, elapsed)
+        elif step - self.timer[0] >= CALIBRATION_STEPS:
+            per_step = (elapsed - self.timer[1]) / (step - self.timer[0])
+            fitting = step + int((self.limit - elapsed) / per_step)
+            self.steps, self.planned = max(step, min(self.steps, fitting)), True
+
+    def out_of_time(self, elapsed: float) -> bool:
+        return self.limit is not None and elapsed >= self.limit
+
+    def state(self) -> dict:
+        return {"steps": self.steps, "planned": self.planned}
+
+    def restore(self, state: dict) -> None:
+        self.steps, self.planned = state["steps"], state["planned"]
 
 
 # ---- random state ---------------------------------------------------------------------------------------------
@@ -312,6 +346,15 @@ def all_finite(value: torch.Tensor, world: int) -> bool:
     return bool(flag.item())
 
 
+def slowest(seconds: float, world: int) -> float:
+    """The largest of the ranks' values (seconds spent), on every rank."""
+    if world == 1:
+        return seconds
+    value = torch.tensor([seconds], dtype=torch.float64)
+    dist.all_reduce(value, op=dist.ReduceOp.MAX)
+    return float(value.item())
+
+
 def gather(value: object, world: int) -> list:
     """A picklable value from every rank, on every rank (in memory; nothing is pickled to disk)."""
     if world == 1:
@@ -431,7 +474,8 @@ def _train_steps(recipe: Recipe, run_dir: Path, resume: bool, rank: int, world: 
     sampler = TaskSampler(sizes, recipe.sampling, recipe.sampling_temperature, settings.seed + rank, recipe.batching)
     parameters = [p for p in model.parameters() if p.requires_grad]
     optimizer = torch.optim.AdamW(parameters, lr=settings.lr, weight_decay=settings.weight_decay)
-    scheduler = LambdaLR(optimizer, lambda step: learning_rate_factor(step, settings))
+    plan = StepPlan(settings)
+    scheduler = LambdaLR(optimizer, lambda step: learning_rate_factor(step, settings, plan.steps))
     runner: nn.Module = LossModule(model)
     if world > 1:  # experts run densely: every adapter parameter gets a gradient on every rank
         runner = DistributedDataParallel(runner, **{RANK_LOCAL_BUFFERS: False})
@@ -443,6 +487,8 @@ def _train_steps(recipe: Recipe, run_dir: Path, resume: bool, rank: int, world: 
         if meta["world_size"] != world:
             raise ValueError(f"{run_dir} was trained on {meta['world_size']} processes: resume it on as many")
         step, elapsed = meta["step"], meta["seconds"]
+        if "plan" in meta:  # checkpoints of earlier versions have none (and no time limit)
+            plan.restore(meta["plan"])
         encoder.counts = meta["counts"]
         restore_rank_state(meta["ranks"][rank], sampler)
         if rank == 0:
@@ -456,9 +502,10 @@ def _train_steps(recipe: Recipe, run_dir: Path, resume: bool, rank: int, world: 
 
     bf16 = use_bf16(settings.bf16, device)
     autocast = torch.autocast(device.type, dtype=torch.bfloat16, enabled=bf16)
-    progress = tqdm(total=settings.steps, initial=step, desc=recipe.name, disable=rank != 0, dynamic_ncols=True)
+    progress = tqdm(total=plan.steps, initial=step, desc=recipe.name, disable=rank != 0, dynamic_ncols=True)
     tally, routing, started = Tally(), {}, time.perf_counter() - elapsed
-    while step < settings.steps:
+    out_of_time = False
+    while step < plan.steps and not out_of_time:
         losses: dict[str, float] = {}
         for micro in range(settings.grad_accumulation):
             final_micro_step = micro == settings.grad_accumulation - 1
@@ -479,13 +526,19 @@ def _train_steps(recipe: Recipe, run_dir: Path, resume: bool, rank: int, world: 
         if not torch.isfinite(norm):
             raise TrainingError(f"the gradient norm is {float(norm)} at step {step + 1}: lower training.lr")
         optimizer.step()
-        rate = scheduler.get_last_lr()[0]  # the rate this step used
-        scheduler.step()
         optimizer.zero_grad(set_to_none=True)
         step += 1
+        if plan.limit is not None:  # planned before the next step's rate is set
+            elapsed = slowest(time.perf_counter() - started, world)  # every rank decides alike
+            plan.after_step(step, elapsed)
+            progress.total = plan.steps
+            out_of_time = plan.out_of_time(elapsed)
+        rate = scheduler.get_last_lr()[0]  # the rate this step used
+        scheduler.step()
         tally.add(losses)
         progress.update(1)
-        if step % settings.log_every == 0 or step == settings.steps:
+        last = step == plan.steps or out_of_time
+        if step % settings.log_every == 0 or last:
             means = tally.means()
             routing = routing_summary(model)
             record = {
@@ -502,12 +555,13 @@ def _train_steps(recipe: Recipe, run_dir: Path, resume: bool, rank: int, world: 
                     history.write(json.dumps(record) + "\n")
             shown = {"loss": f"{record['loss']:.3f}", "aux": f"{record['loss'] - record['ce']:+.3f}"}
             progress.set_postfix(shown | ({"ess": f"{routing['ess']:.2f}"} if routing else {}))
-        if step % settings.save_every == 0 or step == settings.steps:
+        if step % settings.save_every == 0 or last:
             meta = {
                 "step": step,
                 "seconds": time.perf_counter() - started,
                 "world_size": world,
                 "counts": encoder.counts,
+                "plan": plan.state(),
                 "ranks": gather(rank_state(sampler), world),
             }
             if rank == 0:
@@ -519,6 +573,8 @@ def _train_steps(recipe: Recipe, run_dir: Path, resume: bool, rank: int, world: 
         summary = {
             "steps": step,
             "seconds": round(time.perf_counter() - started, 1),
+            "time_limit_seconds": plan.limit,
+            "stopped_by_time_limit": out_of_time and step < plan.steps,
             "world_size": world,
             "device": device_name(device),
             "max_length": recipe.max_length,

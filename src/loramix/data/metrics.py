@@ -1,4 +1,5 @@
-"""Metrics: accuracy, macro-F1 over a label set, micro precision / recall / F1 over sets of items, and the\nbootstrap that puts intervals on them."""
+"""Metrics: accuracy, macro-F1 over a label set, micro precision / recall / F1 over sets of items, and the
+bootstrap that puts intervals on them."""
 
 from __future__ import annotations
 
