@@ -20,6 +20,8 @@ from loramix import MixLoraConfig
         ({"prompt_pooling": "max"}, "prompt_pooling", "'max'"),
         ({"balance_loss_weight": -0.1}, "balance_loss_weight", "-0.1"),
         ({"contrastive_loss_weight": 0.1, "router": "soft"}, "contrastive_loss_weight", "0.1"),
+        ({"layers_to_transform": []}, "layers_to_transform", "[]"),
+        ({"layers_to_transform": [1, -2]}, "layers_to_transform", "-2"),
     ],
 )
 def test_invalid_values_name_field_value_and_what_is_allowed(kwargs, field, shown):

@@ -230,6 +230,20 @@ def test_unknown_target_lists_the_linear_layers():
         loramix.wrap(tiny_llama(), MixLoraConfig(["query"]))
 
 
+@pytest.mark.parametrize(("architecture", "router"), [("llama", "topk"), ("gpt2", "remix"), ("llama", "prompt")])
+def test_layers_to_transform_adapts_only_those_layers(architecture, router):
+    wrapped = loramix.wrap(BUILDERS[architecture](), config_for(router, layers_to_transform=[1]))
+    assert wrapped.layers and all(".1." in name for name in wrapped.layers)
+    randomise_experts(wrapped)
+    inputs = batch()
+    wrapped.compute_loss(inputs).backward()
+    assert all(p.grad is not None for p in wrapped.parameters() if p.requires_grad)
+    blocks = wrapped.base_model.get_submodule("transformer.h" if architecture == "gpt2" else "model.layers")
+    assert blocks[1] is not blocks[0] and not any(isinstance(m, loramix.MixLoraLinear) for m in blocks[0].modules())
+    with pytest.raises(ValueError, match=r"layers_to_transform=\[1, 5\] names layers \[5\].*numbered 0 to 1"):
+        loramix.wrap(BUILDERS[architecture](), config_for(router, layers_to_transform=[1, 5]))
+
+
 def test_wrapping_twice_is_refused():
     wrapped = loramix.wrap(tiny_llama(), config_for("topk"))
     with pytest.raises(ValueError, match="already wrapped"):

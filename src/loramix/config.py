@@ -23,6 +23,10 @@ class MixLoraConfig:
     target_modules: list[str] | str = field(
         metadata={"help": "Suffixes of the linear layers to adapt, or 'all-linear' (every linear but the output head)."}
     )
+    layers_to_transform: list[int] | None = field(
+        default=None,
+        metadata={"help": "Indices of the decoder layers to adapt (as peft's), e.g. the upper half; None: all."},
+    )
     num_experts: int = field(default=8, metadata={"help": "LoRA experts per adapted layer (ignored by 'prompt')."})
     expert_rank: int = field(default=4, metadata={"help": "Rank r of each expert."})
     alpha: float = field(default=16.0, metadata={"help": "LoRA scaling numerator."})
@@ -62,6 +66,15 @@ class MixLoraConfig:
             )
         if not self.target_modules:
             _fail("target_modules", self.target_modules, "name at least one module suffix, or 'all-linear'")
+        layers = self.layers_to_transform
+        if layers is not None and not (
+            isinstance(layers, (list, tuple))
+            and layers
+            and all(isinstance(i, int) and not isinstance(i, bool) and i >= 0 for i in layers)
+        ):
+            _fail("layers_to_transform", layers, "expected None or a non-empty list of layer indices >= 0")
+        if layers is not None:
+            self.layers_to_transform = sorted(set(layers))
         if self.router not in ROUTERS:
             _fail("router", self.router, f"allowed: {sorted(ROUTERS)}")
         for name in ("num_experts", "expert_rank", "top_k", "task_embed_dim", "memory_queue_size"):

@@ -45,9 +45,12 @@ def linear_layer_names(model: nn.Module) -> list[str]:
     ]
 
 
-def find_targets(model: nn.Module, target_modules: list[str] | str) -> list[str]:
-    """The names of the layers selected by `target_modules` (suffixes or 'all-linear')."""
+def find_targets(model: nn.Module, target_modules: list[str] | str, layers: list[int] | None = None) -> list[str]:
+    """The names of the layers selected by `target_modules` (suffixes or 'all-linear') inside the numbered
+    decoder layers `layers` (None: anywhere)."""
     candidates = linear_layer_names(model)
+    if layers is not None:
+        candidates = _in_layers(candidates, layers)
     if target_modules == "all-linear":
         return candidates
     selected = [name for name in candidates if any(name == t or name.endswith("." + t) for t in target_modules)]
@@ -59,6 +62,19 @@ def find_targets(model: nn.Module, target_modules: list[str] | str) -> list[str]
             f"its linear layers end in {suffixes} (for example {candidates[:3]}), or use 'all-linear'"
         )
     return selected
+
+
+def _in_layers(names: list[str], layers: list[int]) -> list[str]:
+    """The names inside a numbered block (`...layers.3.` / `...h.3.`) whose number is in `layers`."""
+    numbers = {name: int(match.group(1).rsplit(".", 1)[1]) for name in names if (match := _DECODER_LAYER.match(name))}
+    found = sorted(set(numbers.values()))
+    missing = sorted(set(layers) - set(found))
+    if missing:
+        raise ValueError(
+            f"MixLoraConfig.layers_to_transform={layers} names layers {missing} that the model does not have; "
+            f"its decoder layers are numbered {found[0] if found else '-'} to {found[-1] if found else '-'}"
+        )
+    return [name for name in names if numbers.get(name) in layers]
 
 
 def decoder_layer_of(name: str) -> str:
@@ -84,7 +100,7 @@ class MixLoraModel(nn.Module):
         model.requires_grad_(False)
         self._hooks: list[tuple[str, torch.utils.hooks.RemovableHandle]] = []
         self.layers: dict[str, MixLoraLinear] = {}
-        targets = find_targets(model, config.target_modules)
+        targets = find_targets(model, config.target_modules, config.layers_to_transform)
         if config.router == "prompt":
             self._wrap_by_decoder_layer(targets)
         else:
