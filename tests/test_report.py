@@ -89,6 +89,24 @@ def test_write_report_makes_plots_and_a_table(tmp_path):
         assert f"]({name})" in text
 
 
+def test_write_report_shows_the_learning_curve(tmp_path):
+    run = tmp_path / "run"
+    write_run(run)
+    assert "Learning curve" not in write_report(run).read_text() and not (run / "learning_curve.png").exists()
+    with open(run / "learning_curve.jsonl", "w") as curve:
+        for step in range(0, 301, 20):
+            tasks = {"pubmedqa": {"accuracy": 0.3 + step / 1000, "macro_f1": 0.2}, "ncbi_disease": {"f1": step / 600}}
+            curve.write(json.dumps({"step": step, "seconds": step / 2, "dev_seconds": 1.5, "tasks": tasks}) + "\n")
+    text = write_report(run).read_text()
+    data = (run / "learning_curve.png").read_bytes()
+    assert data.startswith(b"\x89PNG") and len(data) > 5000
+    section = text[text.index("## Learning curve") : text.index("## Test scores")]
+    assert "| step | pubmedqa (accuracy) | ncbi_disease (f1) |" in section
+    rows = [line for line in section.splitlines() if line.startswith("| ") and line[2].isdigit()]
+    assert len(rows) == 12 and rows[0] == "| 0 | 0.300 | 0.000 |" and rows[-1] == "| 300 | 0.600 | 0.500 |"
+    assert "![Learning curve](learning_curve.png)" in section
+
+
 def test_report_without_routing_statistics(tmp_path):
     run = tmp_path / "run"
     write_run(run, routing=False)

@@ -1,5 +1,5 @@
 """Training on a tiny model and a tiny JSONL task: sampling, schedule, answer-only loss, truncation,
-resume after a kill, NaN stop, the run folder."""
+resume after a kill, NaN stop, the run folder, the learning curve."""
 
 import json
 import time
@@ -7,11 +7,13 @@ import time
 import numpy as np
 import pytest
 import torch
+import yaml
 from safetensors.torch import load_file
 
 import loramix
 import loramix.train as training
-from loramix.data import Example, encode_example, load_jsonl_tasks
+from loramix.data import Example, encode_example, get_task, load_jsonl_tasks
+from loramix.evaluate import _split_examples
 from loramix.models import load_model, tiny_tokenizer
 from loramix.recipe import Recipe, Training, parse_duration
 from loramix.train import (
@@ -25,7 +27,7 @@ from loramix.train import (
 )
 
 
-def tiny_recipe(task_file, adapter: str = "topk", **training_values) -> Recipe:
+def tiny_recipe(task_file, adapter: str = "topk", dev_examples: int = 0, **training_values) -> Recipe:
     settings = {"steps": 6, "batch_size": 4, "warmup_steps": 2, "log_every": 2, "save_every": 3, "lr": 1e-2}
     sections = {"lora": {"lora": {"r": 2, "target_modules": ["q_proj", "v_proj"]}}}
     mixlora = {"target_modules": ["q_proj", "v_proj"], "router": adapter, "num_experts": 4, "expert_rank": 2}
@@ -38,9 +40,14 @@ def tiny_recipe(task_file, adapter: str = "topk", **training_values) -> Recipe:
         task_files=[str(task_file)],
         max_length=48,
         eval_examples=4,
+        dev_examples=dev_examples,
         training=settings | training_values,
         **sections.get(adapter, {"mixlora": mixlora}),
     )
+
+
+def read_lines(path) -> list[dict]:
+    return [json.loads(line) for line in path.read_text().splitlines()]
 
 
 # ---- sampling and schedule ------------------------------------------------------------------------------------
@@ -106,6 +113,24 @@ def test_a_step_plan_fits_the_time_limit():
     assert StepPlan(Training(steps=7)).steps == 7 and StepPlan(Training(steps=7)).planned
 
 
+def test_a_step_plan_pays_for_the_dev_evaluations():
+    plan = StepPlan(Training(steps=1000, time_limit="100s", dev_every=5))
+    plan.after_dev(3.0)  # the zero-shot point, before the first step
+    elapsed = 8.0  # the first step took 5 s
+    plan.after_step(1, elapsed)
+    for step in range(2, 12):
+        elapsed += 2.0
+        plan.after_step(step, elapsed)
+        if step % 5 == 0:
+            plan.after_dev(3.0)
+            elapsed += 3.0
+    # 2 s a step and 3 s every 5 steps: 2.6 s a step; of the 100 - 34 s left, 3 s for the last evaluation
+    assert plan.planned and plan.steps == 11 + 24  # 24 steps and 5 evaluations in 63 s
+    resumed = StepPlan(Training(steps=1000, time_limit="100s", dev_every=5))
+    resumed.restore(plan.state())
+    assert (resumed.steps, resumed.dev_seconds, resumed.dev_count) == (plan.steps, 9.0, 3)
+
+
 @pytest.mark.parametrize("text", ["14m", "90s", "1.5h", "1h30m", " 2m 30s "])
 def test_durations_parse(text):
     assert parse_duration(text) == {"14m": 840, "90s": 90, "1.5h": 5400, "1h30m": 5400, " 2m 30s ": 150}[text]
@@ -115,6 +140,25 @@ def test_durations_parse(text):
 def test_a_bad_time_limit_names_the_field(text):
     with pytest.raises(ValueError, match="training.time_limit"):
         Training(time_limit=text)
+
+
+@pytest.mark.parametrize(("key", "value"), [("dev_examples", -1), ("dev_examples", 1.5), ("dev_every", 0)])
+def test_a_bad_learning_curve_setting_names_the_field(task_file, key, value):
+    with pytest.raises(ValueError, match=rf"{key}={value}"):
+        tiny_recipe(task_file, **{key: value})
+
+
+def test_a_time_limited_run_leaves_time_for_its_learning_curve(tmp_path, task_file, monkeypatch):
+    clock = iter(range(10**6))  # every reading of the clock is one second later
+    monkeypatch.setattr(time, "perf_counter", lambda: float(next(clock)))
+    settings = {"steps": 500, "log_every": 1, "save_every": 1000, "time_limit": "60s", "dev_every": 5}
+    run = train(tiny_recipe(task_file, dev_examples=2, **settings), tmp_path / "run", evaluate=False)
+    summary = json.loads((run / "training.json").read_text())
+    history, curve = read_lines(run / "history.jsonl"), read_lines(run / "learning_curve.jsonl")
+    steps = summary["steps"]
+    assert steps >= 12 and not summary["stopped_by_time_limit"] and history[-1]["seconds"] <= 60 + 5
+    assert [point["step"] for point in curve] == sorted({*range(0, steps, 5), steps})
+    assert all(point["dev_seconds"] > 0 for point in curve)
 
 
 def test_a_time_limited_run_lays_its_schedule_over_the_steps_that_fit(tmp_path, task_file, monkeypatch):
@@ -203,6 +247,80 @@ def test_a_run_folder_is_never_overwritten(tmp_path, task_file):
         train(tiny_recipe(task_file, steps=1), tmp_path / "other", resume=True, evaluate=False)
     with pytest.raises(ValueError, match=r"\['training.lr'\] changed"):
         train(tiny_recipe(task_file, steps=2, lr=0.5), tmp_path / "run", resume=True, evaluate=False)
+
+
+# ---- the learning curve ---------------------------------------------------------------------------------------
+def test_dev_examples_are_held_out_and_scored_along_the_run(tmp_path, task_file, monkeypatch):
+    batch, drawn = Encoder.batch, set()
+
+    def recording(self, picks):
+        drawn.update((self.examples[task][index].task, self.examples[task][index].prompt) for task, index in picks)
+        return batch(self, picks)
+
+    monkeypatch.setattr(Encoder, "batch", recording)
+    recipe = tiny_recipe(task_file, dev_examples=5, steps=5, dev_every=2)
+    run = train(recipe, tmp_path / "run", evaluate=False)
+    splits = json.loads((run / "splits.json").read_text())
+    for name in recipe.tasks:
+        train_indices, dev = splits[name]["indices"]["train"], splits[name]["indices"]["dev"]
+        assert len(dev) == 5 and not set(dev) & set(train_indices) and sorted(train_indices + dev) == list(range(32))
+        dev_prompts = {get_task(name).load()["train"][i].prompt for i in dev}
+        assert not {prompt for task, prompt in drawn if task == name} & dev_prompts
+        assert len(_split_examples(name, splits, None, None)[0]) == 27  # the majority answer's examples
+    curve = read_lines(run / "learning_curve.jsonl")
+    assert [point["step"] for point in curve] == [0, 2, 4, 5]  # zero-shot, every 2 steps, the last
+    for point in curve:
+        assert set(point) == {"step", "seconds", "dev_seconds", "tasks"} and set(point["tasks"]) == set(recipe.tasks)
+        assert list(point["tasks"]["parity"]) == ["accuracy", "accuracy_norm"]  # choice scoring
+
+
+def test_a_resumed_learning_curve_has_no_duplicate_points(tmp_path, task_file, monkeypatch):
+    recipe = tiny_recipe(task_file, dev_examples=4, dev_every=2)
+    straight = train(recipe, tmp_path / "straight", evaluate=False)
+
+    draw, calls = TaskSampler.draw, []
+
+    def killed_during_step_5(self, count):
+        calls.append(count)
+        if len(calls) == 5:  # after the checkpoint of step 3 and the dev point of step 4
+            raise Killed
+        return draw(self, count)
+
+    monkeypatch.setattr(TaskSampler, "draw", killed_during_step_5)
+    with pytest.raises(Killed):
+        train(recipe, tmp_path / "resumed", evaluate=False)
+    assert [p["step"] for p in read_lines(tmp_path / "resumed" / "learning_curve.jsonl")] == [0, 2, 4]
+    monkeypatch.setattr(TaskSampler, "draw", draw)
+    resumed = train(recipe, tmp_path / "resumed", resume=True, evaluate=False)
+    expected, got = read_lines(straight / "learning_curve.jsonl"), read_lines(resumed / "learning_curve.jsonl")
+    assert [p["step"] for p in got] == [0, 2, 4, 6]
+    assert [p["tasks"] for p in got] == [p["tasks"] for p in expected]
+
+
+def test_dev_evaluations_leave_training_and_its_routing_statistics_alone(tmp_path, task_file, monkeypatch):
+    recipe = tiny_recipe(task_file, dev_examples=4, dev_every=1)  # dev forwards between and at the log steps
+    scored = read_lines(train(recipe, tmp_path / "scored", evaluate=False) / "history.jsonl")
+    monkeypatch.setattr(
+        training, "evaluate_model", lambda model, tokenizer, tasks, **_: dict.fromkeys(tasks, {"metrics": {}})
+    )
+    skipped = read_lines(train(recipe, tmp_path / "skipped", evaluate=False) / "history.jsonl")
+    assert [h | {"seconds": 0} for h in scored] == [h | {"seconds": 0} for h in skipped]
+
+
+def test_a_run_without_dev_examples_resumes_with_this_version(tmp_path, task_file):
+    run = train(tiny_recipe(task_file, steps=1), tmp_path / "run", evaluate=False)
+    saved = yaml.safe_load((run / "recipe.yaml").read_text())
+    del saved["dev_examples"], saved["training"]["dev_every"]  # a recipe.yaml of an earlier version
+    (run / "recipe.yaml").write_text(yaml.safe_dump(saved))
+    train(tiny_recipe(task_file, steps=2), run, resume=True, evaluate=False)
+    assert not (run / "learning_curve.jsonl").exists()
+    with pytest.raises(ValueError, match=r"\['dev_examples'\] changed"):
+        train(tiny_recipe(task_file, steps=3, dev_examples=2), run, resume=True, evaluate=False)
+
+
+def test_a_task_needs_training_examples_left_after_its_dev_examples(tmp_path, task_file):
+    with pytest.raises(ValueError, match="dev_examples=32 is invalid: task 'parity' has 32 training examples"):
+        train(tiny_recipe(task_file, dev_examples=32), tmp_path / "run", evaluate=False)
 
 
 # ---- resume and failures --------------------------------------------------------------------------------------

@@ -105,6 +105,7 @@ class Training:
     # A wall-clock budget ("14m", "90s", "1h"): the run takes as many steps as fit (at most `steps`), planned
     # from the measured speed of its first CALIBRATION_STEPS steps, and its schedule is laid over them.
     time_limit: str | None = None
+    dev_every: int = 50  # steps between two dev evaluations of the learning curve (with dev_examples > 0)
 
     def __post_init__(self) -> None:
         _check_types(self, "training.")
@@ -116,7 +117,8 @@ class Training:
                 self.time_limit,
                 "expected a duration such as '14m', '90s', '1.5h' or '1h30m'",
             )
-        _at_least(self, "training.", ("steps", "batch_size", "grad_accumulation", "log_every", "save_every"), 1)
+        at_least_one = ("steps", "batch_size", "grad_accumulation", "log_every", "save_every", "dev_every")
+        _at_least(self, "training.", at_least_one, 1)
         _at_least(self, "training.", ("warmup_steps", "weight_decay", "max_grad_norm"), 0)
         _check(math.isfinite(self.lr) and self.lr > 0, "training.lr", self.lr, "expected a finite number > 0")
         _check(self.bf16 in BF16_SETTINGS, "training.bf16", self.bf16, "allowed: true, false, auto")
@@ -141,6 +143,7 @@ class Recipe:
     system_prompt: str | None = None  # None: the chat template's default
     eval_examples: int | None = 100
     eval_mode: str = "choices"  # closed-label tasks by choice log-likelihood; "generate": parse greedy answers
+    dev_examples: int = 0  # per trained task, held out of its train split for the learning curve (0: no curve)
     training: Training = field(default_factory=Training)
     mixlora: dict | None = None
     lora: dict | None = None
@@ -165,6 +168,7 @@ class Recipe:
         _check(self.sampling_temperature > 0, "sampling_temperature", self.sampling_temperature, "expected > 0")
         _at_least(self, "", ("max_length",), 16)
         _at_least(self, "", ("eval_examples",), 1)
+        _at_least(self, "", ("dev_examples",), 0)
         _check(
             (self.mixlora is None) != (self.lora is None),
             "mixlora/lora",

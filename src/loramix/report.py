@@ -20,6 +20,7 @@ COLOURS = {"model": "#1f77b4", "zero_shot": "#ff7f0e", "majority": "#9e9e9e"}
 DIFFERENCE_LABELS = {"zero_shot": "model − zero-shot", "majority": "model − majority"}
 DENSE_ROUTERS = ("soft", "task")  # every expert is active: top_k means nothing for them
 MAX_HEATMAP_ROWS = 40
+MAX_CURVE_ROWS = 12  # steps the learning-curve table shows (evenly spread, the first and the last among them)
 
 
 # ---- reading the run folder ---------------------------------------------------------------------------------
@@ -27,12 +28,20 @@ def _read_json(path: Path) -> dict | None:
     return json.loads(path.read_text()) if path.is_file() else None
 
 
-def read_history(run_dir: Path) -> list[dict]:
-    """The logged training steps of history.jsonl (empty if there is none)."""
-    path = run_dir / "history.jsonl"
+def _read_lines(path: Path) -> list[dict]:
     if not path.is_file():
         return []
     return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
+
+
+def read_history(run_dir: Path) -> list[dict]:
+    """The logged training steps of history.jsonl (empty if there is none)."""
+    return _read_lines(run_dir / "history.jsonl")
+
+
+def read_learning_curve(run_dir: Path) -> list[dict]:
+    """The dev evaluations of learning_curve.jsonl (empty if there is none)."""
+    return _read_lines(run_dir / "learning_curve.jsonl")
 
 
 def _adapter_config(run_dir: Path) -> dict:
@@ -186,6 +195,31 @@ def plot_loss(history: list[dict], path: Path) -> Path | None:
         axis.set(xlabel="step", ylabel="value (before weighting)", title="auxiliary losses")
         axis.legend()
         axis.grid(alpha=0.3)
+    return _save(figure, path)
+
+
+def curve_series(curve: list[dict]) -> dict[str, tuple[str, list[tuple[int, float]]]]:
+    """Per task of the learning curve: (its main metric, the first one it reports; [(step, value)])."""
+    series: dict[str, tuple[str, list[tuple[int, float]]]] = {}
+    for point in curve:
+        for task, metrics in point["tasks"].items():
+            if metrics:
+                metric, points = series.setdefault(task, (next(iter(metrics)), []))
+                points.append((point["step"], metrics[metric]))
+    return series
+
+
+def plot_learning_curve(curve: list[dict], path: Path) -> Path | None:
+    """Each task's main metric on its dev examples against the training step."""
+    series = curve_series(curve)
+    if not series:
+        return None
+    figure, axis = plt.subplots(figsize=(6.5, 4))
+    for task, (metric, points) in series.items():
+        axis.plot(*zip(*points, strict=True), marker="o", markersize=3, linewidth=1.5, label=f"{task} ({metric})")
+    axis.set(xlabel="step", ylabel="dev score (main metric)", title="learning curve on the held-out dev examples")
+    axis.legend(fontsize=8)
+    axis.grid(alpha=0.3)
     return _save(figure, path)
 
 
@@ -363,6 +397,27 @@ def _training_section(history: list[dict], training: dict, top_k: int | None) ->
     return lines
 
 
+def _curve_section(curve: list[dict], plot: Path | None, dev_examples: int | None) -> list[str]:
+    """The main metric of each task on its dev examples at some of the evaluated steps, and the plot."""
+    series = curve_series(curve)
+    if not series:
+        return []
+    steps = sorted({step for _, points in series.values() for step, _ in points})
+    if len(steps) > MAX_CURVE_ROWS:
+        steps = [steps[round(i * (len(steps) - 1) / (MAX_CURVE_ROWS - 1))] for i in range(MAX_CURVE_ROWS)]
+    values = {task: dict(points) for task, (_, points) in series.items()}
+    lines = [
+        "## Learning curve",
+        "",
+        f"Main metric on {dev_examples or 'the'} dev examples per task, held out of training (step 0: before it).",
+        "",
+        "| step | " + " | ".join(f"{task} ({metric})" for task, (metric, _) in series.items()) + " |",
+        "|---:|" + "---:|" * len(series),
+    ]
+    lines += [f"| {step} | " + " | ".join(_format(values[task].get(step)) for task in series) + " |" for step in steps]
+    return lines + ([] if plot is None else ["", f"![Learning curve]({plot.name})"])
+
+
 def _scores_section(metrics: dict | None, run_dir: Path) -> list[str]:
     if not metrics:
         return ["## Test scores", "", f"No metrics.json yet: run `loramix eval --run {run_dir}`."]
@@ -379,11 +434,12 @@ def _scores_section(metrics: dict | None, run_dir: Path) -> list[str]:
 
 
 def write_report(run_dir: str | Path) -> Path:
-    """Write loss.png, expert_load.png, ess.png, scores.png (those that have data) and report.md."""
+    """Write loss.png, expert_load.png, ess.png, scores.png, learning_curve.png (those that have data) and
+    report.md."""
     run_dir = Path(run_dir)
     if not run_dir.is_dir():
         raise FileNotFoundError(f"no run folder at {run_dir}")
-    history = read_history(run_dir)
+    history, curve = read_history(run_dir), read_learning_curve(run_dir)
     metrics = _read_json(run_dir / "metrics.json")
     routing = _read_json(run_dir / "routing.json")
     recipe_path = run_dir / "recipe.yaml"
@@ -397,10 +453,12 @@ def write_report(run_dir: str | Path) -> Path:
         "Effective support size": plot_ess(history, run_dir / "ess.png", top_k, adapter.get("num_experts")),
         "Scores": plot_scores(metrics, run_dir / "scores.png") if metrics else None,
     }
+    curve_plot = plot_learning_curve(curve, run_dir / "learning_curve.png")
     sections = [
         [f"# Run `{recipe.get('name', run_dir.name)}`"],
         _recipe_section(recipe) if recipe else [],
         _training_section(history, _read_json(run_dir / "training.json") or {}, top_k),
+        _curve_section(curve, curve_plot, recipe.get("dev_examples")),
         _scores_section(metrics, run_dir),
         ["## Plots", "", *(f"![{title}]({path.name})" for title, path in plots.items() if path is not None)],
     ]

@@ -11,6 +11,7 @@ import random
 import shutil
 import tempfile
 import time
+from dataclasses import MISSING, asdict, fields
 from pathlib import Path
 
 import numpy as np
@@ -24,13 +25,15 @@ from tqdm.auto import tqdm
 
 import loramix
 from loramix.data import SPLIT_SEED, Example, collate, encode_example, get_task
+from loramix.evaluate import evaluate_model
 from loramix.losses import ExpertMemoryQueue
 from loramix.models import load_model
 from loramix.precision import use_bf16
 from loramix.recipe import Recipe, Training, parse_duration
 
-# Keys a resumed run may change: they do not alter what the finished steps computed.
 CALIBRATION_STEPS = 10  # steps timed to plan a run with a time limit
+DEV_MAX_NEW_TOKENS = 32  # the most tokens a dev answer of a free-text task is given (the curve stays cheap)
+# Keys a resumed run may change: they do not alter what the finished steps computed.
 RESUMABLE_CHANGES = {
     "training.steps",
     "training.log_every",
@@ -109,15 +112,27 @@ class Encoder:
 
 def split_indices(recipe: Recipe) -> dict[str, dict]:
     """splits.json: per task, the split sizes and the indices used; the test indices are a seeded
-    permutation, so that evaluating the first `eval_examples` scores a random, reproducible subset."""
+    permutation, so that evaluating the first `eval_examples` scores a random, reproducible subset. With
+    `dev_examples`, a trained task's "dev" indices (the last ones of a seeded permutation of its train split,
+    for the learning curve) are left out of its "train" indices, which are all that training draws."""
     splits = {}
     for name in dict.fromkeys([*recipe.tasks, *recipe.evaluation]):
         loaded = get_task(name).load(recipe.data_dir)
         test = np.random.default_rng(SPLIT_SEED).permutation(len(loaded.get("test", []))).tolist()
+        size, held_out = len(loaded.get("train", [])), recipe.dev_examples if name in recipe.tasks else 0
+        indices = {"train": list(range(size)), "test": test}
+        if held_out:
+            if held_out >= size:
+                raise ValueError(
+                    f"recipe key dev_examples={held_out} is invalid: task {name!r} has {size} training examples; "
+                    "expected fewer, so that some are left to train on"
+                )
+            order = np.random.default_rng(SPLIT_SEED).permutation(size).tolist()
+            indices |= {"train": sorted(order[:-held_out]), "dev": order[-held_out:]}
         splits[name] = {
             "seed": SPLIT_SEED,
             "sizes": {split: len(examples) for split, examples in loaded.items()},
-            "indices": {"train": list(range(len(loaded.get("train", [])))), "test": test},
+            "indices": indices,
         }
     return splits
 
@@ -195,33 +210,46 @@ def learning_rate_factor(step: int, training: Training, total_steps: int | None 
 class StepPlan:
     """How many steps a run takes: `training.steps`, or with a `time_limit` as many as fit (at most `steps`),
     planned once from the speed of the CALIBRATION_STEPS steps after the first (which also pays for warming
-    up); the run also stops, whatever was planned, once its time is up."""
+    up) and, for a learning curve, the mean time of its dev evaluations (one every `dev_every` steps, one more
+    after the last step); the run also stops, whatever was planned, once its time is up."""
 
     def __init__(self, training: Training) -> None:
         self.limit = parse_duration(training.time_limit) if training.time_limit else None
-        self.steps = training.steps
+        self.steps, self.dev_every = training.steps, training.dev_every
         self.planned = self.limit is None
-        self.timer: tuple[int, float] | None = None  # (step, seconds) when the calibration began
+        self.timer: tuple[int, float] | None = None  # (step, seconds not spent on dev) when the calibration began
+        self.dev_seconds, self.dev_count = 0.0, 0  # the dev evaluations so far
+
+    def after_dev(self, seconds: float) -> None:
+        """Called after each dev evaluation with the seconds it took (already in the next `elapsed`)."""
+        self.dev_seconds += seconds
+        self.dev_count += 1
 
     def after_step(self, step: int, elapsed: float) -> None:
         """Called after each step with the seconds spent so far; plans the step count once calibrated."""
         if self.planned:
             return
         if self.timer is None:
-            self.timer = (step, elapsed)
+            self.timer = (step, elapsed - self.dev_seconds)
         elif step - self.timer[0] >= CALIBRATION_STEPS:
-            per_step = (elapsed - self.timer[1]) / (step - self.timer[0])
-            fitting = step + int((self.limit - elapsed) / per_step)
+            per_step = (elapsed - self.dev_seconds - self.timer[1]) / (step - self.timer[0])
+            left = self.limit - elapsed
+            if self.dev_count:
+                per_dev = self.dev_seconds / self.dev_count
+                per_step += per_dev / self.dev_every
+                left -= per_dev  # the evaluation after the last step
+            fitting = step + int(left / per_step)
             self.steps, self.planned = max(step, min(self.steps, fitting)), True
 
     def out_of_time(self, elapsed: float) -> bool:
         return self.limit is not None and elapsed >= self.limit
 
     def state(self) -> dict:
-        return {"steps": self.steps, "planned": self.planned}
+        return {"steps": self.steps, "planned": self.planned, "dev": [self.dev_seconds, self.dev_count]}
 
     def restore(self, state: dict) -> None:
         self.steps, self.planned = state["steps"], state["planned"]
+        self.dev_seconds, self.dev_count = state.get("dev", (0.0, 0))  # checkpoints of earlier versions have none
 
 
 # ---- random state ---------------------------------------------------------------------------------------------
@@ -366,11 +394,14 @@ def gather(value: object, world: int) -> list:
 
 # ---- the run folder -------------------------------------------------------------------------------------------
 def check_resumable(recipe: Recipe, run_dir: Path) -> None:
-    """A resumed run must use the recipe it started with, but for the keys of RESUMABLE_CHANGES."""
+    """A resumed run must use the recipe it started with, but for the keys of RESUMABLE_CHANGES (a key newer
+    than the run's recipe.yaml counts as its default there)."""
     import yaml
 
     saved, given = _flatten(yaml.safe_load((run_dir / "recipe.yaml").read_text())), _flatten(recipe.to_dict())
-    changed = sorted(k for k in saved.keys() | given.keys() if saved.get(k) != given.get(k))
+    defaults = _flatten({f.name: f.default for f in fields(Recipe) if f.default is not MISSING})
+    defaults |= _flatten({"training": asdict(Training())})
+    changed = sorted(k for k in saved.keys() | given.keys() if saved.get(k, defaults.get(k)) != given.get(k))
     changed = [k for k in changed if k not in RESUMABLE_CHANGES]
     if changed:
         raise ValueError(
@@ -408,6 +439,67 @@ def routing_summary(model: nn.Module) -> dict:
         "ess_per_layer": ess,
         "load_per_layer": {name: s["load"] for name, s in stats.items()},
     }
+
+
+@contextlib.contextmanager
+def routing_stats_kept(model: nn.Module):
+    """The routers' statistics (their `stat_*` buffers) as they were before the block, whatever it ran."""
+    routers = {id(r): r for r in model.routers().values()} if isinstance(model, loramix.MixLoraModel) else {}
+    saved = [
+        (buffer, buffer.clone())
+        for router in routers.values()
+        for name, buffer in router.named_buffers(recurse=False)
+        if name.startswith("stat_")
+    ]
+    try:
+        yield
+    finally:
+        for buffer, value in saved:
+            buffer.copy_(value)
+
+
+class LearningCurve:
+    """learning_curve.jsonl: each trained task's metrics on its dev examples at some steps of a run. Rank 0
+    scores them; the other ranks wait for it."""
+
+    def __init__(
+        self, path: Path, recipe: Recipe, dev_sets: dict[str, list[Example]], bf16: bool, rank: int, world: int
+    ) -> None:
+        self.path, self.recipe, self.dev_sets, self.bf16 = path, recipe, dev_sets, bf16
+        self.rank, self.world = rank, world
+
+    def scores(self, model: nn.Module, tokenizer) -> dict[str, dict[str, float]]:
+        """Per task, the metrics of its dev examples by `evaluate_model` in the recipe's eval_mode (free-text
+        answers of at most DEV_MAX_NEW_TOKENS tokens); the routers' statistics stay those of training."""
+        mixture = isinstance(model, loramix.MixLoraModel)
+        scores = {}
+        with routing_stats_kept(model):
+            for name, examples in self.dev_sets.items():
+                result = evaluate_model(
+                    model,
+                    tokenizer,
+                    {name: examples},
+                    task_ids={name: self.recipe.tasks.index(name)} if mixture else None,
+                    mode=self.recipe.eval_mode,
+                    batch_size=16,
+                    max_prompt_length=self.recipe.max_length,
+                    max_new_tokens=min(get_task(name).max_new_tokens, DEV_MAX_NEW_TOKENS),
+                    bf16=self.bf16,
+                    system_prompt=self.recipe.system_prompt,
+                )
+                scores[name] = result[name]["metrics"]
+        return scores
+
+    def add(self, model: nn.Module, tokenizer, step: int, seconds: float) -> float:
+        """Score the dev examples after `step` steps, `seconds` into the run, and append their line; returns
+        the seconds that took (on every rank: they wait in `slowest` for rank 0)."""
+        started = time.perf_counter()
+        if self.rank == 0:
+            tasks = self.scores(model, tokenizer)
+            line = {"step": step, "seconds": round(seconds, 2), "dev_seconds": round(time.perf_counter() - started, 2)}
+            with self.path.open("a") as curve:
+                curve.write(json.dumps(line | {"tasks": tasks}) + "\n")
+        return slowest(time.perf_counter() - started, self.world)
 
 
 class Tally:
@@ -463,12 +555,19 @@ def train(recipe: Recipe, run_dir: str | Path, resume: bool = False, evaluate: b
 
 def _train_steps(recipe: Recipe, run_dir: Path, resume: bool, rank: int, world: int, device: torch.device) -> None:
     """The training loop: writes recipe.yaml, splits.json, history.jsonl, checkpoint/, adapter/,
-    training.json and routing.json (rank 0 only)."""
+    training.json, routing.json and, with `dev_examples`, learning_curve.jsonl (rank 0 only)."""
     settings = recipe.training
     seed_everything(settings.seed)  # the same initial adapter on every rank
     model, tokenizer = build_model(recipe, device)
     model.train()
-    train_sets = [get_task(name).load(recipe.data_dir)["train"] for name in recipe.tasks]
+    splits = split_indices(recipe)  # on every rank: the same indices
+    loaded = {name: get_task(name).load(recipe.data_dir)["train"] for name in recipe.tasks}
+    train_sets = [[loaded[name][i] for i in splits[name]["indices"]["train"]] for name in recipe.tasks]
+    dev_sets = {
+        name: [loaded[name][i] for i in splits[name]["indices"]["dev"]]
+        for name in recipe.tasks
+        if "dev" in splits[name]["indices"]
+    }
     encoder = Encoder(tokenizer, recipe.max_length, train_sets, recipe.system_prompt)
     sizes = [len(s) for s in train_sets]
     sampler = TaskSampler(sizes, recipe.sampling, recipe.sampling_temperature, settings.seed + rank, recipe.batching)
@@ -493,18 +592,24 @@ def _train_steps(recipe: Recipe, run_dir: Path, resume: bool, rank: int, world: 
         restore_rank_state(meta["ranks"][rank], sampler)
         if rank == 0:
             trim_history(run_dir / "history.jsonl", step)
+            trim_history(run_dir / "learning_curve.jsonl", step)
     elif rank == 0:
         run_dir.mkdir(parents=True, exist_ok=True)
-        (run_dir / "splits.json").write_text(json.dumps(split_indices(recipe)))
+        (run_dir / "splits.json").write_text(json.dumps(splits))
         (run_dir / "history.jsonl").write_text("")
+        if dev_sets:
+            (run_dir / "learning_curve.jsonl").write_text("")
     if rank == 0:
         recipe.to_yaml(run_dir / "recipe.yaml")  # a resumed run may have changed the step count
 
     bf16 = use_bf16(settings.bf16, device)
     autocast = torch.autocast(device.type, dtype=torch.bfloat16, enabled=bf16)
+    curve = LearningCurve(run_dir / "learning_curve.jsonl", recipe, dev_sets, bf16, rank, world) if dev_sets else None
     progress = tqdm(total=plan.steps, initial=step, desc=recipe.name, disable=rank != 0, dynamic_ncols=True)
     tally, routing, started = Tally(), {}, time.perf_counter() - elapsed
     out_of_time = False
+    if curve is not None and step == 0:  # the zero-shot point; its time is in the plan's
+        plan.after_dev(curve.add(model, tokenizer, 0, time.perf_counter() - started))
     while step < plan.steps and not out_of_time:
         losses: dict[str, float] = {}
         for micro in range(settings.grad_accumulation):
@@ -538,6 +643,10 @@ def _train_steps(recipe: Recipe, run_dir: Path, resume: bool, rank: int, world: 
         tally.add(losses)
         progress.update(1)
         last = step == plan.steps or out_of_time
+        if curve is not None and (step % settings.dev_every == 0 or last):
+            plan.after_dev(curve.add(model, tokenizer, step, time.perf_counter() - started))
+            if plan.limit is not None and not last:  # the evaluation may have spent the time left
+                out_of_time = last = plan.out_of_time(slowest(time.perf_counter() - started, world))
         if step % settings.log_every == 0 or last:
             means = tally.means()
             routing = routing_summary(model)
