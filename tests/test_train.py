@@ -113,6 +113,45 @@ def test_a_step_plan_fits_the_time_limit():
     assert StepPlan(Training(steps=7)).steps == 7 and StepPlan(Training(steps=7)).planned
 
 
+def test_a_step_plan_keeps_its_reserve_for_the_final_evaluation():
+    plan = StepPlan(Training(steps=1000, time_limit="100s"))
+    plan.reserve = 25.0
+    for step in range(1, 12):
+        plan.after_step(step, 5.0 + 2 * (step - 1))
+    assert plan.steps == 11 + int((100 - 25 - 25) / 2)  # 25 s for the evaluation, 25 s were spent
+    assert not plan.out_of_time(74.9) and plan.out_of_time(75.0)
+    restored = StepPlan(Training(steps=1000, time_limit="100s"))
+    restored.restore(plan.state())
+    assert restored.reserve == 25.0 and restored.steps == plan.steps
+
+
+def test_a_time_limited_run_scores_the_zero_shot_first_and_only_once(tmp_path, task_file, monkeypatch):
+    import loramix.evaluate as evaluation
+
+    calls, score = [], evaluation.score_zero_shot
+
+    def timed(run_dir, **options):
+        calls.append(json.loads((run_dir / "history.jsonl").read_text() or "null"))  # before any step
+        score(run_dir, **options)
+        return 10.0
+
+    monkeypatch.setattr(evaluation, "score_zero_shot", timed)
+    scored, evaluate_model = [], evaluation.evaluate_model
+
+    def recording(model, tokenizer, tasks, task_ids=None, **options):
+        scored.append("adapter" if task_ids else "zero-shot")
+        return evaluate_model(model, tokenizer, tasks, task_ids, **options)
+
+    monkeypatch.setattr(evaluation, "evaluate_model", recording)
+    recipe = tiny_recipe(task_file, steps=4, time_limit="1h")
+    run = train(recipe, tmp_path / "run")
+    assert calls == [None]
+    assert json.loads((run / "training.json").read_text())["reserved_for_evaluation_seconds"] == 13.0
+    assert scored == ["zero-shot", "adapter"]  # evaluate_run found the zero-shot scores in zero_shot.json
+    metrics = json.loads((run / "metrics.json").read_text())
+    assert all(task["zero_shot"] is not None for task in metrics["tasks"].values())
+
+
 def test_a_step_plan_pays_for_the_dev_evaluations():
     plan = StepPlan(Training(steps=1000, time_limit="100s", dev_every=5))
     plan.after_dev(3.0)  # the zero-shot point, before the first step

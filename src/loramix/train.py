@@ -32,6 +32,8 @@ from loramix.precision import use_bf16
 from loramix.recipe import Recipe, Training, parse_duration
 
 CALIBRATION_STEPS = 10  # steps timed to plan a run with a time limit
+# The time of the final evaluation of an adapter over that of the base model (the zero-shot baseline), an estimate
+ADAPTER_EVAL_FACTOR = 1.3
 DEV_MAX_NEW_TOKENS = 32  # the most tokens a dev answer of a free-text task is given (the curve stays cheap)
 # Keys a resumed run may change: they do not alter what the finished steps computed.
 RESUMABLE_CHANGES = {
@@ -211,7 +213,8 @@ class StepPlan:
     """How many steps a run takes: `training.steps`, or with a `time_limit` as many as fit (at most `steps`),
     planned once from the speed of the CALIBRATION_STEPS steps after the first (which also pays for warming
     up) and, for a learning curve, the mean time of its dev evaluations (one every `dev_every` steps, one more
-    after the last step); the run also stops, whatever was planned, once its time is up."""
+    after the last step); `reserve` seconds of the limit are kept for the evaluation after training. The run
+    also stops, whatever was planned, once its time is up."""
 
     def __init__(self, training: Training) -> None:
         self.limit = parse_duration(training.time_limit) if training.time_limit else None
@@ -219,6 +222,7 @@ class StepPlan:
         self.planned = self.limit is None
         self.timer: tuple[int, float] | None = None  # (step, seconds not spent on dev) when the calibration began
         self.dev_seconds, self.dev_count = 0.0, 0  # the dev evaluations so far
+        self.reserve = 0.0  # seconds kept for the evaluation that follows training
 
     def after_dev(self, seconds: float) -> None:
         """Called after each dev evaluation with the seconds it took (already in the next `elapsed`)."""
@@ -233,7 +237,7 @@ class StepPlan:
             self.timer = (step, elapsed - self.dev_seconds)
         elif step - self.timer[0] >= CALIBRATION_STEPS:
             per_step = (elapsed - self.dev_seconds - self.timer[1]) / (step - self.timer[0])
-            left = self.limit - elapsed
+            left = self.limit - self.reserve - elapsed
             if self.dev_count:
                 per_dev = self.dev_seconds / self.dev_count
                 per_step += per_dev / self.dev_every
@@ -242,14 +246,21 @@ class StepPlan:
             self.steps, self.planned = max(step, min(self.steps, fitting)), True
 
     def out_of_time(self, elapsed: float) -> bool:
-        return self.limit is not None and elapsed >= self.limit
+        return self.limit is not None and elapsed >= self.limit - self.reserve
 
     def state(self) -> dict:
-        return {"steps": self.steps, "planned": self.planned, "dev": [self.dev_seconds, self.dev_count]}
+        return {
+            "steps": self.steps,
+            "planned": self.planned,
+            "dev": [self.dev_seconds, self.dev_count],
+            "reserve": self.reserve,
+        }
 
     def restore(self, state: dict) -> None:
         self.steps, self.planned = state["steps"], state["planned"]
-        self.dev_seconds, self.dev_count = state.get("dev", (0.0, 0))  # checkpoints of earlier versions have none
+        # checkpoints of earlier versions have neither
+        self.dev_seconds, self.dev_count = state.get("dev", (0.0, 0))
+        self.reserve = state.get("reserve", 0.0)
 
 
 # ---- random state ---------------------------------------------------------------------------------------------
@@ -545,7 +556,7 @@ def train(recipe: Recipe, run_dir: str | Path, resume: bool = False, evaluate: b
         raise FileExistsError(f"{run_dir} already holds a run: pass --resume to continue it, or choose another --run")
     if world > 1:  # every rank has checked the folder before rank 0 writes to it
         dist.barrier()
-    _train_steps(recipe, run_dir, resume, rank, world, device)
+    _train_steps(recipe, run_dir, resume, rank, world, device, final_eval=evaluate)
     if world > 1:
         dist.barrier()
     if evaluate and rank == 0:
@@ -553,9 +564,12 @@ def train(recipe: Recipe, run_dir: str | Path, resume: bool = False, evaluate: b
     return run_dir
 
 
-def _train_steps(recipe: Recipe, run_dir: Path, resume: bool, rank: int, world: int, device: torch.device) -> None:
+def _train_steps(
+    recipe: Recipe, run_dir: Path, resume: bool, rank: int, world: int, device: torch.device, final_eval: bool
+) -> None:
     """The training loop: writes recipe.yaml, splits.json, history.jsonl, checkpoint/, adapter/,
-    training.json, routing.json and, with `dev_examples`, learning_curve.jsonl (rank 0 only)."""
+    training.json, routing.json and, with `dev_examples`, learning_curve.jsonl (rank 0 only). With
+    `final_eval` a time limit also leaves room for the evaluation that follows."""
     settings = recipe.training
     seed_everything(settings.seed)  # the same initial adapter on every rank
     model, tokenizer = build_model(recipe, device)
@@ -601,6 +615,14 @@ def _train_steps(recipe: Recipe, run_dir: Path, resume: bool, rank: int, world: 
             (run_dir / "learning_curve.jsonl").write_text("")
     if rank == 0:
         recipe.to_yaml(run_dir / "recipe.yaml")  # a resumed run may have changed the step count
+    if final_eval and plan.limit is not None and not resume:
+        # The time limit covers the evaluation after training: the zero-shot half is scored now (evaluate_run
+        # reuses it), and the adapter's half is reckoned from its time.
+        from loramix.evaluate import score_zero_shot
+
+        seconds = score_zero_shot(run_dir, max_examples=recipe.eval_examples, device=device) if rank == 0 else 0.0
+        elapsed = slowest(seconds, world)
+        plan.reserve = ADAPTER_EVAL_FACTOR * elapsed
 
     bf16 = use_bf16(settings.bf16, device)
     autocast = torch.autocast(device.type, dtype=torch.bfloat16, enabled=bf16)
@@ -683,6 +705,7 @@ def _train_steps(recipe: Recipe, run_dir: Path, resume: bool, rank: int, world: 
             "steps": step,
             "seconds": round(time.perf_counter() - started, 1),
             "time_limit_seconds": plan.limit,
+            "reserved_for_evaluation_seconds": round(plan.reserve, 1),
             "stopped_by_time_limit": out_of_time and step < plan.steps,
             "world_size": world,
             "device": device_name(device),
