@@ -16,6 +16,7 @@ Goals: t(M = 8) <= 4 t(M = 2), and the replicated batch never slower than the se
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import statistics
 import time
@@ -136,7 +137,10 @@ def main(argv: list[str] | None = None) -> list[dict]:
 
     recipe = load_recipe(RECIPE)
     base, _ = load_model(args.model or recipe.model)
-    model = loramix.wrap(base, recipe.mixlora_config()).train()
+    config = recipe.mixlora_config()
+    if args.model and args.model != recipe.model:  # the recipe's layers are the default model's
+        config = dataclasses.replace(config, layers_to_transform=None)
+    model = loramix.wrap(base, config).train()
     with torch.no_grad():  # B = 0 at the start would hide the expert gradients' paths through later layers
         for layer in model.layers.values():
             layer.lora_B.normal_(std=0.01)

@@ -60,9 +60,13 @@ PRECISIONS = {"none": None, "bf16": torch.bfloat16}
 
 
 # ---- matching the activated rank -------------------------------------------------------------------------------
-def lora_parameters(model: torch.nn.Module, target_modules: list[str] | str, rank: int) -> int:
-    """Parameters of a plain rank-`rank` LoRA on the target linears: rank * sum(d_in + d_out)."""
-    return rank * sum(sum(linear_features(model.get_submodule(name))) for name in find_targets(model, target_modules))
+def lora_parameters(
+    model: torch.nn.Module, target_modules: list[str] | str, rank: int, layers: list[int] | None = None
+) -> int:
+    """Parameters of a plain rank-`rank` LoRA on the target linears (of decoder layers `layers`, None: all):
+    rank * sum(d_in + d_out)."""
+    targets = find_targets(model, target_modules, layers)
+    return rank * sum(sum(linear_features(model.get_submodule(name))) for name in targets)
 
 
 def expert_parameters_per_token(model: loramix.MixLoraModel) -> int:

@@ -23,6 +23,8 @@ def tiny_settings(task_file) -> list[str]:
         "max_length": 48,
         "training.batch_size": 2,
         "training.bf16": "false",
+        "mixlora.layers_to_transform": "null",  # the recipes adapt SmolLM2's upper 15 layers; tiny-llama has 2
+        "lora.layers_to_transform": "null",
     }
     return [item for key, value in values.items() for item in ("--set", f"{key}={value}")]
 
@@ -157,3 +159,25 @@ def test_accuracy_runs_in_worker_processes_stops_at_the_time_limit_and_reports_o
     section = accuracy.main([*argv, "--report-only"])
     assert "| top-k (MixLoRA) | 4 |" in section and "| 0 |" in section  # no finished seed of topk left
     assert results.read_text().count(accuracy.markers("gpu-runs")[0]) == 1
+
+
+def test_demo_throughput_writes_the_prompts_as_they_were(bench):
+    import demo_throughput
+
+    from loramix.data import Example
+
+    prompt = "Patient: itching\n\nWhich diagnosis fits best?"
+    example = Example("symptom2disease", prompt, "allergy", ("allergy", "acne"))
+    before = demo_throughput.with_listed_labels(example)
+    assert before.prompt == "Patient: itching\n\nWhich diagnosis fits best? Answer with one of: allergy, acne."
+    assert before.answer == example.answer
+    pubmedqa = Example("pubmedqa", "Question?", "yes", ("yes", "no", "maybe"))
+    assert demo_throughput.with_listed_labels(pubmedqa) is pubmedqa
+
+
+def test_settings_reach_only_their_own_adapter_section(bench):
+    import accuracy
+
+    settings = ["mixlora.top_k=1", "lora.r=4", "training.steps=3"]
+    assert accuracy.for_recipe(settings, accuracy.recipe_path("lora", False)) == ["lora.r=4", "training.steps=3"]
+    assert accuracy.for_recipe(settings, accuracy.recipe_path("topk", False)) == ["mixlora.top_k=1", "training.steps=3"]

@@ -146,7 +146,7 @@ def test_a_time_limited_run_scores_the_zero_shot_first_and_only_once(tmp_path, t
     recipe = tiny_recipe(task_file, steps=4, time_limit="1h")
     run = train(recipe, tmp_path / "run")
     assert calls == [None]
-    assert json.loads((run / "training.json").read_text())["reserved_for_evaluation_seconds"] == 13.0
+    assert json.loads((run / "training.json").read_text())["reserved_for_evaluation_seconds"] == 12.0
     assert scored == ["zero-shot", "adapter"]  # evaluate_run found the zero-shot scores in zero_shot.json
     metrics = json.loads((run / "metrics.json").read_text())
     assert all(task["zero_shot"] is not None for task in metrics["tasks"].values())
@@ -311,6 +311,12 @@ def test_dev_examples_are_held_out_and_scored_along_the_run(tmp_path, task_file,
     for point in curve:
         assert set(point) == {"step", "seconds", "dev_seconds", "tasks"} and set(point["tasks"]) == set(recipe.tasks)
         assert list(point["tasks"]["parity"]) == ["accuracy", "accuracy_norm"]  # choice scoring
+
+
+def test_the_learning_curve_skips_a_point_just_before_the_last(tmp_path, task_file):
+    recipe = tiny_recipe(task_file, dev_examples=4, steps=9, dev_every=4)
+    run = train(recipe, tmp_path / "run", evaluate=False)
+    assert [point["step"] for point in read_lines(run / "learning_curve.jsonl")] == [0, 4, 9]  # not 8 and 9
 
 
 def test_a_resumed_learning_curve_has_no_duplicate_points(tmp_path, task_file, monkeypatch):

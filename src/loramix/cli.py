@@ -183,12 +183,15 @@ def serve(
         raise _fail(error) from None
 
 
+SUMMARY_WIDTH = 130  # the score table's width even in a narrower terminal: intervals need the room
+
+
 def _print_summary(run: Path) -> None:
     import json
 
     from loramix.report import summary_table
 
-    console.print(summary_table(run))
+    Console(width=max(console.width, SUMMARY_WIDTH)).print(summary_table(run))
     training = run / "training.json"
     if training.is_file():
         summary = json.loads(training.read_text())

@@ -183,7 +183,7 @@ class NCBIDisease(Task):
 
     name = "ncbi_disease"
     metrics = ("f1", "precision", "recall")
-    max_new_tokens = 64
+    max_new_tokens = 40  # answers: median 3 tokens, 99th percentile 28, longest 55 (train split)
     files = {"train": "train.tsv", "validation": "devel.tsv", "test": "test.tsv"}
 
     def read(self, folder: Path) -> dict[str, list[Example]]:
