@@ -45,6 +45,8 @@ import yaml  # noqa: E402
 from train_step import expert_parameters_per_token, lora_parameters, matched_expert_rank  # noqa: E402
 
 import loramix  # noqa: E402
+from loramix.data import Example, get_task  # noqa: E402
+from loramix.evaluate import compare  # noqa: E402
 from loramix.models import load_model  # noqa: E402
 from loramix.recipe import Recipe, load_recipe  # noqa: E402
 from loramix.train import TrainingError, check_resumable, evaluate_and_report, train  # noqa: E402
@@ -256,6 +258,7 @@ class Run:
     metrics: dict = field(default_factory=dict)
     history: list[dict] = field(default_factory=list)
     device: str | None = None
+    predictions: list[dict] = field(default_factory=list)
 
     @classmethod
     def read(cls, out: Path, variant: str, seed: int) -> Run:
@@ -264,7 +267,13 @@ class Run:
         lines = (folder / "history.jsonl").read_text().splitlines() if (folder / "history.jsonl").is_file() else []
         training = json.loads((folder / "training.json").read_text()) if (folder / "training.json").is_file() else {}
         history = [json.loads(line) for line in lines if line.strip()]
-        return cls(variant, seed, metrics, history, training.get("device"))
+        rows = folder / "predictions.jsonl"
+        predictions = [json.loads(line) for line in rows.read_text().splitlines()] if rows.is_file() else []
+        return cls(variant, seed, metrics, history, training.get("device"), predictions)
+
+    def task_predictions(self, task: str) -> dict[str, dict]:
+        """This run's prediction rows of a task, by example id."""
+        return {row["id"]: row for row in self.predictions if row["task"] == task}
 
     def scores(self, column: str = "model") -> dict[str, float]:
         """Each task's main (first) metric in a metrics.json column: model, zero_shot or majority."""
@@ -358,6 +367,43 @@ def score_table(runs: dict[str, list[Run]], counts: dict[str, Counts], tasks: li
             + f" | {'—' if mean is None else f'{mean:.3f}'} | — | — |"
         )
     return lines
+
+
+def paired_difference(run: Run, reference: Run, task: str) -> dict | None:
+    """The paired-bootstrap difference of a task's main metric between two runs on the same test examples."""
+    ours, theirs = run.task_predictions(task), reference.task_predictions(task)
+    ids = [i for i in ours if i in theirs]
+    if not ids:
+        return None
+    definition = get_task(task)
+    examples = [Example(task, "", ours[i]["answer"], definition.choices, i) for i in ids]
+    columns = {
+        name: {"predictions": [rows[i]["prediction"] for i in ids]} for name, rows in (("run", ours), ("ref", theirs))
+    }
+    return compare(definition, examples, columns, against="run")["differences"]["ref"]
+
+
+def difference_table(runs: dict[str, list[Run]], tasks: list[str]) -> list[str]:
+    """Per method and seed, each task's main-metric difference from peft LoRA of the same seed, with its 95%
+    paired-bootstrap interval: ✓ above zero, ✗ below, · neither (not beyond noise)."""
+    lines = ["| method | seed | " + " | ".join(tasks) + " |", "|---|---|" + "---|" * len(tasks)]
+    references = {r.seed: r for r in runs.get("lora", []) if r.predictions}
+    for variant, group in runs.items():
+        for run in group:
+            reference = references.get(run.seed)
+            if variant == "lora" or reference is None or not run.predictions:
+                continue
+            cells = []
+            for task in tasks:
+                difference = paired_difference(run, reference, task)
+                if difference is None:
+                    cells.append("—")
+                    continue
+                mark = "✓" if difference["low"] > 0 else "✗" if difference["high"] < 0 else "·"
+                low, high = difference["low"], difference["high"]
+                cells.append(f"{difference['difference']:+.3f} [{low:+.3f}, {high:+.3f}] {mark}")
+            lines.append(f"| {LABELS[variant]} | {run.seed} | " + " | ".join(cells) + " |")
+    return lines if len(lines) > 2 else []
 
 
 def imbalance_table(runs: dict[str, list[Run]]) -> list[str]:
@@ -533,6 +579,11 @@ def write_report(
         "the machine only slows a run down).",
         "",
         *score_table(runs, counts, tasks),
+        "",
+        "Differences from peft LoRA of the same seed on the same test examples (the main metric, 95% paired "
+        "bootstrap): ✓ better beyond noise, ✗ worse beyond noise, · within noise.",
+        "",
+        *difference_table(runs, tasks),
         "",
     ]
     plot_scores(runs, tasks, figures / "accuracy.png")

@@ -62,6 +62,7 @@ def test_accuracy_trains_evaluates_skips_and_resumes(bench, task_file, tmp_path,
             assert (out / f"{variant}-s{seed}" / "metrics.json").is_file()
     assert "| peft LoRA | 8 |" in section and "| zero-shot (no adapter) |" in section and " ± " in section
     assert "ReMix routing samples M" in section and "Routing imbalance" in section
+    assert "Differences from peft LoRA" in section and "| top-k (MixLoRA) | 1 | " in section
     assert {p.name for p in (tmp_path / "figures").iterdir()} == {
         "accuracy.png", "training_loss.png", "routing_ess.png", "remix_samples.png",
     }  # fmt: skip
@@ -181,3 +182,23 @@ def test_settings_reach_only_their_own_adapter_section(bench):
     settings = ["mixlora.top_k=1", "lora.r=4", "training.steps=3"]
     assert accuracy.for_recipe(settings, accuracy.recipe_path("lora", False)) == ["lora.r=4", "training.steps=3"]
     assert accuracy.for_recipe(settings, accuracy.recipe_path("topk", False)) == ["mixlora.top_k=1", "training.steps=3"]
+
+
+def test_methods_are_compared_on_the_same_examples_by_a_paired_bootstrap(bench):
+    import accuracy
+
+    def run(variant, predictions):
+        rows = [
+            {"task": "mediqa_rqe", "id": str(i), "prediction": p, "answer": "yes" if i % 2 else "no"}
+            for i, p in enumerate(predictions)
+        ]
+        return accuracy.Run(variant, 0, metrics={"tasks": {}}, predictions=rows)
+
+    answers = ["yes" if i % 2 else "no" for i in range(40)]
+    right, wrong = run("topk", answers), run("lora", ["no" if a == "yes" else "yes" for a in answers])
+    better = accuracy.paired_difference(right, wrong, "mediqa_rqe")
+    assert better["difference"] == 1.0 and better["low"] == 1.0 and better["beats"]
+    same = accuracy.paired_difference(right, right, "mediqa_rqe")
+    assert same["difference"] == same["low"] == same["high"] == 0.0
+    table = accuracy.difference_table({"lora": [wrong], "topk": [right]}, ["mediqa_rqe"])
+    assert table[-1] == "| top-k (MixLoRA) | 0 | +1.000 [+1.000, +1.000] ✓ |"

@@ -32,9 +32,9 @@ from loramix.precision import use_bf16
 from loramix.recipe import Recipe, Training, parse_duration
 
 CALIBRATION_STEPS = 10  # steps timed to plan a run with a time limit
-# The time of the final evaluation of an adapter over that of the base model (the zero-shot baseline): 1.12
-# measured for the demo recipe (275 s against 246 s), plus a margin
-ADAPTER_EVAL_FACTOR = 1.2
+# The time of the final evaluation of an adapter over that of the base model (the zero-shot baseline): 1.12 and
+# 1.40 measured for two runs of the demo recipe (a trained model may answer free-text tasks at length)
+ADAPTER_EVAL_FACTOR = 1.4
 DEV_MAX_NEW_TOKENS = 32  # the most tokens a dev answer of a free-text task is given (the curve stays cheap)
 # Keys a resumed run may change: they do not alter what the finished steps computed.
 RESUMABLE_CHANGES = {
