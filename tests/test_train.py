@@ -147,7 +147,11 @@ def test_a_time_limited_run_scores_the_zero_shot_first_and_only_once(tmp_path, t
     run = train(recipe, tmp_path / "run")
     assert calls == [None]
     assert json.loads((run / "training.json").read_text())["reserved_for_evaluation_seconds"] == 14.0
-    assert scored == ["zero-shot", "adapter"]  # evaluate_run found the zero-shot scores in zero_shot.json
+    assert scored == ["zero-shot", "zero-shot", "adapter"]  # per task; evaluate_run found them in zero_shot.json
+    recorded = json.loads((run / "zero_shot.json").read_text())
+    assert all(entry["seconds"] > 0 for entry in recorded.values())
+    again = score(run, max_examples=recipe.eval_examples)  # cached: nothing scored, the recorded time counts
+    assert len(scored) == 3 and again == pytest.approx(sum(e["seconds"] for e in recorded.values()))
     metrics = json.loads((run / "metrics.json").read_text())
     assert all(task["zero_shot"] is not None for task in metrics["tasks"].values())
 

@@ -7,7 +7,7 @@ import json
 import os
 import tempfile
 import time
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from contextlib import nullcontext
 from pathlib import Path
 
@@ -106,7 +106,7 @@ def generate_answers(
 
 
 # ---- choice scoring -----------------------------------------------------------------------------------------
-def _continuation_ids(tokenizer, system_prompt: str | None) -> callable:
+def _continuation_ids(tokenizer, system_prompt: str | None) -> Callable[[str], list[int]]:
     """Token ids of a choice as training writes an answer after the generation prompt (with its end of turn)."""
     _, _, lead, end = template_parts(tokenizer, system_prompt)
     cache: dict[str, list[int]] = {}
@@ -174,19 +174,11 @@ def score_choices(
             chunks = _prompt_chunks(order, [len(e.choices) for e in examples], batch_size)
             for chunk in tqdm(chunks, desc=f"scoring {examples[0].task}", leave=False, disable=None):
                 routing = model.prompt_routing(_task_ids(task_id, len(chunk), device)) if mixture else nullcontext()
+                continuations = [[choice_ids(choice) for choice in examples[i].choices] for i in chunk]
                 with routing:
-                    for index, result in zip(
-                        chunk,
-                        _score_chunk(
-                            model,
-                            [prompts[i] for i in chunk],
-                            [[choice_ids(c) for c in examples[i].choices] for i in chunk],
-                            pad,
-                            device,
-                        ),
-                        strict=True,
-                    ):
-                        scores[index] = result
+                    results = _score_chunk(model, [prompts[i] for i in chunk], continuations, pad, device)
+                for index, result in zip(chunk, results, strict=True):
+                    scores[index] = result
     finally:
         model.train(was_training)
     return scores
@@ -466,10 +458,11 @@ def _zero_shot(
     keys = {name: f"{recipe.model}|{name}|{len(test)}|{prompt_format}" for name, (_, test) in examples.items()}
     uncached = {name: test for name, (_, test) in examples.items() if keys[name] not in cache}
     if score_missing and uncached:
-        for name, result in evaluate_model(model, tokenizer, uncached, None, **settings).items():
-            cache[keys[name]] = {
-                key: result[key] for key in ("metrics", "predictions", "predictions_norm") if key in result
-            }
+        for name, test in uncached.items():
+            started = time.perf_counter()
+            result = evaluate_model(model, tokenizer, {name: test}, None, **settings)[name]
+            kept = {key: result[key] for key in ("metrics", "predictions", "predictions_norm") if key in result}
+            cache[keys[name]] = kept | {"seconds": time.perf_counter() - started}
         _write_atomically(cache_path, json.dumps(cache))
     return cache, keys
 
@@ -483,14 +476,14 @@ def score_zero_shot(
     device: str | torch.device = "cpu",
 ) -> float:
     """Score the base model on the run's test examples into zero_shot.json, as `evaluate_run` would (which
-    then reuses them); returns the seconds it took. Training calls it first when its time limit must leave
-    room for the final evaluation."""
-    started = time.perf_counter()
+    then reuses them); returns the seconds the scoring took, as recorded when it ran (a cache shared by runs
+    costs every run alike). Training calls it first when its time limit must leave room for the final
+    evaluation."""
     run_dir = Path(run_dir)
     recipe, examples, settings = _evaluation_inputs(run_dir, data_dir, max_examples, None, batch_size, device, None)
     model, tokenizer = load_model(recipe.model, device=device)
-    _zero_shot(run_dir, recipe, examples, settings, model, tokenizer)
-    return time.perf_counter() - started
+    cache, keys = _zero_shot(run_dir, recipe, examples, settings, model, tokenizer)
+    return sum(cache[keys[name]].get("seconds", 0.0) for name in examples)
 
 
 def evaluate_run(

@@ -618,7 +618,8 @@ def _train_steps(
         recipe.to_yaml(run_dir / "recipe.yaml")  # a resumed run may have changed the step count
     if final_eval and plan.limit is not None and not resume:
         # The time limit covers the evaluation after training: the zero-shot half is scored now (evaluate_run
-        # reuses it), and the adapter's half is reckoned from its time.
+        # reuses it), and the adapter's half is reckoned from its time. Zero-shot scores that another run
+        # cached count their recorded time all the same, so that runs sharing a cache train equally long.
         from loramix.evaluate import score_zero_shot
 
         seconds = score_zero_shot(run_dir, max_examples=recipe.eval_examples, device=device) if rank == 0 else 0.0
