@@ -200,13 +200,16 @@ def ensure_run(recipe: Recipe, run_dir: Path, zero_shot_cache: Path) -> str:
         resume = has_checkpoint(run_dir)
         if not resume and run_dir.exists():  # died before its first checkpoint: nothing to keep
             shutil.rmtree(run_dir)
-        try:
-            train(recipe, run_dir, resume=resume, evaluate=False)
+        run_dir.mkdir(parents=True, exist_ok=True)
+        merge_json(zero_shot_cache, run_dir / "zero_shot.json")  # zero-shot scores are the same for every run
+        try:  # evaluated by train itself, so that a time limit leaves room for the evaluation as in make demo
+            train(recipe, run_dir, resume=resume)
         except TrainingError as error:
             return f"FAILED: {error}"
         done = "resumed, trained and evaluated" if resume else "trained and evaluated"
-    merge_json(zero_shot_cache, run_dir / "zero_shot.json")  # zero-shot scores are the same for every run
-    evaluate_and_report(run_dir, recipe)
+    else:
+        merge_json(zero_shot_cache, run_dir / "zero_shot.json")
+        evaluate_and_report(run_dir, recipe)
     merge_json(run_dir / "zero_shot.json", zero_shot_cache)
     return done
 
