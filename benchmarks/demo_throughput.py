@@ -6,7 +6,10 @@
 Variants (each a fresh copy of the default model, trained on the recipe's tasks with its sampler and batch):
 - before:     the prompts as they were, symptom2disease and medical_abstracts listing their labels;
 - prompts:    today's prompts (the labels are scored, not listed);
-- upper half: today's prompts, only the upper half of the decoder layers adapted (the backward stops there).
+- upper half: today's prompts, only the upper half of the decoder layers adapted (the backward stops there),
+  the batch repeated once per ReMix routing sample at the input, as before;
+- shared lower half: the same, the M routing samples sharing one forward through the frozen lower half
+  (`MixLoraModel.first_adapted_block`; today's code).
 Rounds interleave the variants so that machine noise hits them alike; each round times `--steps` steps after
 one untimed step, with the same draws of tasks and examples for every variant. Printed: examples per second
 (the median over rounds), tokens per example, and the ratio to `before`.
@@ -59,20 +62,22 @@ def main() -> None:
     train_sets = [get_task(name).load(recipe.data_dir)["train"] for name in recipe.tasks]
     layers = base.config.num_hidden_layers
     config = recipe.mixlora_config()
-    variants = {
-        "before": (config, [[with_listed_labels(e) for e in s] for s in train_sets]),
-        "prompts": (config, train_sets),
-        "upper half": (
-            dataclasses.replace(config, layers_to_transform=list(range(layers // 2, layers))),
-            train_sets,
-        ),
+    every_layer = dataclasses.replace(config, layers_to_transform=None)
+    upper_half = dataclasses.replace(config, layers_to_transform=list(range(layers // 2, layers)))
+    variants = {  # name: (config, training sets, whether routing samples share the frozen lower blocks)
+        "before": (every_layer, [[with_listed_labels(e) for e in s] for s in train_sets], False),
+        "prompts": (every_layer, train_sets, False),
+        "upper half": (upper_half, train_sets, False),
+        "shared lower half": (upper_half, train_sets, True),
     }
     speeds: dict[str, list[float]] = {name: [] for name in variants}
     tokens: dict[str, float] = {}
     for round_index in range(args.rounds):
-        for name, (variant_config, sets) in variants.items():
+        for name, (variant_config, sets, share) in variants.items():
             torch.manual_seed(0)
             model = loramix.wrap(copy.deepcopy(base), variant_config).train()
+            if not share:
+                model.first_adapted_block = lambda: None  # repeat the batch at the input, as before
             encoder = Encoder(tokenizer, recipe.max_length, sets, recipe.system_prompt)
             sampler = TaskSampler(
                 [len(s) for s in sets],

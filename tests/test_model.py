@@ -187,6 +187,45 @@ def test_remix_replicates_the_batch_once_per_sample():
     assert wrapped.context.records[0].routing.log_prob is None
 
 
+@pytest.mark.parametrize("architecture", BUILDERS)
+@pytest.mark.parametrize("level", ["token", "sequence"])
+def test_remix_samples_share_the_frozen_blocks_below_the_adapters(architecture, level):
+    """With the lower blocks frozen, the M routing samples run them once: the loss, the gradients and the routing
+    statistics equal those of the batch repeated M times from the start (the same draws, from the same seed)."""
+
+    def step(share: bool):
+        wrapped = loramix.wrap(
+            BUILDERS[architecture](num_layers=3), config_for("remix", level, layers_to_transform=[1, 2])
+        ).train()
+        randomise_experts(wrapped)
+        if not share:
+            wrapped.first_adapted_block = lambda: None
+        torch.manual_seed(3)
+        loss = wrapped.compute_loss(batch())
+        loss.backward()
+        grads = {name: p.grad.clone() for name, p in wrapped.named_parameters() if p.requires_grad}
+        return wrapped, loss.detach(), grads
+
+    shared, shared_loss, shared_grads = step(share=True)
+    assert shared.first_adapted_block() is not None
+    repeated, repeated_loss, repeated_grads = step(share=False)
+    assert torch.allclose(shared_loss, repeated_loss, atol=1e-6)
+    assert shared.last_losses.keys() == repeated.last_losses.keys() >= {"ce", "rloo"}
+    for name, grad in repeated_grads.items():
+        assert torch.allclose(shared_grads[name], grad, atol=1e-6), name
+    assert any(grad.abs().sum() > 0 for name, grad in shared_grads.items() if "router" in name)
+    assert shared.context.records[0].routing.log_prob.shape[0] == 3 * shared.config.remix_samples
+    for name, stats in repeated.routing_stats().items():
+        assert shared.routing_stats()[name]["load"] == pytest.approx(stats["load"], abs=1e-6)
+
+
+def test_first_adapted_block_is_none_when_the_first_block_is_adapted():
+    assert loramix.wrap(tiny_llama(), config_for("remix")).first_adapted_block() is None
+    assert loramix.wrap(tiny_llama(), config_for("remix", layers_to_transform=[1])).first_adapted_block() == (
+        "model.layers.1"
+    )
+
+
 def test_routing_records_kept_after_the_loss_hold_no_graph():
     wrapped = loramix.wrap(tiny_llama(), config_for("soft", z_loss_weight=0.0)).train()
     loss = wrapped.compute_loss(batch())

@@ -7,7 +7,7 @@ import inspect
 import os
 import re
 import tempfile
-from contextlib import contextmanager
+from contextlib import contextmanager, nullcontext
 from pathlib import Path
 
 import torch
@@ -262,16 +262,20 @@ class MixLoraModel(nn.Module):
             attention_mask = torch.ones_like(input_ids)
         task_ids = batch.get("task_ids")
         samples = self.config.remix_samples if self.config.router == "remix" and self.training else 1
-        if samples > 1:  # one forward over the batch repeated M times: M routing samples per sequence
-            input_ids, attention_mask, labels = (t.repeat(samples, 1) for t in (input_ids, attention_mask, labels))
+        inputs = {"input_ids": input_ids, "attention_mask": attention_mask}
+        repeat_from = self.first_adapted_block() if samples > 1 else None
+        if samples > 1:  # the batch repeated M times: M routing samples per sequence
+            labels = labels.repeat(samples, 1)
             task_ids = task_ids.repeat(samples) if task_ids is not None else None
-        prompt_mask = attention_mask.bool() & (labels == -100)
+            if repeat_from is None:
+                inputs = {key: value.repeat(samples, 1) for key, value in inputs.items()}
+        prompt_mask = attention_mask.repeat(samples, 1).bool() & (labels == -100)
         # Only the positions that predict a labelled token need the (vocabulary-sized) output projection.
         predicts_label = F.pad(labels[:, 1:] != -100, (0, 1), value=False)
-        inputs = {"input_ids": input_ids, "attention_mask": attention_mask}
         if self._takes_logits_to_keep:
             inputs["logits_to_keep"] = predicts_label
-        logits = self(task_ids=task_ids, prompt_mask=prompt_mask, **inputs).logits
+        with self._repeated_from(repeat_from, samples, len(input_ids)) if repeat_from else nullcontext():
+            logits = self(task_ids=task_ids, prompt_mask=prompt_mask, **inputs).logits
         if not self._takes_logits_to_keep:
             logits = logits[predicts_label]
         token_losses = F.cross_entropy(logits.float(), labels[:, 1:][predicts_label[:, :-1]], reduction="none")
@@ -280,9 +284,7 @@ class MixLoraModel(nn.Module):
         parts = {"ce": loss.detach()}
         total = loss + self._auxiliary_losses(parts)
         if samples > 1:
-            labelled = torch.zeros(len(input_ids), device=loss.device).index_add_(
-                0, rows, torch.ones_like(token_losses)
-            )
+            labelled = torch.zeros(len(labels), device=loss.device).index_add_(0, rows, torch.ones_like(token_losses))
             summed = torch.zeros_like(labelled).index_add(0, rows, token_losses)
             sequence_losses = summed / labelled.clamp_min(1)
             sampled = [r for r in self.context.records if r.routing.sampled]
@@ -297,6 +299,50 @@ class MixLoraModel(nn.Module):
         # the loss holds the graph it needs; the kept records (for routing_stats) must not pin the rest of it
         self.context.records[:] = [record.detached() for record in self.context.records]
         return total
+
+    def first_adapted_block(self) -> str | None:
+        """The first numbered decoder block that holds an adapted module, when it is not the first block and
+        every adapted module lies in such a block: the blocks before it compute the same for every routing
+        sample. None otherwise."""
+        blocks = {}
+        for name in self.layers:
+            match = _DECODER_LAYER.match(name)
+            if match is None:
+                return None
+            prefix, number = match.group(1).rsplit(".", 1)
+            blocks[prefix] = min(int(number), blocks.get(prefix, int(number)))
+        if len(blocks) != 1:
+            return None
+        ((prefix, first),) = blocks.items()
+        return f"{prefix}.{first}" if first > 0 else None
+
+    @contextmanager
+    def _repeated_from(self, block: str, samples: int, rows: int):
+        """Forwards of a batch of `rows` rows inside run the frozen blocks before `block` once: from `block` on,
+        every block sees its inputs (hidden states, masks, every batch-sized tensor) repeated `samples` times,
+        so that M routing samples of a batch share the blocks below the adapters."""
+        context = self.context
+        prefix, first = block.rsplit(".", 1)
+        blocks = list(self.base_model.get_submodule(prefix))[int(first) :]
+
+        def repeat(value):
+            if isinstance(value, Tensor) and value.dim() >= 2 and value.shape[0] == rows:
+                return value.repeat(samples, *([1] * (value.dim() - 1)))
+            if isinstance(value, tuple):
+                return tuple(repeat(item) for item in value)
+            return value
+
+        def repeat_inputs(module: nn.Module, args: tuple, kwargs: dict):
+            context.attention_mask = repeat(context.attention_mask)
+            return repeat(args), {key: repeat(value) for key, value in kwargs.items()}
+
+        # prepended: the prompt router's hooks on the same blocks must see the repeated inputs
+        handles = [b.register_forward_pre_hook(repeat_inputs, with_kwargs=True, prepend=True) for b in blocks]
+        try:
+            yield
+        finally:
+            for handle in handles:
+                handle.remove()
 
     def _auxiliary_losses(self, parts: dict[str, Tensor]) -> Tensor:
         config, records = self.config, self.context.records
