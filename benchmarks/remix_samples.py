@@ -80,7 +80,7 @@ def make_batch(vocab_size: int, batch: int, length: int, answer: int, seed: int 
 
 def replicated_loss(model: loramix.MixLoraModel, batch: dict, samples: int, routes: FixedRoutes) -> torch.Tensor:
     """`compute_loss`: one forward over the batch repeated `samples` times."""
-    model.config.remix_samples = samples
+    model.mixlora_config.remix_samples = samples
     routes.start(samples)
     return model.compute_loss(batch)
 

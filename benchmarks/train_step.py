@@ -134,8 +134,8 @@ class OperatorCount(TorchDispatchMode):
 # ---- FLOPs and the machine's peak ----------------------------------------------------------------------------
 def replication(model: torch.nn.Module) -> int:
     """How many times the model's training loss repeats the batch (ReMix's M routing samples)."""
-    if isinstance(model, loramix.MixLoraModel) and model.config.router == "remix":
-        return model.config.remix_samples
+    if isinstance(model, loramix.MixLoraModel) and model.mixlora_config.router == "remix":
+        return model.mixlora_config.remix_samples
     return 1
 
 

@@ -169,7 +169,7 @@ def write_run(run, adapter, **recipe_values) -> None:
     recipe["eval_mode"] = "generate"
     recipe |= recipe_values
     if isinstance(adapter, loramix.MixLoraModel):
-        recipe["mixlora"] = adapter.config.to_dict()
+        recipe["mixlora"] = adapter.mixlora_config.to_dict()
     else:
         recipe["lora"] = {"r": 2, "target_modules": ["q_proj", "v_proj"]}
     (run / "recipe.yaml").write_text(json.dumps(recipe | {"max_length": 64}))  # JSON is YAML

@@ -88,7 +88,7 @@ def write_run(run_dir, **adapter) -> None:
 def test_export_run_writes_the_named_task(tmp_path):
     model = task_model(tiny_llama)
     run_dir = tmp_path / "run"
-    write_run(run_dir, mixlora=model.config.to_dict())
+    write_run(run_dir, mixlora=model.mixlora_config.to_dict())
     model.save_pretrained(run_dir / "adapter")
     out = export_run(run_dir, "mediqa_rqe", tmp_path / "out")
 

@@ -214,7 +214,7 @@ def test_remix_samples_share_the_frozen_blocks_below_the_adapters(architecture, 
     for name, grad in repeated_grads.items():
         assert torch.allclose(shared_grads[name], grad, atol=1e-6), name
     assert any(grad.abs().sum() > 0 for name, grad in shared_grads.items() if "router" in name)
-    assert shared.context.records[0].routing.log_prob.shape[0] == 3 * shared.config.remix_samples
+    assert shared.context.records[0].routing.log_prob.shape[0] == 3 * shared.mixlora_config.remix_samples
     for name, stats in repeated.routing_stats().items():
         assert shared.routing_stats()[name]["load"] == pytest.approx(stats["load"], abs=1e-6)
 
@@ -300,7 +300,11 @@ def test_save_and_load_give_identical_outputs(tmp_path, router, level):
     data = batch()
     expected = wrapped(**{k: data[k] for k in ("input_ids", "attention_mask", "task_ids")}).logits
     wrapped.save_pretrained(tmp_path / "adapter")
-    assert sorted(p.name for p in (tmp_path / "adapter").iterdir()) == ["adapter.safetensors", "loramix_config.json"]
+    assert sorted(p.name for p in (tmp_path / "adapter").iterdir()) == [
+        "README.md",  # the model card
+        "adapter.safetensors",
+        "loramix_config.json",
+    ]
     loaded = loramix.load(tiny_llama(), tmp_path / "adapter").eval()
     got = loaded(**{k: data[k] for k in ("input_ids", "attention_mask", "task_ids")}).logits
     assert torch.equal(got, expected)

@@ -4,8 +4,6 @@ from __future__ import annotations
 
 import inspect
 import json
-import os
-import tempfile
 import time
 from collections.abc import Callable, Sequence
 from contextlib import nullcontext
@@ -15,9 +13,11 @@ import torch
 from torch import Tensor, nn
 from tqdm.auto import tqdm
 
+from loramix.card import run_card, write_card
 from loramix.data import Example, Task, collate, encode_example, get_task
 from loramix.data.encode import template_parts
 from loramix.data.metrics import bootstrap, percentile_interval
+from loramix.files import atomic_write_text
 from loramix.model import MixLoraModel, load
 from loramix.models import load_model
 from loramix.precision import use_bf16
@@ -374,18 +374,6 @@ def compare(
 
 
 # ---- a run folder -------------------------------------------------------------------------------------------
-def _write_atomically(path: Path, text: str) -> None:
-    """Write a temporary file beside `path`, then move it into place."""
-    descriptor, temporary = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    try:
-        with os.fdopen(descriptor, "w") as handle:
-            handle.write(text)
-        os.replace(temporary, path)
-    except BaseException:
-        Path(temporary).unlink(missing_ok=True)
-        raise
-
-
 def _read_json(path: Path) -> dict:
     return json.loads(path.read_text()) if path.is_file() else {}
 
@@ -463,7 +451,7 @@ def _zero_shot(
             result = evaluate_model(model, tokenizer, {name: test}, None, **settings)[name]
             kept = {key: result[key] for key in ("metrics", "predictions", "predictions_norm") if key in result}
             cache[keys[name]] = kept | {"seconds": time.perf_counter() - started}
-        _write_atomically(cache_path, json.dumps(cache))
+        atomic_write_text(cache_path, json.dumps(cache))
     return cache, keys
 
 
@@ -506,7 +494,8 @@ def evaluate_run(
     are cached in zero_shot.json (by model, task, test size, mode, precision, prompt length and system
     prompt). `bf16` (default: the recipe's training.bf16, resolved by loramix.precision.use_bf16) runs both
     models under bfloat16 autocast. The prompts carry the recipe's system prompt.
-    Writes metrics.json and predictions.jsonl in the run folder and returns the metrics.
+    Writes metrics.json and predictions.jsonl in the run folder and the adapter's model card (README.md with the
+    scores), and returns the metrics.
     """
     started = time.perf_counter()
     run_dir = Path(run_dir)
@@ -520,7 +509,7 @@ def evaluate_run(
     task_ids = None
     if isinstance(model, MixLoraModel):
         task_ids = {name: index for index, name in enumerate(trained)}
-        if model.config.router == "task":
+        if model.mixlora_config.router == "task":
             for name in names[len(trained) :]:
                 del scored[name]
                 notes.append(f"{name}: not scored, the task router has no gate for a task it was not trained on")
@@ -560,7 +549,9 @@ def evaluate_run(
     if notes:
         meta["notes"] = notes
     metrics = {"tasks": tasks, "meta": meta}
-    _write_atomically(run_dir / "metrics.json", json.dumps(metrics, indent=2))
+    atomic_write_text(run_dir / "metrics.json", json.dumps(metrics, indent=2))
+    if (run_dir / "adapter").is_dir():
+        write_card(run_dir / "adapter", run_card(recipe, metrics))
     rows = []
     for name, result in results.items():
         for index, example in enumerate(scored[name]):
@@ -573,5 +564,5 @@ def evaluate_run(
                 if key in result:
                     row[field] = result[key][index]
             rows.append(row)
-    _write_atomically(run_dir / "predictions.jsonl", "".join(json.dumps(row) + "\n" for row in rows))
+    atomic_write_text(run_dir / "predictions.jsonl", "".join(json.dumps(row) + "\n" for row in rows))
     return metrics

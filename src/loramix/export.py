@@ -7,6 +7,7 @@ The task weights are folded into B and peft's scaling lora_alpha / R is made equ
 
 from __future__ import annotations
 
+import json
 from pathlib import Path
 
 import torch
@@ -15,6 +16,7 @@ from safetensors.torch import save_file
 from torch import Tensor, nn
 from transformers.pytorch_utils import Conv1D
 
+from loramix.card import METHODS, hub_id, model_card, run_card_scores, write_card
 from loramix.model import MixLoraModel, load
 from loramix.models import load_model
 from loramix.recipe import load_recipe
@@ -72,7 +74,7 @@ def export_peft(model: MixLoraModel, directory: str | Path, task_id: int) -> Pat
 
     `peft.PeftModel.from_pretrained(base, directory)` then computes what `model` computes with that task id.
     """
-    _require_task_router(model.config.router)
+    _require_task_router(model.mixlora_config.router)
     weights = model.task_weights(task_id)  # validates task_id
     factors = {}
     scales = set()
@@ -83,19 +85,30 @@ def export_peft(model: MixLoraModel, directory: str | Path, task_id: int) -> Pat
         factors[name] = (a, b)
         scales.add(layer.router.expert_scale)
     (scale,) = scales  # every task router of a model has alpha / (n r)
-    rank = model.config.num_experts * model.config.expert_rank
+    rank = model.mixlora_config.num_experts * model.mixlora_config.expert_rank
     conv1d = any(isinstance(layer.base_layer, Conv1D) for layer in model.layers.values())
     config = LoraConfig(
         r=rank,
         lora_alpha=scale * rank,  # peft's scaling lora_alpha / r == our scale
         target_modules=peft_target_modules(model.base_model, list(model.layers)),
-        lora_dropout=model.config.dropout,
+        lora_dropout=model.mixlora_config.dropout,
         fan_in_fan_out=conv1d,
         bias="none",
         task_type="CAUSAL_LM",
         base_model_name_or_path=base_model_name(model.base_model),
     )
-    return save_peft_adapter(directory, factors, config)
+    save_peft_adapter(directory, factors, config)
+    write_card(directory, exported_card(base_model_name(model.base_model), task_id, rank))
+    return Path(directory)
+
+
+def exported_card(base_model: str | None, task_id: int, rank: int, task: str | None = None, scores=None) -> str:
+    """The model card of one task of a MOELoRA model exported as a peft LoRA."""
+    name, paper = METHODS["task"]
+    details = {"task id": str(task_id), "rank (experts x expert rank)": str(rank)}
+    method = (f"{name}, one task exported as a peft LoRA", paper)
+    tasks = [task] if task else None
+    return model_card(base_model, method, details, library="peft", tasks=tasks, scores=scores)
 
 
 def export_run(run_dir: str | Path, task: str, out_dir: str | Path) -> Path:
@@ -115,4 +128,11 @@ def export_run(run_dir: str | Path, task: str, out_dir: str | Path) -> Path:
     if not adapter.is_dir():
         raise FileNotFoundError(f"{adapter} is missing: has the run finished training?")
     base, _ = load_model(recipe.model)
-    return export_peft(load(base, adapter), out_dir, recipe.tasks.index(task))
+    task_id = recipe.tasks.index(task)
+    exported = export_peft(load(base, adapter), out_dir, task_id)
+    metrics = run_dir / "metrics.json"
+    scores = run_card_scores(json.loads(metrics.read_text())) if metrics.is_file() else {}
+    rank = recipe.mixlora_config().num_experts * recipe.mixlora_config().expert_rank
+    card = exported_card(hub_id(recipe.model), task_id, rank, task, {task: scores[task]} if task in scores else None)
+    write_card(exported, card)
+    return exported

@@ -4,9 +4,7 @@ from __future__ import annotations
 
 import copy
 import inspect
-import os
 import re
-import tempfile
 from contextlib import contextmanager, nullcontext
 from pathlib import Path
 
@@ -15,9 +13,12 @@ import torch.nn.functional as F
 from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 from torch import Tensor, nn
+from transformers.modeling_outputs import CausalLMOutputWithPast
 from transformers.pytorch_utils import Conv1D
 
+from loramix.card import CARD_NAME, is_loramix_card, mixture_details, mixture_method, model_card, write_card
 from loramix.config import MixLoraConfig
+from loramix.files import atomic_write
 from loramix.layer import MixLoraLinear, active_expert_outputs, linear_features
 from loramix.losses import (
     ExpertMemoryQueue,
@@ -93,7 +94,7 @@ class MixLoraModel(nn.Module):
         if any(isinstance(m, MixLoraLinear) for m in model.modules()):
             raise ValueError("this model is already wrapped by loramix; call unload() first")
         self.base_model = model
-        self.config = config
+        self.mixlora_config = config
         self.context = RoutingContext()
         self.shared_routers = nn.ModuleDict()
         self._requires_grad = {name: p.requires_grad for name, p in model.named_parameters()}
@@ -112,6 +113,33 @@ class MixLoraModel(nn.Module):
         self._add_hook("", model.register_forward_hook(self._finish_forward(), with_kwargs=True))
         self._takes_logits_to_keep = "logits_to_keep" in inspect.signature(model.forward).parameters
 
+    def __getattr__(self, name: str):
+        """nn.Module's attributes first, then the base model's, as peft's PeftModel does: tools written for Hugging
+        Face models (Trainer, TRL) find what they call (add_model_tags, enable_input_require_grads, ...)."""
+        try:
+            return super().__getattr__(name)
+        except AttributeError:
+            if name == "base_model":
+                raise
+            return getattr(self.base_model, name)
+
+    def activation_checkpointing_enable(self, *args, **kwargs) -> None:
+        """Refused: recomputing the adapted layers in the backward would route them again after the routing
+        context of their forward has moved on (Trainer calls this when gradient_checkpointing=True)."""
+        raise ValueError(
+            "gradient checkpointing is not supported by loramix: the backward would recompute the routed layers "
+            "without the routing of their forward; set gradient_checkpointing=False (TRL's SFTConfig turns it on "
+            "by default)"
+        )
+
+    gradient_checkpointing_enable = activation_checkpointing_enable  # the name before transformers 5
+
+    @property
+    def config(self):
+        """The base model's (Hugging Face) config, which tools that drive a model (Trainer, TRL, generation) read;
+        the adapter's own is `mixlora_config`, as peft's is `peft_config`."""
+        return self.base_model.config
+
     # ---- construction -------------------------------------------------------------------------------------
     def _replace(self, name: str, layer: MixLoraLinear) -> None:
         parent_name, _, child = name.rpartition(".")
@@ -119,7 +147,7 @@ class MixLoraModel(nn.Module):
         self.layers[name] = layer
 
     def _new_layer(self, name: str, router: Router, owns_router: bool, num_experts: int, slot=None):
-        config = self.config
+        config = self.mixlora_config
         base = self.base_model.get_submodule(name)
         layer = MixLoraLinear(
             base, num_experts, config.expert_rank, config.dropout, router, self.context, owns_router, slot
@@ -127,7 +155,7 @@ class MixLoraModel(nn.Module):
         self._replace(name, layer)
 
     def _wrap_each(self, targets: list[str]) -> None:
-        config = self.config
+        config = self.mixlora_config
         router_class = ROUTERS[config.router]
         device = next(self.base_model.parameters()).device
         shared = None
@@ -147,7 +175,9 @@ class MixLoraModel(nn.Module):
             by_size.setdefault(str(layer.out_features), []).append(layer)
         device = next(self.base_model.parameters()).device
         for size, layers in by_size.items():
-            queue = ExpertMemoryQueue(len(layers), self.config.num_experts, self.config.memory_queue_size, int(size))
+            queue = ExpertMemoryQueue(
+                len(layers), self.mixlora_config.num_experts, self.mixlora_config.memory_queue_size, int(size)
+            )
             self.memory_queues[size] = queue.to(device)
             for index, layer in enumerate(layers):
                 layer.memory_slot = (size, index)
@@ -159,12 +189,13 @@ class MixLoraModel(nn.Module):
         hidden_size = self.base_model.config.hidden_size
         device = next(self.base_model.parameters()).device
         for block, names in groups.items():
-            if self.config.top_k > len(names):
+            top_k = self.mixlora_config.top_k
+            if top_k > len(names):
                 raise ValueError(
-                    f"MixLoraConfig.top_k={self.config.top_k} is invalid for the 'prompt' router: decoder layer "
+                    f"MixLoraConfig.top_k={top_k} is invalid for the 'prompt' router: decoder layer "
                     f"{block!r} has only {len(names)} adapted modules {names}"
                 )
-            router = ROUTERS["prompt"](self.config, hidden_size, len(names), key=block).to(device)
+            router = ROUTERS["prompt"](self.mixlora_config, hidden_size, len(names), key=block).to(device)
             self.shared_routers[block.replace(".", "_")] = router
             for slot, name in enumerate(names):
                 self._new_layer(name, router, owns_router=False, num_experts=1, slot=slot)
@@ -207,12 +238,12 @@ class MixLoraModel(nn.Module):
 
     def _check_task_ids(self, task_ids: Tensor | None) -> None:
         if task_ids is None:
-            if self.config.router == "task":
+            if self.mixlora_config.router == "task":
                 raise ValueError("the 'task' router needs task_ids: a LongTensor of shape (batch,)")
             return
         if not isinstance(task_ids, Tensor) or task_ids.is_floating_point() or task_ids.dim() != 1:
             raise ValueError(f"task_ids must be an integer tensor of shape (batch,), got {task_ids!r}")
-        limit = self.config.num_tasks
+        limit = self.mixlora_config.num_tasks
         if limit is not None and task_ids.numel() and (task_ids.min() < 0 or task_ids.max() >= limit):
             raise ValueError(f"task ids must lie in [0, {limit}) (num_tasks={limit}), got {task_ids.tolist()}")
 
@@ -226,13 +257,35 @@ class MixLoraModel(nn.Module):
             self.context.start_call(None, None, False)
 
     # ---- the model's API ----------------------------------------------------------------------------------
-    def forward(self, task_ids: Tensor | None = None, prompt_mask: Tensor | None = None, **inputs):
-        """The base model's output. `prompt_mask` marks the tokens sequence-level routing pools over
-        (default: the tokens without labels if `labels` are given, else every real token)."""
-        if prompt_mask is None and inputs.get("labels") is not None:
-            prompt_mask = inputs["labels"] == -100
+    accepts_loss_kwargs = False  # for transformers.Trainer: the loss is a mean over the batch's labelled tokens
+
+    def forward(
+        self,
+        input_ids: Tensor | None = None,
+        attention_mask: Tensor | None = None,
+        labels: Tensor | None = None,
+        task_ids: Tensor | None = None,
+        prompt_mask: Tensor | None = None,
+        **inputs,
+    ):
+        """The base model's output; `prompt_mask` marks the tokens sequence-level routing pools over (default:
+        every real token).
+
+        With `labels` (-100: not scored) the output holds only `.loss`: `compute_loss`'s training loss, with the
+        auxiliary losses and, in training, ReMix's RLOO surrogate over its M routing samples, as
+        transformers.Trainer and TRL optimise it.
+        """
+        if labels is not None:
+            if prompt_mask is not None or inputs:
+                extra = sorted([*inputs, *(["prompt_mask"] if prompt_mask is not None else [])])
+                raise ValueError(
+                    f"with labels, forward computes the training loss from input_ids, attention_mask, labels and "
+                    f"task_ids only (the prompt is what has no label); also got {extra}"
+                )
+            batch = {"input_ids": input_ids, "attention_mask": attention_mask, "labels": labels, "task_ids": task_ids}
+            return CausalLMOutputWithPast(loss=self.compute_loss({k: v for k, v in batch.items() if v is not None}))
         with self._routing_inputs(task_ids, prompt_mask):
-            return self.base_model(**inputs)
+            return self.base_model(input_ids=input_ids, attention_mask=attention_mask, **inputs)
 
     def generate(self, *args, task_ids: Tensor | None = None, **kwargs):
         """`generate` of the base model; prompt-level routes are computed on the prompt and reused."""
@@ -261,7 +314,7 @@ class MixLoraModel(nn.Module):
         if attention_mask is None:
             attention_mask = torch.ones_like(input_ids)
         task_ids = batch.get("task_ids")
-        samples = self.config.remix_samples if self.config.router == "remix" and self.training else 1
+        samples = self.mixlora_config.remix_samples if self.mixlora_config.router == "remix" and self.training else 1
         inputs = {"input_ids": input_ids, "attention_mask": attention_mask}
         repeat_from = self.first_adapted_block() if samples > 1 else None
         if samples > 1:  # the batch repeated M times: M routing samples per sequence
@@ -345,7 +398,7 @@ class MixLoraModel(nn.Module):
                 handle.remove()
 
     def _auxiliary_losses(self, parts: dict[str, Tensor]) -> Tensor:
-        config, records = self.config, self.context.records
+        config, records = self.mixlora_config, self.context.records
         total = torch.zeros((), device=next(self.parameters()).device)
         balanced = [r for r in records if r.router.balance_loss and r.routing.indices is not None]
         if config.balance_loss_weight > 0 and balanced:
@@ -380,7 +433,7 @@ class MixLoraModel(nn.Module):
         active = torch.stack([sample.active for sample in samples])
         outputs = active_expert_outputs([sample.layer for sample in samples], hidden, active)
         queries = F.normalize(outputs.float(), dim=-1)
-        losses = expert_contrastive_loss(queries, active, queue, self.config.contrastive_temperature, layers)
+        losses = expert_contrastive_loss(queries, active, queue, self.mixlora_config.contrastive_temperature, layers)
         queue.push(queries.flatten(1, 2), active.flatten(1), layers)
         return losses
 
@@ -449,18 +502,22 @@ class MixLoraModel(nn.Module):
                 target.copy_(tensor)
 
     def save_pretrained(self, directory: str | Path) -> None:
-        """Write loramix_config.json and adapter.safetensors (adapter and router tensors only), atomically."""
+        """Write loramix_config.json and adapter.safetensors (adapter and router tensors only), atomically, and
+        a model card (README.md) unless the folder holds one that loramix did not write."""
         directory = Path(directory)
         directory.mkdir(parents=True, exist_ok=True)
         state = {name: tensor.cpu() for name, tensor in self.adapter_state_dict().items()}
         base = getattr(getattr(self.base_model, "config", None), "_name_or_path", "") or ""
-        _atomic_write(
+        atomic_write(
             directory / WEIGHTS_NAME,
             lambda path: save_file(
                 state, path, metadata={"format": "pt", "library": "loramix", "base_model": str(base)}
             ),
         )
-        _atomic_write(directory / CONFIG_NAME, self.config.to_json)
+        atomic_write(directory / CONFIG_NAME, self.mixlora_config.to_json)
+        if is_loramix_card(directory / CARD_NAME):  # a README.md of the user's own is kept
+            card = model_card(base or None, mixture_method(self.mixlora_config), mixture_details(self.mixlora_config))
+            write_card(directory, card)
 
     def export_peft(self, directory: str | Path, task_id: int) -> Path:
         """Task `task_id`'s update as a standard peft LoRA adapter (task router only)."""
@@ -471,8 +528,8 @@ class MixLoraModel(nn.Module):
     # ---- merging ------------------------------------------------------------------------------------------
     def task_weights(self, task_id: int) -> dict[str, Tensor]:
         """Each adapted module's expert weights (n,) for a task (task router only)."""
-        if self.config.router != "task":
-            raise ValueError(f"merging by task needs router='task', this model uses {self.config.router!r}")
+        if self.mixlora_config.router != "task":
+            raise ValueError(f"merging by task needs router='task', this model uses {self.mixlora_config.router!r}")
         self._check_task_ids(torch.tensor([task_id]))
         ids = torch.tensor([task_id], device=next(self.parameters()).device)
         with torch.no_grad():
@@ -519,25 +576,13 @@ class MixLoraModel(nn.Module):
         return self.base_model
 
 
-def _atomic_write(path: Path, write) -> None:
-    """Call write(temporary path) beside `path`, then move it into place."""
-    descriptor, temporary = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    os.close(descriptor)
-    try:
-        write(temporary)
-        os.replace(temporary, path)
-    except BaseException:
-        Path(temporary).unlink(missing_ok=True)
-        raise
-
-
 def wrap(model: nn.Module, config: MixLoraConfig) -> MixLoraModel:
     """Freeze `model`, replace its target linear layers by mixtures of LoRA experts, and return the wrapper."""
     return MixLoraModel(model, config)
 
 
-def load(model: nn.Module, directory: str | Path) -> MixLoraModel:
-    """Wrap `model` with the adapter saved in `directory` by `save_pretrained` (safetensors only)."""
+def read_adapter(directory: str | Path) -> tuple[MixLoraConfig, dict[str, Tensor]]:
+    """The config and tensors of an adapter folder written by `save_pretrained` (safetensors only)."""
     directory = Path(directory)
     if not directory.is_dir():
         raise FileNotFoundError(f"no loramix adapter folder at {directory}")
@@ -548,12 +593,17 @@ def load(model: nn.Module, directory: str | Path) -> MixLoraModel:
             f"{weights} is missing: a loramix adapter folder holds {CONFIG_NAME} and {WEIGHTS_NAME}"
         )
     try:
-        state = load_file(weights)
+        return config, load_file(weights)
     except (SafetensorError, OSError) as error:
         raise ValueError(f"{weights} is not a readable safetensors file (truncated or corrupt?): {error}") from None
+
+
+def load(model: nn.Module, directory: str | Path) -> MixLoraModel:
+    """Wrap `model` with the adapter saved in `directory` by `save_pretrained` (safetensors only)."""
+    config, state = read_adapter(directory)
     wrapped = wrap(model, config)
     try:
-        wrapped.load_adapter_state_dict(state, source=str(weights))
+        wrapped.load_adapter_state_dict(state, source=str(Path(directory) / WEIGHTS_NAME))
     except ValueError:
         wrapped.unload()
         raise

@@ -93,9 +93,11 @@ class Engine:
             )
         self.rows: TaskRows | None = None
         self.merged: dict[int, nn.Module] = {}
-        if isinstance(model, MixLoraModel) and model.config.router == "task":
-            if len(self.tasks) > model.config.num_tasks:
-                raise ValueError(f"{len(self.tasks)} tasks named; the adapter has num_tasks={model.config.num_tasks}")
+        if isinstance(model, MixLoraModel) and model.mixlora_config.router == "task":
+            if len(self.tasks) > model.mixlora_config.num_tasks:
+                raise ValueError(
+                    f"{len(self.tasks)} tasks named; the adapter has num_tasks={model.mixlora_config.num_tasks}"
+                )
             self.rows = TaskRows(model)
             if not 0 <= merged_tasks <= len(self.tasks):
                 raise ValueError(f"merged_tasks={merged_tasks} must lie in [0, {len(self.tasks)}] (the tasks)")

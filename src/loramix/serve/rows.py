@@ -52,10 +52,12 @@ class TaskRows:
     """
 
     def __init__(self, model: MixLoraModel) -> None:
-        if model.config.router != "task":
-            raise ValueError(f"per-row task adapters need router='task', this model uses {model.config.router!r}")
+        if model.mixlora_config.router != "task":
+            raise ValueError(
+                f"per-row task adapters need router='task', this model uses {model.mixlora_config.router!r}"
+            )
         self.model = model
-        per_task = [model.task_weights(task) for task in range(model.config.num_tasks)]
+        per_task = [model.task_weights(task) for task in range(model.mixlora_config.num_tasks)]
         self.layers = {
             name: TaskRowLinear(layer, torch.stack([weights[name] for weights in per_task]))
             for name, layer in model.layers.items()
