@@ -202,3 +202,13 @@ def test_methods_are_compared_on_the_same_examples_by_a_paired_bootstrap(bench):
     assert same["difference"] == same["low"] == same["high"] == 0.0
     table = accuracy.difference_table({"lora": [wrong], "topk": [right]}, ["mediqa_rqe"])
     assert table[-1] == "| top-k (MixLoRA) | 0 | +1.000 [+1.000, +1.000] ✓ |"
+
+
+def test_trainer_step_times_the_steps_after_the_first(bench):
+    import trainer_step
+
+    assert trainer_step.median_step([10.0, 12.0, 13.0, 16.0]) == 2.0  # step ends: 2, 1, 3 seconds apart
+    clock = trainer_step.StepClock()
+    clock.on_step_end(None, None, None)
+    clock.on_step_end(None, None, None)
+    assert len(clock.times) == 2 and clock.times[0] <= clock.times[1]
