@@ -1,5 +1,7 @@
 """transformers.Trainer and TRL's SFTTrainer driving a MixLoraModel: the loss, the steps, checkpoints, resuming."""
 
+import copy
+
 import pytest
 import torch
 from transformers import Trainer, TrainingArguments
@@ -194,3 +196,18 @@ def test_sft_trainer_trains_and_checkpoints_the_adapter(tmp_path):
     loaded = loramix.load(tiny_llama(), tmp_path / "checkpoint-3")
     for name, value in trainable(model).items():
         assert torch.equal(trainable(loaded)[name], value), name
+
+
+def test_the_wrapper_answers_for_its_base_model_as_tools_expect():
+    model = wrapped_model()
+    assert model.config is model.base_model.config and model.config.model_type == "llama"
+    assert model.mixlora_config.router == "topk"
+    assert model.get_input_embeddings() is model.base_model.get_input_embeddings()  # from the base model
+    with pytest.raises(AttributeError):
+        model.no_such_attribute  # noqa: B018
+    copied = copy.deepcopy(model).eval()
+    assert isinstance(copied, loramix.MixLoraModel) and copied.base_model is not model.base_model
+    batch = collator()(rows())
+    inputs = {key: batch[key] for key in ("input_ids", "attention_mask")}
+    with torch.no_grad():
+        assert torch.equal(copied(**inputs).logits, model.eval()(**inputs).logits)

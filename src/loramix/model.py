@@ -119,7 +119,7 @@ class MixLoraModel(nn.Module):
         try:
             return super().__getattr__(name)
         except AttributeError:
-            if name == "base_model":
+            if name == "base_model" or name.startswith("__"):  # copy/pickle protocols must not reach the base
                 raise
             return getattr(self.base_model, name)
 
