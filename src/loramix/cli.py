@@ -1,4 +1,4 @@
-"""The `loramix` command: train, eval, inspect, export, compose, serve (a thin layer over the library)."""
+"""The `loramix` command: train, eval, inspect, export, compose, serve, lm-eval (a thin layer over the library)."""
 
 from __future__ import annotations
 
@@ -184,6 +184,31 @@ def serve(
 
 
 SUMMARY_WIDTH = 130  # the score table's width even in a narrower terminal: intervals need the room
+
+
+@app.command(
+    "lm-eval",
+    context_settings={"allow_extra_args": True, "ignore_unknown_options": True},
+    add_help_option=False,
+)
+def lm_eval(ctx: typer.Context) -> None:
+    """lm-evaluation-harness, with loramix runs as a model: --model loramix --model_args run=RUN[,task=TASK].
+
+    Every argument is the harness's (`loramix lm-eval --help` prints its help); needs `pip install
+    'loramix[harness]'`.
+    """
+    import sys
+
+    try:
+        from lm_eval.__main__ import cli_evaluate
+
+        import loramix.harness  # noqa: F401  (registers the "loramix" model)
+    except ImportError as error:
+        raise _fail(
+            ImportError(f"loramix lm-eval needs lm-evaluation-harness: pip install 'loramix[harness]' ({error})")
+        ) from None
+    sys.argv = ["lm_eval", *ctx.args]
+    cli_evaluate()
 
 
 def _print_summary(run: Path) -> None:
