@@ -542,6 +542,13 @@ class MixLoraModel(nn.Module):
         The wrapped model is left as it is; the copy runs at the base model's speed.
         """
         weights = self.task_weights(task_id)
+        quantized = sorted({type(layer.base_layer).__name__ for layer in self.layers.values() if is_quantized(layer)})
+        if quantized:
+            raise ValueError(
+                f"task {task_id}'s update cannot be merged into quantized weights ({', '.join(quantized)}): load the "
+                "base model unquantized, `loramix.load` the adapter onto it and merge that, or keep the adapter "
+                "unmerged (or export it with `export_peft`)"
+            )
         bases = {id(layer): copy.deepcopy(layer.base_layer) for layer in self.layers.values()}
         memo = dict(bases)
         merged = copy.deepcopy(self.base_model, memo)
@@ -574,6 +581,11 @@ class MixLoraModel(nn.Module):
         for name, parameter in self.base_model.named_parameters():
             parameter.requires_grad_(self._requires_grad.get(name, False))
         return self.base_model
+
+
+def is_quantized(layer: MixLoraLinear) -> bool:
+    """Whether an adapted layer's frozen weight is stored quantized (bitsandbytes 8- or 4-bit, integer storage)."""
+    return not layer.base_layer.weight.is_floating_point()
 
 
 def wrap(model: nn.Module, config: MixLoraConfig) -> MixLoraModel:

@@ -106,12 +106,25 @@ def cache_default_model(cache_dir: str | Path | None = None) -> Path:
 
 
 # ---- loading ------------------------------------------------------------------------------------------------
+QUANTIZATIONS = (None, "8bit", "4bit")
+
+
+def bits_and_bytes(quantization: str, dtype: torch.dtype):
+    """The transformers BitsAndBytesConfig of "8bit" or "4bit" (NF4, computing in `dtype`)."""
+    from transformers import BitsAndBytesConfig
+
+    if quantization == "8bit":
+        return BitsAndBytesConfig(load_in_8bit=True)
+    return BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_quant_type="nf4", bnb_4bit_compute_dtype=dtype)
+
+
 def load_model(
     name_or_path: str | None = None,
     *,
     dtype: torch.dtype = torch.float32,
     device: str | torch.device = "cpu",
     cache_dir: str | Path | None = None,
+    quantization: str | None = None,
 ) -> tuple[PreTrainedModel, PreTrainedTokenizerBase]:
     """(model in eval mode, tokenizer) for a causal LM.
 
@@ -120,14 +133,23 @@ def load_model(
     model id. The tokenizer always has a pad token (its eos token if it defines none; mask padding by the attention
     mask, since for SmolLM2 the pad token also ends a turn). Its `padding_side` is the model's default ("right" for
     SmolLM2) and may be set by the caller; a loaded tokenizer that states no `model_max_length` gets the model's
-    number of positions.
+    number of positions. `quantization` "8bit" or "4bit" (NF4, computing in `dtype`) loads the linear layers
+    quantized by bitsandbytes (`pip install bitsandbytes`; not the tiny models).
     """
+    if quantization not in QUANTIZATIONS:
+        raise ValueError(f"quantization={quantization!r} is invalid; allowed: {', '.join(map(str, QUANTIZATIONS))}")
     if name_or_path in TINY_MODELS:
+        if quantization:
+            raise ValueError(f"quantization={quantization!r} needs a saved model; {name_or_path} is built in memory")
         model, tokenizer = TINY_MODELS[name_or_path](), tiny_tokenizer()
         return model.to(device=device, dtype=dtype).eval(), tokenizer
     source = str(cache_default_model(cache_dir)) if name_or_path in (None, DEFAULT_MODEL) else str(name_or_path)
     tokenizer = AutoTokenizer.from_pretrained(source)
-    model = AutoModelForCausalLM.from_pretrained(source, **{_DTYPE_KWARG: dtype}).to(device).eval()
+    if quantization is None:
+        model = AutoModelForCausalLM.from_pretrained(source, **{_DTYPE_KWARG: dtype}).to(device).eval()
+    else:
+        settings = {"quantization_config": bits_and_bytes(quantization, dtype), "device_map": str(device)}
+        model = AutoModelForCausalLM.from_pretrained(source, **{_DTYPE_KWARG: dtype}, **settings).eval()
     if tokenizer.pad_token is None:
         if tokenizer.eos_token is None:
             raise ValueError(f"the tokenizer of {source} has neither a pad nor an eos token: set one before training")
