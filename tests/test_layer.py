@@ -63,7 +63,8 @@ def test_active_expert_outputs_are_each_experts_b_times_a():
             for i, (layer, rows) in enumerate(zip(layers, active.tolist(), strict=True))
         ]
     )
-    torch.testing.assert_close(active_expert_outputs(layers, hidden, active), expected)
+    up = torch.stack([layer.lora_B.transpose(0, 1).flatten(1) for layer in layers])
+    torch.testing.assert_close(active_expert_outputs(up, hidden, active), expected)
 
 
 def test_delta_weight_is_the_merged_update():
@@ -97,7 +98,8 @@ def mean_of_layers_alone(samples: list, queues: nn.ModuleDict) -> torch.Tensor:
     per_layer = []
     for sample in samples:
         name, index = sample.layer.memory_slot
-        queries = F.normalize(active_expert_outputs([sample.layer], sample.hidden[None], sample.active[None]), dim=-1)
+        outputs = active_expert_outputs(sample.up[None], sample.hidden[None], sample.active[None])
+        queries = F.normalize(outputs, dim=-1)
         per_layer.append(expert_contrastive_loss(queries, sample.active[None], queues[name], 0.07, [index]))
     return torch.cat(per_layer).mean().detach()
 

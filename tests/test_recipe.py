@@ -43,6 +43,11 @@ def test_full_recipes_train_longer_on_longer_inputs_and_whole_test_sets():
         ({"training": {"bf16": "yes"}}, r"training.bf16='yes' is invalid: allowed: true, false, auto"),
         ({"training": {"bf16": 1}}, r"training.bf16=1 is invalid: expected bool \| str"),
         ({"training": {"schedule": "wavy"}}, r"training.schedule='wavy' is invalid: allowed: \['cosine'"),
+        ({"training": {"sharding": "zero3"}}, r"training.sharding='zero3' is invalid: allowed: \['none', 'fsdp'\]"),
+        (
+            {"mixlora": None, "lora": {"r": 8}, "training": {"sharding": "fsdp"}},
+            r"training.sharding='fsdp' is invalid: sharding trains `mixlora:` recipes",
+        ),
         ({"training": {"stepz": 3}}, r"training.stepz=3 is invalid: unknown key; allowed: \[.*'steps'"),
         ({"training": {"lr": "fast"}}, r"training.lr='fast' is invalid: expected float"),
         ({"sampling": "random"}, r"sampling='random' is invalid: allowed: \['proportional'"),

@@ -63,9 +63,9 @@ class MixLoraLinear(nn.Module):
         result = self.base_layer(x)
         routing = self.router.route(x, self.context)
         hidden = F.linear(self.dropout(x), self.lora_A.flatten(0, 1)).unflatten(-1, (self.num_experts, self.rank))
-        if self.memory_slot is not None and self.training:
-            self._sample_for_contrast(hidden, routing.indices)
         gates, up = self._gates_and_up(routing, hidden.dtype)
+        if self.memory_slot is not None and self.training:
+            self._sample_for_contrast(hidden, routing.indices, up)
         update = F.linear((hidden * gates).flatten(-2), up)
         return result + update.to(result.dtype)
 
@@ -83,11 +83,12 @@ class MixLoraLinear(nn.Module):
             self.context.layer_cache[self] = (routing.weights, gates, up)
         return gates, up
 
-    def _sample_for_contrast(self, hidden: Tensor, indices: Tensor) -> None:
-        """Keep the expert activations of this forward's sampled tokens for the contrastive loss."""
+    def _sample_for_contrast(self, hidden: Tensor, indices: Tensor, up: Tensor) -> None:
+        """Keep the expert activations of this forward's sampled tokens, and B as this forward used it, for the
+        contrastive loss (computed after the forward, when a sharded layer no longer holds its whole B)."""
         picks = self.context.contrast_tokens(hidden, CONTRAST_TOKENS)
         active = indices.expand(*hidden.shape[:2], -1).flatten(0, 1)[picks]
-        self.context.expert_samples.append(ExpertSample(self, hidden.flatten(0, 1)[picks], active))
+        self.context.expert_samples.append(ExpertSample(self, hidden.flatten(0, 1)[picks], active, up))
 
     def delta_weight(self, expert_weights: Tensor) -> Tensor:
         """scale * sum_i w_i B_i A_i as a (d_out, d_in) matrix, for expert weights w: (n,)."""
@@ -106,12 +107,12 @@ class MixLoraLinear(nn.Module):
         return f"experts={self.num_experts}, rank={self.rank}, in={self.in_features}, out={self.out_features}"
 
 
-def active_expert_outputs(layers: list[MixLoraLinear], hidden: Tensor, active: Tensor) -> Tensor:
+def active_expert_outputs(up: Tensor, hidden: Tensor, active: Tensor) -> Tensor:
     """(L, S, k, d_out) the outputs B_i h_i of each token's active experts i, for L layers of equal shape at
-    once; hidden: (L, S, n, r) every expert's rank-space activation A_i x; active: (L, S, k)."""
+    once; up: (L, d_out, n r) each layer's B as one matrix (`stacked_up`); hidden: (L, S, n, r) every expert's
+    rank-space activation A_i x; active: (L, S, k)."""
     num_layers, tokens, num_experts, rank = hidden.shape
     # Token s's j-th query keeps only expert active[s, j]'s activation, so one product with all of B is its output.
     chosen = hidden.unsqueeze(2) * F.one_hot(active, num_experts).unsqueeze(-1).to(hidden.dtype)
-    up = torch.stack([layer.lora_B.transpose(0, 1) for layer in layers]).flatten(2)  # (L, d_out, n r)
     outputs = chosen.flatten(3).flatten(1, 2) @ up.transpose(1, 2)
     return outputs.view(num_layers, tokens, active.shape[-1], -1)

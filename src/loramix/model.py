@@ -30,6 +30,7 @@ from loramix.losses import (
 )
 from loramix.routing import ROUTERS, Router, RoutingContext
 from loramix.routing.base import ExpertSample
+from loramix.sharding import full
 
 CONFIG_NAME = "loramix_config.json"
 WEIGHTS_NAME = "adapter.safetensors"
@@ -431,7 +432,7 @@ class MixLoraModel(nn.Module):
         queue, layers = self.memory_queues[name], [sample.layer.memory_slot[1] for sample in samples]
         hidden = torch.stack([sample.hidden for sample in samples])
         active = torch.stack([sample.active for sample in samples])
-        outputs = active_expert_outputs([sample.layer for sample in samples], hidden, active)
+        outputs = active_expert_outputs(torch.stack([sample.up for sample in samples]), hidden, active)
         queries = F.normalize(outputs.float(), dim=-1)
         losses = expert_contrastive_loss(queries, active, queue, self.mixlora_config.contrastive_temperature, layers)
         queue.push(queries.flatten(1, 2), active.flatten(1), layers)
@@ -475,10 +476,13 @@ class MixLoraModel(nn.Module):
 
     # ---- saving and loading -------------------------------------------------------------------------------
     def adapter_state_dict(self) -> dict[str, Tensor]:
-        """The trainable tensors (experts and routers), named as in the saved file."""
+        """The trainable tensors (experts and routers), named as in the saved file; whole tensors also when the
+        model is sharded (then a collective: call it on every rank)."""
         prefix = "base_model."
         return {
-            name.removeprefix(prefix): p.detach().contiguous() for name, p in self.named_parameters() if p.requires_grad
+            name.removeprefix(prefix): full(p.detach()).contiguous()
+            for name, p in self.named_parameters()
+            if p.requires_grad
         }
 
     def load_adapter_state_dict(self, state: dict[str, Tensor], source: str = "state dict") -> None:
@@ -501,12 +505,15 @@ class MixLoraModel(nn.Module):
                 target = parameters.get("base_model." + name, parameters.get(name))
                 target.copy_(tensor)
 
-    def save_pretrained(self, directory: str | Path) -> None:
+    def save_pretrained(self, directory: str | Path, is_main_process: bool = True) -> None:
         """Write loramix_config.json and adapter.safetensors (adapter and router tensors only), atomically, and
-        a model card (README.md) unless the folder holds one that loramix did not write."""
+        a model card (README.md) unless the folder holds one that loramix did not write. A sharded model is
+        saved by calling this on every rank; only the one with `is_main_process` writes (as in transformers)."""
+        state = {name: tensor.cpu() for name, tensor in self.adapter_state_dict().items()}
+        if not is_main_process:
+            return
         directory = Path(directory)
         directory.mkdir(parents=True, exist_ok=True)
-        state = {name: tensor.cpu() for name, tensor in self.adapter_state_dict().items()}
         base = getattr(getattr(self.base_model, "config", None), "_name_or_path", "") or ""
         atomic_write(
             directory / WEIGHTS_NAME,

@@ -19,6 +19,7 @@ from loramix.precision import BF16_SETTINGS
 SAMPLINGS = ("proportional", "temperature", "uniform")
 BATCHINGS = ("mixed", "task")  # rows of any tasks, or of one task per batch (less padding between short and long)
 SCHEDULES = ("cosine", "linear", "constant")
+SHARDINGS = ("none", "fsdp")  # fsdp: loramix.sharding
 EVAL_MODES = ("choices", "generate")  # closed-label tasks by choice log-likelihood, or every task by generation
 LORA_DEFAULTS = {"r": 8, "lora_alpha": 16, "lora_dropout": 0.0, "target_modules": "all-linear"}
 LORA_RESERVED = ("task_type", "peft_type", "base_model_name_or_path", "revision", "inference_mode")
@@ -106,6 +107,8 @@ class Training:
     # from the measured speed of its first CALIBRATION_STEPS steps, and its schedule is laid over them.
     time_limit: str | None = None
     dev_every: int = 50  # steps between two dev evaluations of the learning curve (with dev_examples > 0)
+    # "fsdp": with several processes, shard the model's weights over them (FSDP2) instead of copying it to each
+    sharding: str = "none"
 
     def __post_init__(self) -> None:
         _check_types(self, "training.")
@@ -123,6 +126,7 @@ class Training:
         _check(math.isfinite(self.lr) and self.lr > 0, "training.lr", self.lr, "expected a finite number > 0")
         _check(self.bf16 in BF16_SETTINGS, "training.bf16", self.bf16, "allowed: true, false, auto")
         _check(self.schedule in SCHEDULES, "training.schedule", self.schedule, f"allowed: {list(SCHEDULES)}")
+        _check(self.sharding in SHARDINGS, "training.sharding", self.sharding, f"allowed: {list(SHARDINGS)}")
 
 
 @dataclass
@@ -174,6 +178,12 @@ class Recipe:
             "mixlora/lora",
             {"mixlora": self.mixlora, "lora": self.lora},
             "give exactly one adapter section: `mixlora:` or `lora:`",
+        )
+        _check(
+            self.training.sharding == "none" or self.mixlora is not None,
+            "training.sharding",
+            self.training.sharding,
+            "sharding trains `mixlora:` recipes; a `lora:` recipe trains with sharding: none",
         )
         if self.mixlora is not None:
             self.mixlora = self.mixlora_config().to_dict()

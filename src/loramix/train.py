@@ -30,6 +30,7 @@ from loramix.losses import ExpertMemoryQueue
 from loramix.models import load_model
 from loramix.precision import use_bf16
 from loramix.recipe import Recipe, Training, parse_duration
+from loramix.sharding import full, gradient_sync, like, shard
 
 CALIBRATION_STEPS = 10  # steps timed to plan a run with a time limit
 # The time of the final evaluation of an adapter over that of the base model (the zero-shot baseline): 1.12 and
@@ -172,7 +173,8 @@ class LossModule(nn.Module):
 
 
 def training_state(model: nn.Module) -> dict[str, torch.Tensor]:
-    """Everything training changes in the model: trainable parameters and the contrastive memory queues."""
+    """Everything training changes in the model: trainable parameters and the contrastive memory queues, as
+    they are held (a sharded model's parameters as this rank's DTensor shards)."""
     trainable = {name for name, p in model.named_parameters() if p.requires_grad}
     queues = {
         f"{prefix}.{name}"
@@ -181,17 +183,18 @@ def training_state(model: nn.Module) -> dict[str, torch.Tensor]:
         for name, _ in m.named_buffers()
     }
     return {
-        name: tensor.detach().cpu().contiguous()
+        name: tensor.detach()
         for name, tensor in model.state_dict(keep_vars=True).items()
         if name in trainable or name in queues
     }
 
 
-def save_adapter(model: nn.Module, directory: Path) -> None:
-    """The run's adapter: loramix's save_pretrained, or peft's adapter files for `lora` recipes."""
+def save_adapter(model: nn.Module, directory: Path, is_main_process: bool = True) -> None:
+    """The run's adapter: loramix's save_pretrained, or peft's adapter files for `lora` recipes. Called on every
+    rank (a sharded model gathers its tensors); the main process writes."""
     if isinstance(model, loramix.MixLoraModel):
-        model.save_pretrained(directory)
-    else:
+        model.save_pretrained(directory, is_main_process=is_main_process)
+    elif is_main_process:
         model.save_pretrained(str(directory), safe_serialization=True)
 
 
@@ -297,14 +300,17 @@ def restore_rank_state(state: dict, sampler: TaskSampler) -> None:
 
 
 # ---- checkpoints ----------------------------------------------------------------------------------------------
-def save_checkpoint(directory: Path, model: nn.Module, optimizer, scheduler, meta: dict) -> None:
+def save_checkpoint(directory: Path, model: nn.Module, optimizer, scheduler, meta: dict, is_main_process=True) -> None:
     """Write the training state atomically (a temporary folder, then os.replace): tensors in
-    safetensors, everything else in JSON, no pickle. `meta` holds the step and the ranks' random states."""
-    tensors = {f"model.{name}": tensor for name, tensor in training_state(model).items()}
+    safetensors, everything else in JSON, no pickle. `meta` holds the step and the ranks' random states.
+    Called on every rank: a sharded model's tensors are gathered whole; the main process writes them."""
+    tensors = {f"model.{name}": full(tensor).cpu().contiguous() for name, tensor in training_state(model).items()}
     optimizer_state = optimizer.state_dict()
     for index, state in optimizer_state["state"].items():
         for key, value in state.items():
-            tensors[f"optimizer.{index}.{key}"] = torch.as_tensor(value).detach().cpu().contiguous()
+            tensors[f"optimizer.{index}.{key}"] = full(torch.as_tensor(value)).detach().cpu().contiguous()
+    if not is_main_process:
+        return
     meta = meta | {"param_groups": optimizer_state["param_groups"], "scheduler": scheduler.state_dict()}
     staging = Path(tempfile.mkdtemp(dir=directory.parent, prefix=f".{directory.name}."))
     try:
@@ -336,12 +342,16 @@ def load_checkpoint(directory: Path, model: nn.Module, optimizer, scheduler) -> 
     ]
     if wrong:
         raise ValueError(f"the checkpoint in {directory} does not fit this recipe's model: {wrong[:3]}")
-    model.load_state_dict(model_state, strict=False)
+    model.load_state_dict({name: like(tensor, expected[name]) for name, tensor in model_state.items()}, strict=False)
+    parameters = [p for group in optimizer.param_groups for p in group["params"]]
     state: dict[int, dict] = {}
     for name, tensor in tensors.items():
         if name.startswith("optimizer."):
             _, index, key = name.split(".", 2)
-            state.setdefault(int(index), {})[key] = tensor
+            parameter = parameters[int(index)]  # moments are laid out as their parameter, the step count is not
+            state.setdefault(int(index), {})[key] = (
+                like(tensor, parameter) if tensor.shape == parameter.shape else tensor
+            )
     optimizer.load_state_dict({"state": state, "param_groups": meta["param_groups"]})
     scheduler.load_state_dict(meta["scheduler"])
     return meta
@@ -472,13 +482,21 @@ def routing_stats_kept(model: nn.Module):
 
 class LearningCurve:
     """learning_curve.jsonl: each trained task's metrics on its dev examples at some steps of a run. Rank 0
-    scores them; the other ranks wait for it."""
+    scores them; the other ranks wait for it, or, for a `sharded` model (whose every forward is a collective),
+    score the same examples alongside it."""
 
     def __init__(
-        self, path: Path, recipe: Recipe, dev_sets: dict[str, list[Example]], bf16: bool, rank: int, world: int
+        self,
+        path: Path,
+        recipe: Recipe,
+        dev_sets: dict[str, list[Example]],
+        bf16: bool,
+        rank: int,
+        world: int,
+        sharded: bool = False,
     ) -> None:
         self.path, self.recipe, self.dev_sets, self.bf16 = path, recipe, dev_sets, bf16
-        self.rank, self.world = rank, world
+        self.rank, self.world, self.sharded = rank, world, sharded
 
     def scores(self, model: nn.Module, tokenizer) -> dict[str, dict[str, float]]:
         """Per task, the metrics of its dev examples by `evaluate_model` in the recipe's eval_mode (free-text
@@ -506,7 +524,9 @@ class LearningCurve:
         """Score the dev examples after `step` steps, `seconds` into the run, and append their line; returns
         the seconds that took (on every rank: they wait in `slowest` for rank 0)."""
         started = time.perf_counter()
-        if self.rank == 0:
+        if self.sharded and self.rank != 0:
+            self.scores(model, tokenizer)
+        elif self.rank == 0:
             tasks = self.scores(model, tokenizer)
             line = {"step": step, "seconds": round(seconds, 2), "dev_seconds": round(time.perf_counter() - started, 2)}
             with self.path.open("a") as curve:
@@ -586,12 +606,15 @@ def _train_steps(
     encoder = Encoder(tokenizer, recipe.max_length, train_sets, recipe.system_prompt)
     sizes = [len(s) for s in train_sets]
     sampler = TaskSampler(sizes, recipe.sampling, recipe.sampling_temperature, settings.seed + rank, recipe.batching)
+    sharded = settings.sharding == "fsdp" and world > 1
+    if sharded:
+        shard(model, device, world)
     parameters = [p for p in model.parameters() if p.requires_grad]
     optimizer = torch.optim.AdamW(parameters, lr=settings.lr, weight_decay=settings.weight_decay)
     plan = StepPlan(settings)
     scheduler = LambdaLR(optimizer, lambda step: learning_rate_factor(step, settings, plan.steps))
     runner: nn.Module = LossModule(model)
-    if world > 1:  # experts run densely: every adapter parameter gets a gradient on every rank
+    if world > 1 and not sharded:  # experts run densely: every adapter parameter gets a gradient on every rank
         runner = DistributedDataParallel(runner, **{RANK_LOCAL_BUFFERS: False})
     seed_everything(settings.seed + rank)  # other random draws (ReMix routes, dropout) differ by rank
 
@@ -628,7 +651,8 @@ def _train_steps(
 
     bf16 = use_bf16(settings.bf16, device)
     autocast = torch.autocast(device.type, dtype=torch.bfloat16, enabled=bf16)
-    curve = LearningCurve(run_dir / "learning_curve.jsonl", recipe, dev_sets, bf16, rank, world) if dev_sets else None
+    curve = LearningCurve(run_dir / "learning_curve.jsonl", recipe, dev_sets, bf16, rank, world, sharded)
+    curve = curve if dev_sets else None
     progress = tqdm(total=plan.steps, initial=step, desc=recipe.name, disable=rank != 0, dynamic_ncols=True)
     tally, routing, started = Tally(), {}, time.perf_counter() - elapsed
     out_of_time = False
@@ -638,7 +662,7 @@ def _train_steps(
         losses: dict[str, float] = {}
         for micro in range(settings.grad_accumulation):
             final_micro_step = micro == settings.grad_accumulation - 1
-            sync = contextlib.nullcontext() if world == 1 or final_micro_step else runner.no_sync()
+            sync = gradient_sync(model if sharded else runner, final_micro_step)
             batch = {k: v.to(device) for k, v in encoder.batch(sampler.draw(settings.batch_size)).items()}
             with sync:
                 with autocast:
@@ -651,7 +675,7 @@ def _train_steps(
             parts = {"loss": loss.detach(), **getattr(model, "last_losses", {})}
             for key, value in parts.items():
                 losses[key] = losses.get(key, 0.0) + float(value) / settings.grad_accumulation
-        norm = torch.nn.utils.clip_grad_norm_(parameters, settings.max_grad_norm)
+        norm = full(torch.nn.utils.clip_grad_norm_(parameters, settings.max_grad_norm))
         if not torch.isfinite(norm):
             raise TrainingError(f"the gradient norm is {float(norm)} at step {step + 1}: lower training.lr")
         optimizer.step()
@@ -698,12 +722,11 @@ def _train_steps(
                 "plan": plan.state(),
                 "ranks": gather(rank_state(sampler), world),
             }
-            if rank == 0:
-                save_checkpoint(run_dir / "checkpoint", model, optimizer, scheduler, meta)
+            save_checkpoint(run_dir / "checkpoint", model, optimizer, scheduler, meta, is_main_process=rank == 0)
     progress.close()
 
+    save_adapter(model, run_dir / "adapter", is_main_process=rank == 0)
     if rank == 0:
-        save_adapter(model, run_dir / "adapter")
         summary = {
             "steps": step,
             "seconds": round(time.perf_counter() - started, 1),

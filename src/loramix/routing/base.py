@@ -116,12 +116,14 @@ class StackedRecords:
 class ExpertSample:
     """Rank-space expert activations of a few tokens of one layer, kept for the contrastive loss.
 
-    hidden: (S, n, r) A_i x for every expert i of S sampled tokens; active: (S, k) their active experts.
+    hidden: (S, n, r) A_i x for every expert i of S sampled tokens; active: (S, k) their active experts;
+    up: (d_out, n r) the layer's B as one matrix, as the forward used it.
     """
 
     layer: nn.Module
     hidden: Tensor
     active: Tensor
+    up: Tensor
 
 
 @dataclass

@@ -1,0 +1,67 @@
+"""Sharded data-parallel training (FSDP2, `torch.distributed.fsdp.fully_shard`): every rank holds a slice of each
+decoder block's weights, frozen base and experts alike, and gathers a block's full weights only while it runs.
+
+A mixture needs nothing special here: loramix computes every expert densely (the router's gates zero out the
+experts a token does not use), so every expert gets a gradient on every rank, and a rank that routes no token to
+some expert takes part in the same collectives as the others. Shapes and gradient reduction are FSDP2's.
+"""
+
+from __future__ import annotations
+
+import contextlib
+
+import torch
+from torch import Tensor, nn
+from torch.distributed.device_mesh import init_device_mesh
+from torch.distributed.fsdp import FSDPModule, fully_shard
+from torch.distributed.tensor import DTensor, distribute_tensor
+
+
+def decoder_blocks(model: nn.Module) -> list[nn.Module]:
+    """The model's repeated blocks: the modules of the classes its Hugging Face model names in
+    `_no_split_modules` (what accelerate's FSDP auto-wrap shards by)."""
+    names = set()
+    for module in model.modules():
+        names.update(getattr(module, "_no_split_modules", None) or ())
+    blocks = [module for module in model.modules() if type(module).__name__ in names]
+    if not blocks:
+        raise ValueError(
+            f"training.sharding='fsdp' found no decoder blocks in {type(model).__name__}: its Hugging Face model "
+            "names none in `_no_split_modules`"
+        )
+    return blocks
+
+
+def shard(model: nn.Module, device: torch.device, world: int) -> nn.Module:
+    """Shard each decoder block, then the rest (embeddings, head, routers outside the blocks), over `world`
+    ranks. The module's parameters become DTensors: build the optimizer afterwards."""
+    mesh = init_device_mesh(device.type, (world,))
+    for block in decoder_blocks(model):
+        fully_shard(block, mesh=mesh)
+    fully_shard(model, mesh=mesh)
+    return model
+
+
+def is_sharded(model: nn.Module) -> bool:
+    return isinstance(model, FSDPModule)
+
+
+def full(tensor: Tensor) -> Tensor:
+    """The whole tensor on every rank (a collective for a sharded one: call it on every rank)."""
+    return tensor.full_tensor() if isinstance(tensor, DTensor) else tensor
+
+
+def like(tensor: Tensor, reference: Tensor) -> Tensor:
+    """A whole tensor laid out as `reference` is: this rank's shard where `reference` is sharded."""
+    if not isinstance(reference, DTensor):
+        return tensor
+    return distribute_tensor(tensor.to(reference.device), reference.device_mesh, reference.placements)
+
+
+def gradient_sync(model: nn.Module, sync: bool) -> contextlib.AbstractContextManager:
+    """A context for one micro-batch's backward: gradients are reduced across ranks only when `sync` (the
+    last micro-batch of a step), as DDP's `no_sync` does."""
+    if is_sharded(model):
+        model.set_requires_gradient_sync(sync)
+        return contextlib.nullcontext()
+    return contextlib.nullcontext() if sync or not hasattr(model, "no_sync") else model.no_sync()
