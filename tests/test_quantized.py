@@ -1,6 +1,8 @@
 """A quantized base (bitsandbytes 8- and 4-bit on the CPU): experts in the compute dtype train, save, load and
 generate; merging into quantized weights is refused."""
 
+import json
+
 import pytest
 import torch
 
@@ -73,3 +75,35 @@ def test_a_bad_quantization_names_what_is_allowed():
         load_model("tiny-llama", quantization="3bit")
     with pytest.raises(ValueError, match="needs a saved model"):
         load_model("tiny-llama", quantization="8bit")
+
+
+def test_a_recipe_trains_evaluates_and_serves_on_its_quantized_base(tmp_path, saved_base, task_file):
+    from loramix.recipe import Recipe
+    from loramix.serve.run import load_engine
+    from loramix.train import train
+
+    recipe = Recipe(
+        name="tiny-4bit",
+        model=str(saved_base),
+        quantization="4bit",
+        tasks=["parity", "parity2"],
+        task_files=[str(task_file)],
+        max_length=48,
+        eval_examples=4,
+        training={"steps": 3, "batch_size": 4, "warmup_steps": 1, "lr": 1e-2},
+        mixlora={"target_modules": ["q_proj", "v_proj"], "router": "task", "num_experts": 2, "expert_rank": 2},
+    )
+    run = train(recipe, tmp_path / "run")
+    metrics = json.loads((run / "metrics.json").read_text())
+    assert set(metrics["tasks"]) == {"parity", "parity2"}
+    zero_shot = json.loads((run / "zero_shot.json").read_text())
+    assert zero_shot and all(f"{saved_base}@4bit|" in key for key in zero_shot)  # not the float32 base's cache
+    engine = load_engine(run, device="cpu", max_new_tokens=8)
+    assert all(loramix.model.is_quantized(layer) for layer in engine.model.layers.values())
+
+
+def test_a_quantized_recipe_cannot_be_sharded():
+    from loramix.recipe import Recipe
+
+    with pytest.raises(ValueError, match="training.sharding='fsdp' is invalid: a quantized base trains with"):
+        Recipe(name="q", tasks=["pubmedqa"], quantization="8bit", training={"sharding": "fsdp"}, mixlora={})

@@ -443,7 +443,8 @@ def _zero_shot(
     cache = _read_json(cache_path)
     precision = "bf16" if settings["bf16"] else "fp32"
     prompt_format = f"{settings['mode']}|{precision}|{recipe.max_length}|system={recipe.system_prompt!r}"
-    keys = {name: f"{recipe.model}|{name}|{len(test)}|{prompt_format}" for name, (_, test) in examples.items()}
+    model_key = recipe.model + (f"@{recipe.quantization}" if recipe.quantization else "")
+    keys = {name: f"{model_key}|{name}|{len(test)}|{prompt_format}" for name, (_, test) in examples.items()}
     uncached = {name: test for name, (_, test) in examples.items() if keys[name] not in cache}
     if score_missing and uncached:
         for name, test in uncached.items():
@@ -469,7 +470,7 @@ def score_zero_shot(
     evaluation."""
     run_dir = Path(run_dir)
     recipe, examples, settings = _evaluation_inputs(run_dir, data_dir, max_examples, None, batch_size, device, None)
-    model, tokenizer = load_model(recipe.model, device=device)
+    model, tokenizer = load_model(recipe.model, device=device, quantization=recipe.quantization)
     cache, keys = _zero_shot(run_dir, recipe, examples, settings, model, tokenizer)
     return sum(cache[keys[name]].get("seconds", 0.0) for name in examples)
 
@@ -500,7 +501,7 @@ def evaluate_run(
     started = time.perf_counter()
     run_dir = Path(run_dir)
     recipe, examples, settings = _evaluation_inputs(run_dir, data_dir, max_examples, mode, batch_size, device, bf16)
-    model, tokenizer = load_model(recipe.model, device=device)
+    model, tokenizer = load_model(recipe.model, device=device, quantization=recipe.quantization)
     cache, keys = _zero_shot(run_dir, recipe, examples, settings, model, tokenizer, score_missing=zero_shot)
     mode, trained, names = settings["mode"], list(recipe.tasks), list(examples)
     model = _load_adapter(model, run_dir / "adapter")

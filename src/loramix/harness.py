@@ -57,7 +57,7 @@ class LoramixLM(HFLM):
         if str(device).startswith("cuda") and not torch.cuda.is_available():  # the harness's default device
             logger.warning("device %r is not available here; using the CPU", device)
             device = "cpu"
-        base, tokenizer = load_model(recipe.model, device=device)
+        base, tokenizer = load_model(recipe.model, device=device, quantization=recipe.quantization)
         model = _load_adapter(base, run_dir / "adapter").eval()
         bf16 = bf16 if isinstance(bf16, bool) else {"true": True, "false": False}.get(str(bf16).lower(), bf16)
         precision = torch.bfloat16 if use_bf16(bf16, device) else None

@@ -13,7 +13,7 @@ import yaml
 
 from loramix.config import MixLoraConfig
 from loramix.data import get_task, load_jsonl_tasks
-from loramix.models import DEFAULT_MODEL
+from loramix.models import DEFAULT_MODEL, QUANTIZATIONS
 from loramix.precision import BF16_SETTINGS
 
 SAMPLINGS = ("proportional", "temperature", "uniform")
@@ -137,6 +137,7 @@ class Recipe:
     name: str
     tasks: list[str]
     model: str = DEFAULT_MODEL
+    quantization: str | None = None  # "8bit" or "4bit": the base's linear layers by bitsandbytes (loramix.models)
     evaluation: list[str] = field(default_factory=list)
     task_files: list[str] = field(default_factory=list)
     data_dir: str | None = None
@@ -178,6 +179,18 @@ class Recipe:
             "mixlora/lora",
             {"mixlora": self.mixlora, "lora": self.lora},
             "give exactly one adapter section: `mixlora:` or `lora:`",
+        )
+        _check(
+            self.quantization in QUANTIZATIONS,
+            "quantization",
+            self.quantization,
+            f"allowed: {', '.join(map(str, QUANTIZATIONS))} (null: unquantized)",
+        )
+        _check(
+            self.quantization is None or self.training.sharding == "none",
+            "training.sharding",
+            self.training.sharding,
+            "a quantized base trains with sharding: none (sharding bitsandbytes weights is not supported)",
         )
         _check(
             self.training.sharding == "none" or self.mixlora is not None,

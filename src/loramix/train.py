@@ -144,7 +144,7 @@ def split_indices(recipe: Recipe) -> dict[str, dict]:
 # ---- model ----------------------------------------------------------------------------------------------------
 def build_model(recipe: Recipe, device: torch.device) -> tuple[nn.Module, object]:
     """The base model with the recipe's adapter: a MixLoraModel, or a peft LoRA for `lora:` recipes."""
-    base, tokenizer = load_model(recipe.model, device=device)
+    base, tokenizer = load_model(recipe.model, device=device, quantization=recipe.quantization)
     if recipe.mixlora is not None:
         return loramix.wrap(base, recipe.mixlora_config()), tokenizer
     from peft import LoraConfig, get_peft_model

@@ -9,13 +9,14 @@ import yaml
 from torch import nn
 
 from loramix.model import load
-from loramix.models import DEFAULT_MODEL, load_model
+from loramix.models import DEFAULT_MODEL, QUANTIZATIONS, load_model
 from loramix.serve.engine import Engine
 
 
-def read_run(run_dir: str | Path) -> tuple[str, list[str], str | None]:
-    """(base model name, task names, system prompt) from a run's recipe.yaml; the task id of a name is its
-    position; the system prompt is None where the run kept the chat template's default."""
+def read_run(run_dir: str | Path) -> tuple[str, list[str], str | None, str | None]:
+    """(base model name, task names, system prompt, quantization) from a run's recipe.yaml; the task id of a
+    name is its position; the system prompt is None where the run kept the chat template's default, the
+    quantization None for an unquantized base."""
     path = Path(run_dir) / "recipe.yaml"
     if not path.is_file():
         raise FileNotFoundError(f"{path} is missing: is {run_dir} a run folder written by `loramix train`?")
@@ -29,7 +30,10 @@ def read_run(run_dir: str | Path) -> tuple[str, list[str], str | None]:
     system_prompt = recipe.get("system_prompt")
     if system_prompt is not None and not isinstance(system_prompt, str):
         raise ValueError(f"{path}: `system_prompt` must be text or null, got {system_prompt!r}")
-    return model, tasks, system_prompt
+    quantization = recipe.get("quantization")
+    if quantization not in QUANTIZATIONS:
+        raise ValueError(f"{path}: `quantization` must be one of {QUANTIZATIONS}, got {quantization!r}")
+    return model, tasks, system_prompt, quantization
 
 
 def load_adapter(model: nn.Module, adapter_dir: Path) -> nn.Module:
@@ -49,12 +53,12 @@ def load_engine(
     max_prompt_tokens: int | None = None,
     merged_tasks: int = 0,
 ) -> Engine:
-    """An Engine for a run folder: its base model (float32) with the adapter in adapter/, its recipe's tasks
-    and system prompt."""
+    """An Engine for a run folder: its base model (float32, or quantized as it trained) with the adapter in
+    adapter/, its recipe's tasks and system prompt."""
     run_dir = Path(run_dir)
-    model_name, tasks, system_prompt = read_run(run_dir)
+    model_name, tasks, system_prompt, quantization = read_run(run_dir)
     device = device or ("cuda" if torch.cuda.is_available() else "cpu")
-    model, tokenizer = load_model(model_name, device=device)
+    model, tokenizer = load_model(model_name, device=device, quantization=quantization)
     model = load_adapter(model, run_dir / "adapter")
     return Engine(
         model,
