@@ -2,6 +2,7 @@
 
     python benchmarks/train_step.py                                  # topk vs peft, float32 (goal: <= 1.15x)
     python benchmarks/train_step.py --variants all --autocast none,bf16 --steps 3   # every router, both precisions
+    python benchmarks/train_step.py --variants topk,prompt --compile   # every model's blocks compiled (inductor)
 
 Each variant is a fresh copy of the model with all attention and MLP linears adapted, at the same activated
 rank as peft's LoRA: the expert rank is chosen so that the LoRA parameters one token activates equal peft's
@@ -23,7 +24,10 @@ large square `torch.matmul` on the same machine.
 
 Operators: the ATen operators one step dispatches (forward, backward, optimiser), counted in one extra step.
 On a GPU each costs a kernel launch or at least the framework's per-operator overhead, so at small batches a
-step's time follows this count rather than its FLOPs; it is the same on every machine.
+step's time follows this count rather than its FLOPs; it is the same on every machine. With `--compile` every
+model, peft's included, has its decoder blocks compiled (`loramix.compilation.compile_blocks`, compiled in the
+warm-up step): the count is then what the compiled code still dispatches (matrix products, the eager loss and
+optimiser), fused elementwise kernels not included.
 """
 
 from __future__ import annotations
@@ -41,6 +45,7 @@ from peft import LoraConfig, get_peft_model
 from torch.utils._python_dispatch import TorchDispatchMode
 
 import loramix
+from loramix.compilation import compile_blocks
 from loramix.layer import linear_features
 from loramix.model import find_targets, linear_layer_names
 from loramix.models import load_model
@@ -187,6 +192,7 @@ def main(argv: list[str] | None = None) -> list[dict]:
         "--autocast", default="none", help="comma-separated precisions of loramix (and peft): none, bf16"
     )
     parser.add_argument("--threads", type=int, default=None)
+    parser.add_argument("--compile", action="store_true", help="compile every model's decoder blocks (inductor)")
     parser.add_argument("--json", type=Path, default=None, help="also write the results to this JSON file")
     args = parser.parse_args(argv)
     if args.threads:
@@ -210,6 +216,11 @@ def main(argv: list[str] | None = None) -> list[dict]:
         "task_ids": torch.arange(args.batch, device=device) % 5,
     }
     models = {name: build(name, base, args.rank).to(device).train() for name in ["peft", *variants]}
+    if args.compile:
+        torch._dynamo.config.recompile_limit = 64  # every variant's blocks compile the same code
+        for model in models.values():
+            if not compile_blocks(model):
+                parser.error("--compile: inductor cannot compile on this machine (see the warning)")
     # peft in float32 is the reference of every ratio; then each precision's variants
     runs = [("peft", "none")] + [(n, p) for p in precisions for n in models if (n, p) != ("peft", "none")]
     # the multi-tensor AdamW (CUDA's default) everywhere, so that the operator counts are the same on every device
@@ -294,6 +305,7 @@ def main(argv: list[str] | None = None) -> list[dict]:
     peft_memory = results[0]["memory_bytes"]
     print(
         f"device={device} threads={torch.get_num_threads()} batch={args.batch}x{args.length} steps={args.steps} "
+        f"{'compiled (inductor) ' if args.compile else ''}"
         f"matmul peak: float32 {peaks['none'] / 1e9:.0f} GFLOP/s, bf16 {peaks['bf16'] / 1e9:.0f} GFLOP/s"
     )
     print(

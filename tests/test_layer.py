@@ -31,7 +31,7 @@ def test_layer_matches_a_loop_over_experts(router_name, base_type):
     context.new_forward(None)
     got = layer(x)
 
-    weights = context.step_routes["layer"].weights
+    weights = router.step_route.weights
     expected = base(x)
     for i in range(4):
         expert = x @ layer.lora_A[i].T @ layer.lora_B[i].T

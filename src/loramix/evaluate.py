@@ -14,6 +14,7 @@ from torch import Tensor, nn
 from tqdm.auto import tqdm
 
 from loramix.card import run_card, write_card
+from loramix.compilation import eager_if_compiled
 from loramix.data import Example, Task, collate, encode_example, get_task
 from loramix.data.encode import template_parts
 from loramix.data.metrics import bootstrap, percentile_interval
@@ -294,7 +295,16 @@ def evaluate_model(
     mode "choices" scores tasks whose examples all have choices by log-likelihood and generates answers for
     the others (free text); "generate" generates for every task and parses the answers. `task_ids` maps task
     names to the ids a MixLoraModel routes by (tasks missing from it get none); `max_new_tokens` overrides
-    each task's own; `bf16` and `system_prompt` as in generate_answers."""
+    each task's own; `bf16` and `system_prompt` as in generate_answers. Compiled blocks run eagerly here."""
+    with eager_if_compiled(model):
+        return _evaluate_model(
+            model, tokenizer, tasks, task_ids, mode, batch_size, max_prompt_length, max_new_tokens, bf16, system_prompt
+        )
+
+
+def _evaluate_model(
+    model, tokenizer, tasks, task_ids, mode, batch_size, max_prompt_length, max_new_tokens, bf16, system_prompt
+) -> dict[str, dict]:
     results = {}
     options = dict(batch_size=batch_size, max_prompt_length=max_prompt_length, bf16=bf16, system_prompt=system_prompt)
     for name, examples in tasks.items():

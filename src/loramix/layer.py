@@ -58,13 +58,15 @@ class MixLoraLinear(nn.Module):
             object.__setattr__(self, "router", router)
         # (name, index) of this layer's memory queue in the MixLoraModel, set when it trains a contrastive loss
         self.memory_slot: tuple[str, int] | None = None
+        self.samples_for_contrast = False  # set with memory_slot; a flag, so compiled blocks share one graph
+        self.contrast_sample: ExpertSample | None = None  # this forward's, for the contrastive loss
 
     def forward(self, x: Tensor) -> Tensor:
         result = self.base_layer(x)
         routing = self.router.route(x, self.context)
         hidden = F.linear(self.dropout(x), self.lora_A.flatten(0, 1)).unflatten(-1, (self.num_experts, self.rank))
         gates, up = self._gates_and_up(routing, hidden.dtype)
-        if self.memory_slot is not None and self.training:
+        if self.samples_for_contrast and self.training:
             self._sample_for_contrast(hidden, routing.indices, up)
         update = F.linear((hidden * gates).flatten(-2), up)
         return result + update.to(result.dtype)
@@ -88,7 +90,7 @@ class MixLoraLinear(nn.Module):
         contrastive loss (computed after the forward, when a sharded layer no longer holds its whole B)."""
         picks = self.context.contrast_tokens(hidden, CONTRAST_TOKENS)
         active = indices.expand(*hidden.shape[:2], -1).flatten(0, 1)[picks]
-        self.context.expert_samples.append(ExpertSample(self, hidden.flatten(0, 1)[picks], active, up))
+        self.contrast_sample = ExpertSample(self, hidden.flatten(0, 1)[picks], active, up)
 
     def delta_weight(self, expert_weights: Tensor) -> Tensor:
         """scale * sum_i w_i B_i A_i as a (d_out, d_in) matrix, for expert weights w: (n,)."""

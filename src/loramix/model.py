@@ -17,6 +17,7 @@ from transformers.modeling_outputs import CausalLMOutputWithPast
 from transformers.pytorch_utils import Conv1D
 
 from loramix.card import CARD_NAME, is_loramix_card, mixture_details, mixture_method, model_card, write_card
+from loramix.compilation import compile_blocks, eager_if_compiled
 from loramix.config import MixLoraConfig
 from loramix.files import atomic_write
 from loramix.layer import MixLoraLinear, active_expert_outputs, linear_features
@@ -29,7 +30,7 @@ from loramix.losses import (
     selection_log_prob,
 )
 from loramix.routing import ROUTERS, Router, RoutingContext
-from loramix.routing.base import ExpertSample
+from loramix.routing.base import BlockInput, ExpertSample, capture_block_input
 from loramix.sharding import full
 
 CONFIG_NAME = "loramix_config.json"
@@ -112,7 +113,8 @@ class MixLoraModel(nn.Module):
             self._add_memory_queues()
         self._add_hook("", model.register_forward_pre_hook(self._start_forward(), with_kwargs=True))
         self._add_hook("", model.register_forward_hook(self._finish_forward(), with_kwargs=True))
-        self._takes_logits_to_keep = "logits_to_keep" in inspect.signature(model.forward).parameters
+        parameters = inspect.signature(model.forward).parameters
+        self._takes_logits_to_keep, self._takes_use_cache = "logits_to_keep" in parameters, "use_cache" in parameters
 
     def __getattr__(self, name: str):
         """nn.Module's attributes first, then the base model's, as peft's PeftModel does: tools written for Hugging
@@ -154,6 +156,8 @@ class MixLoraModel(nn.Module):
             base, num_experts, config.expert_rank, config.dropout, router, self.context, owns_router, slot
         )
         self._replace(name, layer)
+        if all(router is not known for known in self.context.routers):  # a shared router records once
+            self.context.routers.append(router)
 
     def _wrap_each(self, targets: list[str]) -> None:
         config = self.mixlora_config
@@ -181,7 +185,8 @@ class MixLoraModel(nn.Module):
             )
             self.memory_queues[size] = queue.to(device)
             for index, layer in enumerate(layers):
-                layer.memory_slot = (size, index)
+                layer.memory_slot, layer.samples_for_contrast = (size, index), True
+                self.context.contrastive_layers.append(layer)
 
     def _wrap_by_decoder_layer(self, targets: list[str]) -> None:
         groups: dict[str, list[str]] = {}
@@ -200,10 +205,10 @@ class MixLoraModel(nn.Module):
             self.shared_routers[block.replace(".", "_")] = router
             for slot, name in enumerate(names):
                 self._new_layer(name, router, owns_router=False, num_experts=1, slot=slot)
-            hook = self.base_model.get_submodule(block).register_forward_pre_hook(
-                self._capture_layer_input(block), with_kwargs=True
-            )
-            self._add_hook(block, hook)
+            block_module = self.base_model.get_submodule(block)
+            router.block_input = block_module.loramix_block_input = BlockInput()
+            self.context.block_inputs.append(router.block_input)
+            self._add_hook(block, block_module.register_forward_pre_hook(capture_block_input, with_kwargs=True))
 
     def _add_hook(self, module_name: str, handle: torch.utils.hooks.RemovableHandle) -> None:
         self._hooks.append((module_name, handle))
@@ -224,18 +229,11 @@ class MixLoraModel(nn.Module):
 
         @torch.no_grad()
         def finish(module: nn.Module, args: tuple, kwargs: dict, output) -> None:
+            context.collect()
             for stacked in context.stacked_records(context.records, "weights", "indices"):
                 stacked.add_to_router_stats()
 
         return finish
-
-    def _capture_layer_input(self, block: str):
-        context = self.context
-
-        def capture(module: nn.Module, args: tuple, kwargs: dict) -> None:
-            context.layer_inputs[block] = args[0] if args else kwargs["hidden_states"]
-
-        return capture
 
     def _check_task_ids(self, task_ids: Tensor | None) -> None:
         if task_ids is None:
@@ -252,12 +250,18 @@ class MixLoraModel(nn.Module):
     def _routing_inputs(self, task_ids: Tensor | None, prompt_mask: Tensor | None, generating: bool = False):
         self._check_task_ids(task_ids)
         self.context.start_call(task_ids, prompt_mask, generating)
-        try:
-            yield
+        try:  # decoding steps run compiled blocks eagerly: a growing key-value cache would recompile them
+            with eager_if_compiled(self) if generating else nullcontext():
+                yield
         finally:
             self.context.start_call(None, None, False)
 
     # ---- the model's API ----------------------------------------------------------------------------------
+    def compile(self, backend: str = "inductor", *, mode: str | None = None) -> bool:
+        """Compile each decoder block for training (`loramix.compilation.compile_blocks`); False, with a
+        warning, where `backend` cannot compile here. `generate` and evaluation then run the blocks eagerly."""
+        return compile_blocks(self, backend, mode=mode)
+
     accepts_loss_kwargs = False  # for transformers.Trainer: the loss is a mean over the batch's labelled tokens
 
     def forward(
@@ -328,6 +332,8 @@ class MixLoraModel(nn.Module):
         predicts_label = F.pad(labels[:, 1:] != -100, (0, 1), value=False)
         if self._takes_logits_to_keep:
             inputs["logits_to_keep"] = predicts_label
+        if self._takes_use_cache:  # training builds no key-value cache
+            inputs["use_cache"] = False
         with self._repeated_from(repeat_from, samples, len(input_ids)) if repeat_from else nullcontext():
             logits = self(task_ids=task_ids, prompt_mask=prompt_mask, **inputs).logits
         if not self._takes_logits_to_keep:
@@ -578,8 +584,11 @@ class MixLoraModel(nn.Module):
 
     def unload(self) -> nn.Module:
         """Remove every adapter and hook and return the base model as it was before `wrap`."""
-        for _, handle in self._hooks:
+        for module_name, handle in self._hooks:
             handle.remove()
+            module = self.base_model.get_submodule(module_name)
+            if "loramix_block_input" in vars(module):  # a prompt router's decoder block
+                del module.loramix_block_input
         self._hooks.clear()
         for name, layer in self.layers.items():
             parent_name, _, child = name.rpartition(".")

@@ -12,6 +12,7 @@ import tokenizers
 import torch
 import transformers
 from packaging.version import Version
+from torch import nn
 from transformers import (
     AutoModelForCausalLM,
     AutoTokenizer,
@@ -228,3 +229,19 @@ def tiny_tokenizer() -> PreTrainedTokenizerFast:
 
 
 TINY_MODELS = {"tiny-llama": tiny_llama, "tiny-gpt2": tiny_gpt2}
+
+
+def decoder_blocks(model: nn.Module, purpose: str) -> list[nn.Module]:
+    """The model's repeated blocks: the modules of the classes its Hugging Face model names in
+    `_no_split_modules` (what accelerate's FSDP auto-wrap shards by); `purpose` names the setting that needs
+    them, for the error when there are none."""
+    names = set()
+    for module in model.modules():
+        names.update(getattr(module, "_no_split_modules", None) or ())
+    blocks = [module for module in model.modules() if type(module).__name__ in names]
+    if not blocks:
+        raise ValueError(
+            f"{purpose} found no decoder blocks in {type(model).__name__}: its Hugging Face model names none in "
+            "`_no_split_modules`"
+        )
+    return blocks

@@ -11,6 +11,7 @@ from pathlib import Path
 
 import yaml
 
+from loramix.compilation import BACKENDS
 from loramix.config import MixLoraConfig
 from loramix.data import get_task, load_jsonl_tasks
 from loramix.models import DEFAULT_MODEL, QUANTIZATIONS
@@ -109,6 +110,9 @@ class Training:
     dev_every: int = 50  # steps between two dev evaluations of the learning curve (with dev_examples > 0)
     # "fsdp": with several processes, shard the model's weights over them (FSDP2) instead of copying it to each
     sharding: str = "none"
+    # true (inductor) or a backend name: compile each decoder block (loramix.compilation); where the backend
+    # cannot compile here, the run warns and trains eagerly
+    compile: bool | str = False
 
     def __post_init__(self) -> None:
         _check_types(self, "training.")
@@ -126,6 +130,12 @@ class Training:
         _check(math.isfinite(self.lr) and self.lr > 0, "training.lr", self.lr, "expected a finite number > 0")
         _check(self.bf16 in BF16_SETTINGS, "training.bf16", self.bf16, "allowed: true, false, auto")
         _check(self.schedule in SCHEDULES, "training.schedule", self.schedule, f"allowed: {list(SCHEDULES)}")
+        _check(
+            isinstance(self.compile, bool) or self.compile in BACKENDS,
+            "training.compile",
+            self.compile,
+            f"allowed: true, false or a backend: {', '.join(BACKENDS)}",
+        )
         _check(self.sharding in SHARDINGS, "training.sharding", self.sharding, f"allowed: {list(SHARDINGS)}")
 
 

@@ -16,27 +16,14 @@ from torch.distributed.device_mesh import init_device_mesh
 from torch.distributed.fsdp import FSDPModule, fully_shard
 from torch.distributed.tensor import DTensor, distribute_tensor
 
-
-def decoder_blocks(model: nn.Module) -> list[nn.Module]:
-    """The model's repeated blocks: the modules of the classes its Hugging Face model names in
-    `_no_split_modules` (what accelerate's FSDP auto-wrap shards by)."""
-    names = set()
-    for module in model.modules():
-        names.update(getattr(module, "_no_split_modules", None) or ())
-    blocks = [module for module in model.modules() if type(module).__name__ in names]
-    if not blocks:
-        raise ValueError(
-            f"training.sharding='fsdp' found no decoder blocks in {type(model).__name__}: its Hugging Face model "
-            "names none in `_no_split_modules`"
-        )
-    return blocks
+from loramix.models import decoder_blocks
 
 
 def shard(model: nn.Module, device: torch.device, world: int) -> nn.Module:
     """Shard each decoder block, then the rest (embeddings, head, routers outside the blocks), over `world`
     ranks. The module's parameters become DTensors: build the optimizer afterwards."""
     mesh = init_device_mesh(device.type, (world,))
-    for block in decoder_blocks(model):
+    for block in decoder_blocks(model, "training.sharding='fsdp'"):
         fully_shard(block, mesh=mesh)
     fully_shard(model, mesh=mesh)
     return model

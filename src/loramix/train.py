@@ -24,6 +24,7 @@ from torch.optim.lr_scheduler import LambdaLR
 from tqdm.auto import tqdm
 
 import loramix
+from loramix.compilation import compile_blocks
 from loramix.data import SPLIT_SEED, Example, collate, encode_example, get_task
 from loramix.evaluate import evaluate_model
 from loramix.losses import ExpertMemoryQueue
@@ -39,6 +40,7 @@ ADAPTER_EVAL_FACTOR = 1.4
 DEV_MAX_NEW_TOKENS = 32  # the most tokens a dev answer of a free-text task is given (the curve stays cheap)
 # Keys a resumed run may change: they do not alter what the finished steps computed.
 RESUMABLE_CHANGES = {
+    "training.compile",
     "training.steps",
     "training.log_every",
     "training.save_every",
@@ -609,6 +611,8 @@ def _train_steps(
     sharded = settings.sharding == "fsdp" and world > 1
     if sharded:
         shard(model, device, world)
+    if settings.compile:
+        compile_blocks(model, "inductor" if settings.compile is True else settings.compile)
     parameters = [p for p in model.parameters() if p.requires_grad]
     optimizer = torch.optim.AdamW(parameters, lr=settings.lr, weight_decay=settings.weight_decay)
     plan = StepPlan(settings)

@@ -127,6 +127,19 @@ class ExpertSample:
 
 
 @dataclass
+class BlockInput:
+    """The hidden states entering one decoder block in this forward (for the prompt routers)."""
+
+    hidden: Tensor | None = None
+
+
+def capture_block_input(block: nn.Module, args: tuple, kwargs: dict) -> None:
+    """A decoder block's forward pre-hook: keep its input in the block's `loramix_block_input`. One function
+    for every block, reading nothing block-specific, so that compiled blocks share one graph."""
+    block.loramix_block_input.hidden = args[0] if args else kwargs["hidden_states"]
+
+
+@dataclass
 class RoutingContext:
     """State shared by the routers of one wrapped model during one forward (or one `generate`) call."""
 
@@ -134,22 +147,38 @@ class RoutingContext:
     attention_mask: Tensor | None = None
     prompt_mask: Tensor | None = None
     generating: bool = False
-    layer_inputs: dict[str, Tensor] = field(default_factory=dict)
-    step_routes: dict[str, Routing] = field(default_factory=dict)
     sequence_routes: dict[str, Routing] = field(default_factory=dict)
     layer_cache: dict[nn.Module, tuple] = field(default_factory=dict)  # per layer, for one `generate` call
-    records: list[RoutingRecord] = field(default_factory=list)
+    records: list[RoutingRecord] = field(default_factory=list)  # this forward's, collected when it ends
     expert_samples: list[ExpertSample] = field(default_factory=list)
-    sampled_tokens: dict[tuple[int, ...], Tensor] = field(default_factory=dict)  # for the contrastive loss
+    # What a forward leaves on its modules: each router's `step_route` and `last_record`, each contrastive
+    # layer's `contrast_sample`, each decoder block's input for the prompt routers. Attributes, not entries of
+    # one list or dict, so that a compiled decoder block depends on no layer's name or position and every
+    # block runs the same graph.
+    routers: list[nn.Module] = field(default_factory=list)
+    contrastive_layers: list[nn.Module] = field(default_factory=list)
+    block_inputs: list[BlockInput] = field(default_factory=list)
+    sampled_tokens: list[tuple[tuple[int, ...], Tensor]] = field(default_factory=list)  # for the contrastive loss
 
     def new_forward(self, attention_mask: Tensor | None) -> None:
         """Forget what the previous forward routed; keep what `generate` caches across steps."""
         self.attention_mask = attention_mask
-        self.layer_inputs.clear()
-        self.step_routes.clear()
         self.records.clear()
         self.expert_samples.clear()
         self.sampled_tokens.clear()
+        for router in self.routers:
+            router.step_route = router.last_record = None
+        for block_input in self.block_inputs:
+            block_input.hidden = None
+        for layer in self.contrastive_layers:
+            layer.contrast_sample = None
+
+    def collect(self) -> None:
+        """Gather what the forward's routers and contrastive layers left behind into `records` and
+        `expert_samples` (in the order of the model's layers)."""
+        self.records[:] = [router.last_record for router in self.routers if router.last_record is not None]
+        samples = (layer.contrast_sample for layer in self.contrastive_layers)
+        self.expert_samples[:] = [sample for sample in samples if sample is not None]
 
     def start_call(self, task_ids: Tensor | None, prompt_mask: Tensor | None, generating: bool) -> None:
         """Set the inputs of a forward or `generate` call and forget what the previous call cached."""
@@ -178,13 +207,17 @@ class RoutingContext:
 
     def contrast_tokens(self, x: Tensor, count: int) -> Tensor:
         """Flat indices into the (B T) tokens of x of up to `count` random real tokens, drawn once per forward
-        and token shape: the layers that see the same tokens use the same draw, so their losses stack."""
+        and token shape: the layers that see the same tokens use the same draw, so their losses stack. (A list
+        searched by shape, not a dict keyed by it, so that compiled blocks keep sequence lengths dynamic.)"""
         shape = tuple(x.shape[:2])
-        if shape not in self.sampled_tokens:
-            mask = self.token_mask(x).flatten()
-            picks = (torch.rand(mask.shape, device=mask.device) + mask).topk(min(count, mask.numel())).indices
-            self.sampled_tokens[shape] = picks[mask[picks]]
-        return self.sampled_tokens[shape]
+        for drawn_shape, picks in self.sampled_tokens:
+            if drawn_shape == shape:
+                return picks
+        mask = self.token_mask(x).flatten()
+        picks = (torch.rand(mask.shape, device=mask.device) + mask).topk(min(count, mask.numel())).indices
+        picks = picks[mask[picks]]
+        self.sampled_tokens.append((shape, picks))
+        return picks
 
     def token_mask(self, x: Tensor) -> Tensor:
         """(B, T) bool mask of the real (non-padding) tokens among the T tokens of x."""
@@ -254,6 +287,9 @@ class Router(nn.Module, ABC):
     def __init__(self, config: MixLoraConfig, in_features: int, num_experts: int, key: str) -> None:
         super().__init__()
         self.key = key
+        # this forward's Routing, for every layer that shares this router, and its record for the losses
+        self.step_route: Routing | None = None
+        self.last_record: RoutingRecord | None = None
         self.num_experts = num_experts
         self.top_k = min(config.top_k, num_experts)
         self.expert_scale = config.alpha / config.expert_rank
@@ -273,7 +309,7 @@ class Router(nn.Module, ABC):
 
     def route(self, x: Tensor, context: RoutingContext) -> Routing:
         """The Routing for this forward, computed once and shared by every layer that uses this router."""
-        routing = context.step_routes.get(self.key)
+        routing = self.step_route
         if routing is not None:
             return routing
         if self.sequence_level:
@@ -293,12 +329,12 @@ class Router(nn.Module, ABC):
                 else hidden.new_ones(hidden.shape[0], 1, dtype=torch.bool)
             )
             self.record(routing, mask, context)
-        context.step_routes[self.key] = routing
+        self.step_route = routing
         return routing
 
     def record(self, routing: Routing, mask: Tensor, context: RoutingContext) -> None:
         """Keep the routing for this step's auxiliary losses and statistics (added once the forward ends)."""
-        context.records.append(RoutingRecord(self, routing, mask))
+        self.last_record = RoutingRecord(self, routing, mask)
 
     def active_parameters(self) -> int:
         """How many of this router's parameters one token uses."""

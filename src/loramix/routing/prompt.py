@@ -48,8 +48,8 @@ class PromptRouter(Router):
         self.gate = nn.Linear(in_features, num_experts, bias=False)
 
     def routing_input(self, x: Tensor, context: RoutingContext) -> Tensor:
-        """The hidden states entering this router's decoder layer (captured by a pre-hook)."""
-        return context.layer_inputs[self.key]
+        """The hidden states entering this router's decoder layer (captured by `capture_block_input`)."""
+        return self.block_input.hidden
 
     def forward(self, x: Tensor, context: RoutingContext) -> Routing:
         logits = self.gate(self.activation(x.to(self.gate.weight.dtype))).float()
