@@ -26,8 +26,7 @@ Operators: the ATen operators one step dispatches (forward, backward, optimiser)
 On a GPU each costs a kernel launch or at least the framework's per-operator overhead, so at small batches a
 step's time follows this count rather than its FLOPs; it is the same on every machine. With `--compile` every
 model, peft's included, has its decoder blocks compiled (`loramix.compilation.compile_blocks`, compiled in the
-warm-up step): the count is then what the compiled code still dispatches (matrix products, the eager loss and
-optimiser), fused elementwise kernels not included.
+warm-up step); operators are then not counted (a dispatch mode cannot run compiled code).
 """
 
 from __future__ import annotations
@@ -102,8 +101,15 @@ def build(variant: str, base: torch.nn.Module, rank: int) -> torch.nn.Module:
 def loss_of(model: torch.nn.Module, batch: dict) -> torch.Tensor:
     if isinstance(model, loramix.MixLoraModel):
         return model.compute_loss(batch)
-    logits = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits[:, :-1]
+    inputs = {key: batch[key] for key in ("input_ids", "attention_mask")}
+    logits = model(**inputs, use_cache=False).logits[:, :-1]  # as loramix's compute_loss: no key-value cache
     return torch.nn.functional.cross_entropy(logits.flatten(0, 1).float(), batch["labels"][:, 1:].flatten())
+
+
+def operators_cell(result: dict) -> str:
+    if result["operators"] is None:
+        return "— | —"
+    return f"{result['operators']:,} | {result['operators_vs_peft']:.2f}"
 
 
 def saved_activation_bytes(model: torch.nn.Module, batch: dict, autocast) -> int:
@@ -267,7 +273,8 @@ def main(argv: list[str] | None = None) -> list[dict]:
             step(name, precision)
         return counter.count
 
-    counts = {run: operators(*run) for run in runs}
+    # a dispatch mode cannot run compiled code: compiled steps are not counted
+    counts = {run: None if args.compile else operators(*run) for run in runs}
 
     tokens = args.batch * args.length
     reference = statistics.median(times["peft", "none"])
@@ -299,7 +306,7 @@ def main(argv: list[str] | None = None) -> list[dict]:
                 "gflop_per_s": flops / median / 1e9,
                 "of_peak": flops / median / peaks[precision],
                 "operators": counts[name, precision],
-                "operators_vs_peft": counts[name, precision] / counts["peft", "none"],
+                "operators_vs_peft": None if args.compile else counts[name, precision] / counts["peft", "none"],
             }
         )
     peft_memory = results[0]["memory_bytes"]
@@ -319,7 +326,7 @@ def main(argv: list[str] | None = None) -> list[dict]:
             f"| {r['variant']} | {r['precision']} | {r['expert_rank']} | {r['active_params']:,} | {r['step_s']:.3f} | "
             f"{r['tokens_per_s']:,.0f} | {r['time_vs_peft']:.3f} | {r['memory_bytes'] / 2**20:,.0f}{cuda} | "
             f"{r['memory_bytes'] / peft_memory:.3f} | {r['gflop_per_step']:,.0f} | {r['gflop_per_s']:,.1f} | "
-            f"{r['of_peak']:.0%} | {r['operators']:,} | {r['operators_vs_peft']:.2f} |"
+            f"{r['of_peak']:.0%} | {operators_cell(r)} |"
         )
     over = [
         r for r in results if r["variant"] in TOKEN_LEVEL and r["precision"] == "float32" and r["time_vs_peft"] > 1.15
