@@ -98,6 +98,7 @@ def write_recipes(folder) -> None:
             "tasks": ["a", "b"],
             "task_files": [str(folder / "parity.jsonl")],
             "max_length": 40,
+            **({"dev_examples": 2} if adapter == "topk" else {}),  # a learning curve: evaluation while sharded
             "training": {"steps": 3, "batch_size": 2, "grad_accumulation": 2, "warmup_steps": 1, "lr": 1e-2},
             **({"lora": {"r": 2}} if adapter == "lora" else {"mixlora": mixlora}),
         }
@@ -168,6 +169,11 @@ def test_two_processes_end_with_identical_weights_for_every_router(tmp_path):
             torch.testing.assert_close(sharded[name], copied[name], rtol=0, atol=tolerance, msg=f"{router}: {name}")
         state = json.loads((tmp_path / f"run-{router}-fsdp" / "checkpoint" / "state.json").read_text())
         assert state["world_size"] == 2
+    curves = [
+        [line["tasks"] for line in map(json.loads, (tmp_path / f"run-{run}" / "learning_curve.jsonl").open())]
+        for run in ("topk", "topk-fsdp")
+    ]
+    assert len(curves[0]) == 2 and curves[0] == curves[1]  # the start and the end, scored alike when sharded
     whole, resumed = adapter("constant-fsdp"), adapter("resumed")  # sharded optimizer state survives a resume
     assert whole.keys() == resumed.keys()
     assert all(torch.equal(whole[name], resumed[name]) for name in whole)

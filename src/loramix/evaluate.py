@@ -6,7 +6,7 @@ import inspect
 import json
 import time
 from collections.abc import Callable, Sequence
-from contextlib import nullcontext
+from contextlib import AbstractContextManager, nullcontext
 from pathlib import Path
 
 import torch
@@ -23,6 +23,7 @@ from loramix.model import MixLoraModel, load
 from loramix.models import load_model
 from loramix.precision import use_bf16
 from loramix.recipe import EVAL_MODES, load_recipe
+from loramix.sharding import is_sharded
 
 DEFAULT_MAX_PROMPT_LENGTH = 1024
 
@@ -78,7 +79,7 @@ def generate_answers(
     was_training = model.training
     model.eval()
     try:
-        with torch.inference_mode(), torch.autocast(device.type, dtype=torch.bfloat16, enabled=bf16):
+        with without_grad(model), torch.autocast(device.type, dtype=torch.bfloat16, enabled=bf16):
             batches = range(0, len(order), batch_size)
             for start in tqdm(batches, desc=f"answering {examples[0].task}", leave=False, disable=None):
                 chunk = order[start : start + batch_size]
@@ -171,7 +172,7 @@ def score_choices(
     was_training = model.training
     model.eval()
     try:
-        with torch.inference_mode(), torch.autocast(device.type, dtype=torch.bfloat16, enabled=bf16):
+        with without_grad(model), torch.autocast(device.type, dtype=torch.bfloat16, enabled=bf16):
             chunks = _prompt_chunks(order, [len(e.choices) for e in examples], batch_size)
             for chunk in tqdm(chunks, desc=f"scoring {examples[0].task}", leave=False, disable=None):
                 routing = model.prompt_routing(_task_ids(task_id, len(chunk), device)) if mixture else nullcontext()
@@ -274,6 +275,12 @@ def uses_choices(mode: str, examples: Sequence[Example]) -> bool:
     if mode not in EVAL_MODES:
         raise ValueError(f"evaluation mode {mode!r} is invalid; allowed: {', '.join(EVAL_MODES)}")
     return mode == "choices" and all(example.choices for example in examples)
+
+
+def without_grad(model: nn.Module) -> AbstractContextManager:
+    """inference_mode, or no_grad for a sharded model: the weights it gathers must stay normal tensors, which
+    training goes on updating in place."""
+    return torch.no_grad() if is_sharded(model) else torch.inference_mode()
 
 
 def evaluate_model(

@@ -31,7 +31,7 @@ from loramix.losses import (
 )
 from loramix.routing import ROUTERS, Router, RoutingContext
 from loramix.routing.base import BlockInput, ExpertSample, capture_block_input
-from loramix.sharding import full
+from loramix.sharding import full, root_gathered
 
 CONFIG_NAME = "loramix_config.json"
 WEIGHTS_NAME = "adapter.safetensors"
@@ -250,8 +250,12 @@ class MixLoraModel(nn.Module):
     def _routing_inputs(self, task_ids: Tensor | None, prompt_mask: Tensor | None, generating: bool = False):
         self._check_task_ids(task_ids)
         self.context.start_call(task_ids, prompt_mask, generating)
-        try:  # decoding steps run compiled blocks eagerly: a growing key-value cache would recompile them
-            with eager_if_compiled(self) if generating else nullcontext():
+        try:  # decoding steps run compiled blocks eagerly (a growing key-value cache would recompile them), and
+            # call the base model, not this wrapper's forward, so a sharded wrapper's own weights stay gathered
+            with (
+                eager_if_compiled(self) if generating else nullcontext(),
+                root_gathered(self) if generating else nullcontext(),
+            ):
                 yield
         finally:
             self.context.start_call(None, None, False)

@@ -33,6 +33,21 @@ def is_sharded(model: nn.Module) -> bool:
     return isinstance(model, FSDPModule)
 
 
+@contextlib.contextmanager
+def root_gathered(model: nn.Module):
+    """A context in which a sharded model's root group (embeddings, head, routers outside the blocks) stays
+    gathered: for calls that bypass the model's own forward, as `generate` does (the blocks gather their own)."""
+    if not is_sharded(model):
+        yield
+        return
+    model._get_fsdp_state()._lazy_init()  # what the root's first forward does; a `generate` may come first
+    model.unshard()
+    try:
+        yield
+    finally:
+        model.reshard()
+
+
 def full(tensor: Tensor) -> Tensor:
     """The whole tensor on every rank (a collective for a sharded one: call it on every rank)."""
     return tensor.full_tensor() if isinstance(tensor, DTensor) else tensor
