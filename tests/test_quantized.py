@@ -8,6 +8,8 @@ import torch
 
 pytest.importorskip("bitsandbytes")
 
+from test_compile import batch  # noqa: E402
+
 import loramix  # noqa: E402
 from loramix import MixLoraConfig  # noqa: E402
 from loramix.models import load_model, tiny_llama, tiny_tokenizer  # noqa: E402
@@ -25,18 +27,6 @@ def quantized(folder, kind: str):
     return load_model(str(folder), quantization=kind)[0]
 
 
-def batch():
-    ids = torch.randint(0, 128, (2, 10), generator=torch.Generator().manual_seed(0))
-    labels = ids.clone()
-    labels[:, :4] = -100
-    return {
-        "input_ids": ids,
-        "attention_mask": torch.ones_like(ids),
-        "labels": labels,
-        "task_ids": torch.tensor([0, 1]),
-    }
-
-
 @pytest.mark.parametrize("kind", ["8bit", "4bit"])
 def test_a_quantized_base_trains_saves_loads_and_generates(tmp_path, saved_base, kind):
     base = quantized(saved_base, kind)
@@ -51,7 +41,7 @@ def test_a_quantized_base_trains_saves_loads_and_generates(tmp_path, saved_base,
     optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-2)
     losses = []
     for _ in range(6):
-        loss = model.compute_loss(batch())
+        loss = model.compute_loss(batch(10))
         loss.backward()
         optimizer.step()
         optimizer.zero_grad()
@@ -60,7 +50,7 @@ def test_a_quantized_base_trains_saves_loads_and_generates(tmp_path, saved_base,
 
     model.eval().save_pretrained(tmp_path / "adapter")
     loaded = loramix.load(quantized(saved_base, kind), tmp_path / "adapter").eval()
-    inputs = {key: batch()[key] for key in ("input_ids", "attention_mask", "task_ids")}
+    inputs = {key: batch(10)[key] for key in ("input_ids", "attention_mask", "task_ids")}
     with torch.no_grad():
         assert torch.allclose(loaded(**inputs).logits, model(**inputs).logits, atol=1e-5)
     prompt = inputs["input_ids"][:, :4]

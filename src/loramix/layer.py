@@ -111,8 +111,8 @@ class MixLoraLinear(nn.Module):
 
 def active_expert_outputs(up: Tensor, hidden: Tensor, active: Tensor) -> Tensor:
     """(L, S, k, d_out) the outputs B_i h_i of each token's active experts i, for L layers of equal shape at
-    once; up: (L, d_out, n r) each layer's B as one matrix (`stacked_up`); hidden: (L, S, n, r) every expert's
-    rank-space activation A_i x; active: (L, S, k)."""
+    once; up: (L, d_out, n r) each layer's B as one matrix (`ExpertSample.up`, stacked); hidden: (L, S, n, r)
+    every expert's rank-space activation A_i x; active: (L, S, k)."""
     num_layers, tokens, num_experts, rank = hidden.shape
     # Token s's j-th query keeps only expert active[s, j]'s activation, so one product with all of B is its output.
     chosen = hidden.unsqueeze(2) * F.one_hot(active, num_experts).unsqueeze(-1).to(hidden.dtype)

@@ -31,7 +31,7 @@ from loramix.losses import ExpertMemoryQueue
 from loramix.models import load_model
 from loramix.precision import use_bf16
 from loramix.recipe import Recipe, Training, parse_duration
-from loramix.sharding import full, gradient_sync, like, shard
+from loramix.sharding import full, gradient_sync, is_sharded, like, shard
 
 CALIBRATION_STEPS = 10  # steps timed to plan a run with a time limit
 # The time of the final evaluation of an adapter over that of the base model (the zero-shot baseline): 1.12 and
@@ -306,6 +306,8 @@ def save_checkpoint(directory: Path, model: nn.Module, optimizer, scheduler, met
     """Write the training state atomically (a temporary folder, then os.replace): tensors in
     safetensors, everything else in JSON, no pickle. `meta` holds the step and the ranks' random states.
     Called on every rank: a sharded model's tensors are gathered whole; the main process writes them."""
+    if not is_main_process and not is_sharded(model):  # only a sharded model needs every rank to gather
+        return
     tensors = {f"model.{name}": full(tensor).cpu().contiguous() for name, tensor in training_state(model).items()}
     optimizer_state = optimizer.state_dict()
     for index, state in optimizer_state["state"].items():
@@ -484,21 +486,14 @@ def routing_stats_kept(model: nn.Module):
 
 class LearningCurve:
     """learning_curve.jsonl: each trained task's metrics on its dev examples at some steps of a run. Rank 0
-    scores them; the other ranks wait for it, or, for a `sharded` model (whose every forward is a collective),
+    scores them; the other ranks wait for it, or, for a sharded model (whose every forward is a collective),
     score the same examples alongside it."""
 
     def __init__(
-        self,
-        path: Path,
-        recipe: Recipe,
-        dev_sets: dict[str, list[Example]],
-        bf16: bool,
-        rank: int,
-        world: int,
-        sharded: bool = False,
+        self, path: Path, recipe: Recipe, dev_sets: dict[str, list[Example]], bf16: bool, rank: int, world: int
     ) -> None:
         self.path, self.recipe, self.dev_sets, self.bf16 = path, recipe, dev_sets, bf16
-        self.rank, self.world, self.sharded = rank, world, sharded
+        self.rank, self.world = rank, world
 
     def scores(self, model: nn.Module, tokenizer) -> dict[str, dict[str, float]]:
         """Per task, the metrics of its dev examples by `evaluate_model` in the recipe's eval_mode (free-text
@@ -526,7 +521,7 @@ class LearningCurve:
         """Score the dev examples after `step` steps, `seconds` into the run, and append their line; returns
         the seconds that took (on every rank: they wait in `slowest` for rank 0)."""
         started = time.perf_counter()
-        if self.sharded and self.rank != 0:
+        if self.rank != 0 and is_sharded(model):
             self.scores(model, tokenizer)
         elif self.rank == 0:
             tasks = self.scores(model, tokenizer)
@@ -655,8 +650,7 @@ def _train_steps(
 
     bf16 = use_bf16(settings.bf16, device)
     autocast = torch.autocast(device.type, dtype=torch.bfloat16, enabled=bf16)
-    curve = LearningCurve(run_dir / "learning_curve.jsonl", recipe, dev_sets, bf16, rank, world, sharded)
-    curve = curve if dev_sets else None
+    curve = LearningCurve(run_dir / "learning_curve.jsonl", recipe, dev_sets, bf16, rank, world) if dev_sets else None
     progress = tqdm(total=plan.steps, initial=step, desc=recipe.name, disable=rank != 0, dynamic_ncols=True)
     tally, routing, started = Tally(), {}, time.perf_counter() - elapsed
     out_of_time = False

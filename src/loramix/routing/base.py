@@ -317,7 +317,7 @@ class Router(nn.Module, ABC):
             if routing is None:
                 hidden = self.routing_input(x, context)
                 routing = self(self.pool(hidden, context.pooling_mask(hidden)), context)
-                self.record(routing, torch.ones(hidden.shape[0], 1, dtype=torch.bool, device=x.device), context)
+                self.record(routing, torch.ones(hidden.shape[0], 1, dtype=torch.bool, device=x.device))
                 if context.generating:
                     context.sequence_routes[self.key] = routing
         else:
@@ -328,11 +328,11 @@ class Router(nn.Module, ABC):
                 if routing.weights.shape[1] > 1
                 else hidden.new_ones(hidden.shape[0], 1, dtype=torch.bool)
             )
-            self.record(routing, mask, context)
+            self.record(routing, mask)
         self.step_route = routing
         return routing
 
-    def record(self, routing: Routing, mask: Tensor, context: RoutingContext) -> None:
+    def record(self, routing: Routing, mask: Tensor) -> None:
         """Keep the routing for this step's auxiliary losses and statistics (added once the forward ends)."""
         self.last_record = RoutingRecord(self, routing, mask)
 
