@@ -81,7 +81,7 @@ def test_task_ids_reach_every_row():
     assert first != second  # the task's experts answer
     with pytest.raises(ValueError, match="needs task_ids"):
         generate_answers(wrapped, tokenizer, EXAMPLES, max_new_tokens=2)
-    with pytest.raises(ValueError, match="only a MixLoraModel takes task ids"):
+    with pytest.raises(ValueError, match="only a loramix model takes task ids"):
         generate_answers(wrapped.unload(), tokenizer, EXAMPLES, task_id=0, max_new_tokens=2)
 
 

@@ -4,12 +4,15 @@ library, tags) and the base model, method, tasks and test scores in words and a 
 from __future__ import annotations
 
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import yaml
 
-from loramix.config import MixLoraConfig
 from loramix.files import atomic_write_text
 from loramix.models import DEFAULT_MODEL
+
+if TYPE_CHECKING:
+    from loramix.config import MixLoraConfig
 
 CARD_NAME = "README.md"
 MARK = "Trained with [loramix](https://pypi.org/project/loramix/)"  # how loramix recognises its own cards
@@ -115,8 +118,7 @@ def run_card(recipe, metrics: dict) -> str:
         details = {"rank": str(lora.get("r")), "alpha": str(lora.get("lora_alpha"))}
         details["adapted modules"] = str(lora.get("target_modules"))
     else:
-        config = recipe.mixlora_config()
-        method, library, details = mixture_method(config), "loramix", mixture_details(config)
+        (method, details), library = recipe.adapter_config().card_details(), "loramix"
     scores = run_card_scores(metrics)
     return model_card(hub_id(recipe.model), method, details, library=library, tasks=recipe.tasks, scores=scores)
 

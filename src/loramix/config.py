@@ -1,23 +1,18 @@
-"""MixLoraConfig: every setting of a mixture-of-LoRA adapter, validated on creation, saved as JSON."""
+"""MixLoraConfig: every setting of a mixture-of-LoRA adapter (the method `mixlora`), validated on creation."""
 
 from __future__ import annotations
 
-import json
-import math
-from dataclasses import asdict, dataclass, field, fields
-from pathlib import Path
+from dataclasses import dataclass, field
+
+from loramix.methods.base import MethodConfig
 
 ROUTING_LEVELS = ("token", "sequence")
 REMIX_SCALINGS = ("rslora", "lora")
 PROMPT_POOLINGS = ("attention", "mean", "last")
 
 
-def _fail(name: str, value: object, allowed: str) -> None:
-    raise ValueError(f"MixLoraConfig.{name}={value!r} is invalid: {allowed}")
-
-
 @dataclass
-class MixLoraConfig:
+class MixLoraConfig(MethodConfig):
     """Settings of a mixture-of-LoRA adapter (see the shared METHODS.md for each router)."""
 
     target_modules: list[str] | str = field(
@@ -53,96 +48,43 @@ class MixLoraConfig:
         # Imported here: the registry module imports the routers, which import this module.
         from loramix.routing import ROUTERS
 
-        if isinstance(self.target_modules, str):
-            if self.target_modules != "all-linear":
-                self.target_modules = [self.target_modules]
-        elif isinstance(self.target_modules, (list, tuple)) and all(isinstance(t, str) for t in self.target_modules):
-            self.target_modules = list(self.target_modules)
-        else:
-            _fail(
-                "target_modules",
-                self.target_modules,
-                "expected a list of module-name suffixes or 'all-linear'",
-            )
-        if not self.target_modules:
-            _fail("target_modules", self.target_modules, "name at least one module suffix, or 'all-linear'")
-        layers = self.layers_to_transform
-        if layers is not None and not (
-            isinstance(layers, (list, tuple))
-            and layers
-            and all(isinstance(i, int) and not isinstance(i, bool) and i >= 0 for i in layers)
-        ):
-            _fail("layers_to_transform", layers, "expected None or a non-empty list of layer indices >= 0")
-        if layers is not None:
-            self.layers_to_transform = sorted(set(layers))
+        self._check_targets()
         if self.router not in ROUTERS:
-            _fail("router", self.router, f"allowed: {sorted(ROUTERS)}")
-        for name in ("num_experts", "expert_rank", "top_k", "task_embed_dim", "memory_queue_size"):
-            value = getattr(self, name)
-            if not isinstance(value, int) or isinstance(value, bool) or value < 1:
-                _fail(name, value, "expected an integer >= 1")
+            self._fail("router", self.router, f"allowed: {sorted(ROUTERS)}")
+        self._check_integers(("num_experts", "expert_rank", "top_k", "task_embed_dim", "memory_queue_size"))
         if self.router != "prompt" and self.top_k > self.num_experts:
-            _fail("top_k", self.top_k, f"must be <= num_experts={self.num_experts}")
+            self._fail("top_k", self.top_k, f"must be <= num_experts={self.num_experts}")
         if self.router == "remix" and self.top_k == self.num_experts:
-            _fail(
+            self._fail(
                 "top_k",
                 self.top_k,
                 f"remix samples a strict subset: must be < num_experts={self.num_experts}",
             )
-        if self.routing_level not in ROUTING_LEVELS:
-            _fail("routing_level", self.routing_level, f"allowed: {list(ROUTING_LEVELS)}")
+        self._check_choice("routing_level", ROUTING_LEVELS)
         if self.router == "task" and self.routing_level != "token":
-            _fail("routing_level", self.routing_level, "the 'task' router routes by task id: use 'token'")
+            self._fail("routing_level", self.routing_level, "the 'task' router routes by task id: use 'token'")
         if self.router == "task" and (not isinstance(self.num_tasks, int) or self.num_tasks < 1):
-            _fail("num_tasks", self.num_tasks, "the 'task' router needs num_tasks, an integer >= 1")
+            self._fail("num_tasks", self.num_tasks, "the 'task' router needs num_tasks, an integer >= 1")
         if self.num_tasks is not None and (not isinstance(self.num_tasks, int) or self.num_tasks < 1):
-            _fail("num_tasks", self.num_tasks, "expected None or an integer >= 1")
+            self._fail("num_tasks", self.num_tasks, "expected None or an integer >= 1")
         if not 0.0 <= self.dropout < 1.0:
-            _fail("dropout", self.dropout, "expected 0 <= dropout < 1")
-        if not (isinstance(self.alpha, (int, float)) and math.isfinite(self.alpha) and self.alpha > 0):
-            _fail("alpha", self.alpha, "expected a finite number > 0")
-        for name in ("balance_loss_weight", "z_loss_weight", "contrastive_loss_weight"):
-            value = getattr(self, name)
-            if not (isinstance(value, (int, float)) and math.isfinite(value) and value >= 0):
-                _fail(name, value, "expected a finite number >= 0")
+            self._fail("dropout", self.dropout, "expected 0 <= dropout < 1")
+        self._check_numbers(("alpha",), strict=True)
+        self._check_numbers(("balance_loss_weight", "z_loss_weight", "contrastive_loss_weight"))
         if not isinstance(self.remix_samples, int) or self.remix_samples < 2:
-            _fail("remix_samples", self.remix_samples, "RLOO needs at least 2 samples")
-        if self.remix_scaling not in REMIX_SCALINGS:
-            _fail("remix_scaling", self.remix_scaling, f"allowed: {list(REMIX_SCALINGS)}")
+            self._fail("remix_samples", self.remix_samples, "RLOO needs at least 2 samples")
+        self._check_choice("remix_scaling", REMIX_SCALINGS)
         if not self.contrastive_temperature > 0:
-            _fail("contrastive_temperature", self.contrastive_temperature, "expected a number > 0")
+            self._fail("contrastive_temperature", self.contrastive_temperature, "expected a number > 0")
         if self.contrastive_loss_weight > 0 and self.router not in ("topk", "remix"):
-            _fail(
+            self._fail(
                 "contrastive_loss_weight",
                 self.contrastive_loss_weight,
                 "the contrastive loss needs a sparse expert router: topk or remix",
             )
-        if self.prompt_pooling not in PROMPT_POOLINGS:
-            _fail("prompt_pooling", self.prompt_pooling, f"allowed: {list(PROMPT_POOLINGS)}")
+        self._check_choice("prompt_pooling", PROMPT_POOLINGS)
 
-    def to_dict(self) -> dict:
-        return asdict(self)
+    def card_details(self) -> tuple[tuple[str, str], dict[str, str]]:
+        from loramix.card import mixture_details, mixture_method
 
-    def to_json(self, path: str | Path) -> None:
-        Path(path).write_text(json.dumps(self.to_dict(), indent=2) + "\n")
-
-    @classmethod
-    def from_dict(cls, values: dict) -> MixLoraConfig:
-        known = {f.name for f in fields(cls)}
-        unknown = sorted(set(values) - known)
-        if unknown:
-            raise ValueError(f"MixLoraConfig has no field(s) {unknown}; known fields: {sorted(known)}")
-        return cls(**values)
-
-    @classmethod
-    def from_json(cls, path: str | Path) -> MixLoraConfig:
-        path = Path(path)
-        try:
-            values = json.loads(path.read_text())
-        except FileNotFoundError:
-            raise FileNotFoundError(f"no loramix config at {path}") from None
-        except json.JSONDecodeError as error:
-            raise ValueError(f"{path} is not valid JSON: {error}") from None
-        if not isinstance(values, dict):
-            raise ValueError(f"{path} must hold a JSON object, got {type(values).__name__}")
-        return cls.from_dict(values)
+        return mixture_method(self), mixture_details(self)

@@ -19,7 +19,8 @@ from loramix.data import Example, Task, collate, encode_example, get_task
 from loramix.data.encode import template_parts
 from loramix.data.metrics import bootstrap, percentile_interval
 from loramix.files import atomic_write_text
-from loramix.model import MixLoraModel, load
+from loramix.methods import AdaptedModel
+from loramix.model import load
 from loramix.models import load_model
 from loramix.precision import use_bf16
 from loramix.recipe import EVAL_MODES, load_recipe
@@ -30,8 +31,8 @@ DEFAULT_MAX_PROMPT_LENGTH = 1024
 
 # ---- generation ---------------------------------------------------------------------------------------------
 def _hf_model(model: nn.Module) -> nn.Module:
-    """The Hugging Face model inside a MixLoraModel or a peft PeftModel (or the model itself)."""
-    if isinstance(model, MixLoraModel):
+    """The Hugging Face model inside a loramix AdaptedModel or a peft PeftModel (or the model itself)."""
+    if isinstance(model, AdaptedModel):
         return model.base_model
     return model.get_base_model() if hasattr(model, "get_base_model") else model
 
@@ -61,13 +62,13 @@ def generate_answers(
 ) -> list[str]:
     """Greedy answers (the generated text only) to the examples' chat-template prompts, in their order.
 
-    Prompts are left-padded and batched by length. `task_id` is given to every row of a MixLoraModel;
+    Prompts are left-padded and batched by length. `task_id` is given to every row of a loramix model;
     a peft or plain model takes none. `bf16` runs the model under bfloat16 autocast; `system_prompt` as in
     loramix.data.encode.chat_messages.
     """
-    mixture = isinstance(model, MixLoraModel)
-    if task_id is not None and not mixture:
-        raise ValueError(f"task_id={task_id} given, but only a MixLoraModel takes task ids ({type(model).__name__})")
+    adapted = isinstance(model, AdaptedModel)
+    if task_id is not None and not adapted:
+        raise ValueError(f"task_id={task_id} given, but only a loramix model takes task ids ({type(model).__name__})")
     if not examples:
         return []
     eos = _eos_token_ids(model, tokenizer)
@@ -155,9 +156,9 @@ def score_choices(
     every choice's tokens. Routes computed once per prompt (task ids, `prompt` and sequence-level routers)
     come from the prompt alone and serve all its choices, as in `generate`.
     """
-    mixture = isinstance(model, MixLoraModel)
-    if task_id is not None and not mixture:
-        raise ValueError(f"task_id={task_id} given, but only a MixLoraModel takes task ids ({type(model).__name__})")
+    adapted = isinstance(model, AdaptedModel)
+    if task_id is not None and not adapted:
+        raise ValueError(f"task_id={task_id} given, but only a loramix model takes task ids ({type(model).__name__})")
     missing = [example.id or str(i) for i, example in enumerate(examples) if not example.choices]
     if missing:
         raise ValueError(f"examples {missing[:5]} of {examples[0].task} have no choices to score: use generation")
@@ -175,7 +176,7 @@ def score_choices(
         with without_grad(model), torch.autocast(device.type, dtype=torch.bfloat16, enabled=bf16):
             chunks = _prompt_chunks(order, [len(e.choices) for e in examples], batch_size)
             for chunk in tqdm(chunks, desc=f"scoring {examples[0].task}", leave=False, disable=None):
-                routing = model.prompt_routing(_task_ids(task_id, len(chunk), device)) if mixture else nullcontext()
+                routing = model.prompt_routing(_task_ids(task_id, len(chunk), device)) if adapted else nullcontext()
                 continuations = [[choice_ids(choice) for choice in examples[i].choices] for i in chunk]
                 with routing:
                     results = _score_chunk(model, [prompts[i] for i in chunk], continuations, pad, device)
@@ -212,7 +213,7 @@ def _score_chunk(
     owners = [row for row, options in enumerate(choices) for _ in options]
     continuations = [ids for options in choices for ids in options]
     rows = torch.tensor(owners, device=device)
-    if isinstance(model, MixLoraModel):
+    if isinstance(model, AdaptedModel):
         model.select_rows(rows)
     cache = prompt[cache_key]
     cache.batch_select_indices(rows)
@@ -301,7 +302,7 @@ def evaluate_model(
 
     mode "choices" scores tasks whose examples all have choices by log-likelihood and generates answers for
     the others (free text); "generate" generates for every task and parses the answers. `task_ids` maps task
-    names to the ids a MixLoraModel routes by (tasks missing from it get none); `max_new_tokens` overrides
+    names to the ids a loramix model routes by (tasks missing from it get none); `max_new_tokens` overrides
     each task's own; `bf16` and `system_prompt` as in generate_answers. Compiled blocks run eagerly here."""
     with eager_if_compiled(model):
         return _evaluate_model(
@@ -425,7 +426,7 @@ def _load_adapter(model: nn.Module, adapter_dir: Path) -> nn.Module:
 
 
 def _count_parameters(model: nn.Module) -> dict[str, int]:
-    if isinstance(model, MixLoraModel):
+    if isinstance(model, AdaptedModel):
         return model.count_parameters()
     lora = sum(p.numel() for name, p in model.named_parameters() if "lora_" in name)
     return {"trainable": lora, "active_per_token": lora}
@@ -525,12 +526,12 @@ def evaluate_run(
     notes = []
     scored = {name: test for name, (_, test) in examples.items()}
     task_ids = None
-    if isinstance(model, MixLoraModel):
+    if isinstance(model, AdaptedModel):
         task_ids = {name: index for index, name in enumerate(trained)}
-        if model.mixlora_config.router == "task":
+        if model.needs_task_ids:
             for name in names[len(trained) :]:
                 del scored[name]
-                notes.append(f"{name}: not scored, the task router has no gate for a task it was not trained on")
+                notes.append(f"{name}: not scored, the {model.method} adapter needs the id of a task it trained on")
     results = evaluate_model(model, tokenizer, scored, task_ids, **settings)
 
     tasks = {}
@@ -555,7 +556,7 @@ def evaluate_run(
     meta = _read_json(run_dir / "metrics.json").get("meta", {})
     meta.update(
         model=recipe.model,
-        adapter="loramix" if isinstance(model, MixLoraModel) else "peft",
+        adapter="loramix" if isinstance(model, AdaptedModel) else "peft",
         parameters=_count_parameters(model),
         task_ids=task_ids,
         max_examples=max_examples,

@@ -24,7 +24,7 @@ from lm_eval.api.registry import register_model
 from lm_eval.models.huggingface import HFLM
 from tqdm.auto import tqdm
 
-from loramix.model import MixLoraModel
+from loramix.methods import AdaptedModel
 from loramix.precision import use_bf16
 from loramix.recipe import load_recipe
 
@@ -72,12 +72,12 @@ class LoramixLM(HFLM):
         self._model = model  # every call goes through the adapter's wrapper, which routes
         self._texts: dict[int, str] = {}  # token id -> its text
         self.task_id = None if task is None else recipe.tasks.index(task)
-        if isinstance(model, MixLoraModel) and model.mixlora_config.router == "task" and self.task_id is None:
+        if isinstance(model, AdaptedModel) and model.needs_task_ids and self.task_id is None:
             raise ValueError(f"the run {run_dir} uses the task router: name its task, e.g. task={recipe.tasks[0]}")
 
     def _routing(self, rows: int) -> dict[str, torch.Tensor]:
-        """The task ids of a batch of `rows` rows, for a MixLoraModel with a task."""
-        if self.task_id is None or not isinstance(self._model, MixLoraModel):
+        """The task ids of a batch of `rows` rows, for a loramix model with a task."""
+        if self.task_id is None or not isinstance(self._model, AdaptedModel):
             return {}
         return {"task_ids": torch.full((rows,), self.task_id, dtype=torch.long, device=self.device)}
 
@@ -129,7 +129,7 @@ class LoramixLM(HFLM):
             positions = torch.arange(length, device=self.device)
             prompt = (positions < torch.tensor(context_lengths, device=self.device)[:, None]) & mask.bool()
             routing = self._routing(len(rows))
-            if isinstance(self._model, MixLoraModel):
+            if isinstance(self._model, AdaptedModel):
                 routing["prompt_mask"] = prompt
             with torch.no_grad(), self._autocast():
                 logits = self._model(input_ids=ids, attention_mask=mask, **routing).logits

@@ -3,23 +3,19 @@
 from __future__ import annotations
 
 import copy
-import inspect
 import re
-from contextlib import contextmanager, nullcontext
+from contextlib import contextmanager
 from pathlib import Path
 
 import torch
 import torch.nn.functional as F
 from safetensors import SafetensorError
-from safetensors.torch import load_file, save_file
+from safetensors.torch import load_file
 from torch import Tensor, nn
-from transformers.modeling_outputs import CausalLMOutputWithPast
 from transformers.pytorch_utils import Conv1D
 
-from loramix.card import CARD_NAME, is_loramix_card, mixture_details, mixture_method, model_card, write_card
-from loramix.compilation import compile_blocks, eager_if_compiled
+from loramix.compilation import compile_blocks
 from loramix.config import MixLoraConfig
-from loramix.files import atomic_write
 from loramix.layer import MixLoraLinear, active_expert_outputs, linear_features
 from loramix.losses import (
     ExpertMemoryQueue,
@@ -29,12 +25,19 @@ from loramix.losses import (
     router_z_loss,
     selection_log_prob,
 )
+from loramix.methods.base import (
+    CONFIG_NAME,
+    WEIGHTS_NAME,
+    AdaptedModel,
+    MethodConfig,
+    hooks_removed,
+    method_class,
+    read_config,
+    register_method,
+)
 from loramix.routing import ROUTERS, Router, RoutingContext
 from loramix.routing.base import BlockInput, ExpertSample, capture_block_input
-from loramix.sharding import full, root_gathered
 
-CONFIG_NAME = "loramix_config.json"
-WEIGHTS_NAME = "adapter.safetensors"
 _DECODER_LAYER = re.compile(r"^(.*?\.\d+)\.")
 
 
@@ -88,20 +91,17 @@ def decoder_layer_of(name: str) -> str:
     return match.group(1)
 
 
-class MixLoraModel(nn.Module):
+@register_method("mixlora", MixLoraConfig)
+class MixLoraModel(AdaptedModel):
     """A frozen causal LM whose target linear layers are MixLoraLinear; only experts and routers train."""
 
     def __init__(self, model: nn.Module, config: MixLoraConfig) -> None:
-        super().__init__()
         if any(isinstance(m, MixLoraLinear) for m in model.modules()):
             raise ValueError("this model is already wrapped by loramix; call unload() first")
-        self.base_model = model
+        super().__init__(model, config, RoutingContext())
         self.mixlora_config = config
-        self.context = RoutingContext()
+        self.needs_task_ids = config.router == "task"
         self.shared_routers = nn.ModuleDict()
-        self._requires_grad = {name: p.requires_grad for name, p in model.named_parameters()}
-        model.requires_grad_(False)
-        self._hooks: list[tuple[str, torch.utils.hooks.RemovableHandle]] = []
         self.layers: dict[str, MixLoraLinear] = {}
         targets = find_targets(model, config.target_modules, config.layers_to_transform)
         if config.router == "prompt":
@@ -111,37 +111,7 @@ class MixLoraModel(nn.Module):
         self.memory_queues = nn.ModuleDict()
         if config.contrastive_loss_weight > 0:
             self._add_memory_queues()
-        self._add_hook("", model.register_forward_pre_hook(self._start_forward(), with_kwargs=True))
         self._add_hook("", model.register_forward_hook(self._finish_forward(), with_kwargs=True))
-        parameters = inspect.signature(model.forward).parameters
-        self._takes_logits_to_keep, self._takes_use_cache = "logits_to_keep" in parameters, "use_cache" in parameters
-
-    def __getattr__(self, name: str):
-        """nn.Module's attributes first, then the base model's, as peft's PeftModel does: tools written for Hugging
-        Face models (Trainer, TRL) find what they call (add_model_tags, enable_input_require_grads, ...)."""
-        try:
-            return super().__getattr__(name)
-        except AttributeError:
-            if name == "base_model" or name.startswith("__"):  # copy/pickle protocols must not reach the base
-                raise
-            return getattr(self.base_model, name)
-
-    def activation_checkpointing_enable(self, *args, **kwargs) -> None:
-        """Refused: recomputing the adapted layers in the backward would route them again after the routing
-        context of their forward has moved on (Trainer calls this when gradient_checkpointing=True)."""
-        raise ValueError(
-            "gradient checkpointing is not supported by loramix: the backward would recompute the routed layers "
-            "without the routing of their forward; set gradient_checkpointing=False (TRL's SFTConfig turns it on "
-            "by default)"
-        )
-
-    gradient_checkpointing_enable = activation_checkpointing_enable  # the name before transformers 5
-
-    @property
-    def config(self):
-        """The base model's (Hugging Face) config, which tools that drive a model (Trainer, TRL, generation) read;
-        the adapter's own is `mixlora_config`, as peft's is `peft_config`."""
-        return self.base_model.config
 
     # ---- construction -------------------------------------------------------------------------------------
     def _replace(self, name: str, layer: MixLoraLinear) -> None:
@@ -210,20 +180,7 @@ class MixLoraModel(nn.Module):
             self.context.block_inputs.append(router.block_input)
             self._add_hook(block, block_module.register_forward_pre_hook(capture_block_input, with_kwargs=True))
 
-    def _add_hook(self, module_name: str, handle: torch.utils.hooks.RemovableHandle) -> None:
-        self._hooks.append((module_name, handle))
-
-    # ---- routing inputs -----------------------------------------------------------------------------------
-    # Hooks are closures over the context, not bound methods: `merge_task` deep-copies the base model and
-    # must not copy this wrapper along with them.
-    def _start_forward(self):
-        context = self.context
-
-        def start(module: nn.Module, args: tuple, kwargs: dict) -> None:
-            context.new_forward(kwargs.get("attention_mask"))
-
-        return start
-
+    # ---- routing statistics -------------------------------------------------------------------------------
     def _finish_forward(self):
         context = self.context
 
@@ -235,120 +192,27 @@ class MixLoraModel(nn.Module):
 
         return finish
 
-    def _check_task_ids(self, task_ids: Tensor | None) -> None:
-        if task_ids is None:
-            if self.mixlora_config.router == "task":
-                raise ValueError("the 'task' router needs task_ids: a LongTensor of shape (batch,)")
-            return
-        if not isinstance(task_ids, Tensor) or task_ids.is_floating_point() or task_ids.dim() != 1:
-            raise ValueError(f"task_ids must be an integer tensor of shape (batch,), got {task_ids!r}")
-        limit = self.mixlora_config.num_tasks
-        if limit is not None and task_ids.numel() and (task_ids.min() < 0 or task_ids.max() >= limit):
-            raise ValueError(f"task ids must lie in [0, {limit}) (num_tasks={limit}), got {task_ids.tolist()}")
-
-    @contextmanager
-    def _routing_inputs(self, task_ids: Tensor | None, prompt_mask: Tensor | None, generating: bool = False):
-        self._check_task_ids(task_ids)
-        self.context.start_call(task_ids, prompt_mask, generating)
-        try:  # decoding steps run compiled blocks eagerly (a growing key-value cache would recompile them), and
-            # call the base model, not this wrapper's forward, so a sharded wrapper's own weights stay gathered
-            with (
-                eager_if_compiled(self) if generating else nullcontext(),
-                root_gathered(self) if generating else nullcontext(),
-            ):
-                yield
-        finally:
-            self.context.start_call(None, None, False)
-
     # ---- the model's API ----------------------------------------------------------------------------------
     def compile(self, backend: str = "inductor", *, mode: str | None = None) -> bool:
         """Compile each decoder block for training (`loramix.compilation.compile_blocks`); False, with a
         warning, where `backend` cannot compile here. `generate` and evaluation then run the blocks eagerly."""
         return compile_blocks(self, backend, mode=mode)
 
-    accepts_loss_kwargs = False  # for transformers.Trainer: the loss is a mean over the batch's labelled tokens
-
-    def forward(
-        self,
-        input_ids: Tensor | None = None,
-        attention_mask: Tensor | None = None,
-        labels: Tensor | None = None,
-        task_ids: Tensor | None = None,
-        prompt_mask: Tensor | None = None,
-        **inputs,
-    ):
-        """The base model's output; `prompt_mask` marks the tokens sequence-level routing pools over (default:
-        every real token).
-
-        With `labels` (-100: not scored) the output holds only `.loss`: `compute_loss`'s training loss, with the
-        auxiliary losses and, in training, ReMix's RLOO surrogate over its M routing samples, as
-        transformers.Trainer and TRL optimise it.
-        """
-        if labels is not None:
-            if prompt_mask is not None or inputs:
-                extra = sorted([*inputs, *(["prompt_mask"] if prompt_mask is not None else [])])
-                raise ValueError(
-                    f"with labels, forward computes the training loss from input_ids, attention_mask, labels and "
-                    f"task_ids only (the prompt is what has no label); also got {extra}"
-                )
-            batch = {"input_ids": input_ids, "attention_mask": attention_mask, "labels": labels, "task_ids": task_ids}
-            return CausalLMOutputWithPast(loss=self.compute_loss({k: v for k, v in batch.items() if v is not None}))
-        with self._routing_inputs(task_ids, prompt_mask):
-            return self.base_model(input_ids=input_ids, attention_mask=attention_mask, **inputs)
-
-    def generate(self, *args, task_ids: Tensor | None = None, **kwargs):
-        """`generate` of the base model; prompt-level routes are computed on the prompt and reused."""
-        with self._routing_inputs(task_ids, None, generating=True):
-            return self.base_model.generate(*args, **kwargs)
-
-    @contextmanager
-    def prompt_routing(self, task_ids: Tensor | None = None):
-        """Forwards of `base_model` inside share one call's routing, as the steps of `generate` do: routes made
-        once per sequence are computed on the first forward (the prompt) and reused by the next ones (which
-        continue it through the key-value cache); `select_rows` re-indexes them with the cache's rows."""
-        with self._routing_inputs(task_ids, None, generating=True):
-            yield
-
-    def select_rows(self, rows: Tensor) -> None:
-        """Inside `prompt_routing`: the next forwards continue batch rows `rows` of the previous one."""
-        self.context.select_rows(rows)
-
     def compute_loss(self, batch: dict[str, Tensor]) -> Tensor:
         """Cross-entropy on the labelled tokens + weighted auxiliary losses (+ the ReMix RLOO surrogate).
 
         `batch` holds input_ids, attention_mask, labels (-100 = ignored) and optionally task_ids.
         """
-        input_ids, labels = batch["input_ids"], batch["labels"]
-        attention_mask = batch.get("attention_mask")
-        if attention_mask is None:
-            attention_mask = torch.ones_like(input_ids)
-        task_ids = batch.get("task_ids")
         samples = self.mixlora_config.remix_samples if self.mixlora_config.router == "remix" and self.training else 1
-        inputs = {"input_ids": input_ids, "attention_mask": attention_mask}
         repeat_from = self.first_adapted_block() if samples > 1 else None
-        if samples > 1:  # the batch repeated M times: M routing samples per sequence
-            labels = labels.repeat(samples, 1)
-            task_ids = task_ids.repeat(samples) if task_ids is not None else None
-            if repeat_from is None:
-                inputs = {key: value.repeat(samples, 1) for key, value in inputs.items()}
-        prompt_mask = attention_mask.repeat(samples, 1).bool() & (labels == -100)
-        # Only the positions that predict a labelled token need the (vocabulary-sized) output projection.
-        predicts_label = F.pad(labels[:, 1:] != -100, (0, 1), value=False)
-        if self._takes_logits_to_keep:
-            inputs["logits_to_keep"] = predicts_label
-        if self._takes_use_cache:  # training builds no key-value cache
-            inputs["use_cache"] = False
-        with self._repeated_from(repeat_from, samples, len(input_ids)) if repeat_from else nullcontext():
-            logits = self(task_ids=task_ids, prompt_mask=prompt_mask, **inputs).logits
-        if not self._takes_logits_to_keep:
-            logits = logits[predicts_label]
-        token_losses = F.cross_entropy(logits.float(), labels[:, 1:][predicts_label[:, :-1]], reduction="none")
-        rows = predicts_label.nonzero()[:, 0]
+        repeated = (lambda: self._repeated_from(repeat_from, samples, len(batch["input_ids"]))) if repeat_from else None
+        token_losses, rows = self.labelled_token_losses(batch, samples, repeated)
         loss = token_losses.sum() / max(len(token_losses), 1)
         parts = {"ce": loss.detach()}
         total = loss + self._auxiliary_losses(parts)
-        if samples > 1:
-            labelled = torch.zeros(len(labels), device=loss.device).index_add_(0, rows, torch.ones_like(token_losses))
+        if samples > 1:  # the batch ran M times: M routing samples per sequence
+            rows_run = samples * len(batch["input_ids"])
+            labelled = torch.zeros(rows_run, device=loss.device).index_add_(0, rows, torch.ones_like(token_losses))
             summed = torch.zeros_like(labelled).index_add(0, rows, token_losses)
             sequence_losses = summed / labelled.clamp_min(1)
             sampled = [r for r in self.context.records if r.routing.sampled]
@@ -485,57 +349,6 @@ class MixLoraModel(nn.Module):
         return {"trainable": trainable, "active_per_token": round(active)}
 
     # ---- saving and loading -------------------------------------------------------------------------------
-    def adapter_state_dict(self) -> dict[str, Tensor]:
-        """The trainable tensors (experts and routers), named as in the saved file; whole tensors also when the
-        model is sharded (then a collective: call it on every rank)."""
-        prefix = "base_model."
-        return {
-            name.removeprefix(prefix): full(p.detach()).contiguous()
-            for name, p in self.named_parameters()
-            if p.requires_grad
-        }
-
-    def load_adapter_state_dict(self, state: dict[str, Tensor], source: str = "state dict") -> None:
-        """Load tensors saved by `adapter_state_dict`; every name and shape must match."""
-        own = self.adapter_state_dict()
-        missing, unexpected = sorted(set(own) - set(state)), sorted(set(state) - set(own))
-        wrong = [
-            f"{n}: {tuple(state[n].shape)} != {tuple(own[n].shape)}"
-            for n in own
-            if n in state and state[n].shape != own[n].shape
-        ]
-        if missing or unexpected or wrong:
-            raise ValueError(
-                f"{source} does not match this model and config: missing {missing[:5]}, unexpected "
-                f"{unexpected[:5]}, wrong shapes {wrong[:5]}"
-            )
-        parameters = dict(self.named_parameters())
-        with torch.no_grad():
-            for name, tensor in state.items():
-                target = parameters.get("base_model." + name, parameters.get(name))
-                target.copy_(tensor)
-
-    def save_pretrained(self, directory: str | Path, is_main_process: bool = True) -> None:
-        """Write loramix_config.json and adapter.safetensors (adapter and router tensors only), atomically, and
-        a model card (README.md) unless the folder holds one that loramix did not write. A sharded model is
-        saved by calling this on every rank; only the one with `is_main_process` writes (as in transformers)."""
-        state = {name: tensor.cpu() for name, tensor in self.adapter_state_dict().items()}
-        if not is_main_process:
-            return
-        directory = Path(directory)
-        directory.mkdir(parents=True, exist_ok=True)
-        base = getattr(getattr(self.base_model, "config", None), "_name_or_path", "") or ""
-        atomic_write(
-            directory / WEIGHTS_NAME,
-            lambda path: save_file(
-                state, path, metadata={"format": "pt", "library": "loramix", "base_model": str(base)}
-            ),
-        )
-        atomic_write(directory / CONFIG_NAME, self.mixlora_config.to_json)
-        if is_loramix_card(directory / CARD_NAME):  # a README.md of the user's own is kept
-            card = model_card(base or None, mixture_method(self.mixlora_config), mixture_details(self.mixlora_config))
-            write_card(directory, card)
-
     def export_peft(self, directory: str | Path, task_id: int) -> Path:
         """Task `task_id`'s update as a standard peft LoRA adapter (task router only)."""
         from loramix.export import export_peft  # export.py imports this module
@@ -568,16 +381,8 @@ class MixLoraModel(nn.Module):
             )
         bases = {id(layer): copy.deepcopy(layer.base_layer) for layer in self.layers.values()}
         memo = dict(bases)
-        merged = copy.deepcopy(self.base_model, memo)
-        for module_name, handle in self._hooks:  # the copy must not report to this model's routing context
-            module = merged.get_submodule(module_name)
-            for hooks in (
-                module._forward_pre_hooks,
-                module._forward_pre_hooks_with_kwargs,
-                module._forward_hooks,
-                module._forward_hooks_with_kwargs,
-            ):
-                hooks.pop(handle.id, None)
+        # the copy must not report to this model's routing context
+        merged = hooks_removed(copy.deepcopy(self.base_model, memo), self._hooks)
         for name, layer in self.layers.items():
             copied = bases[id(layer)]
             delta = layer.delta_weight(weights[name])
@@ -586,21 +391,15 @@ class MixLoraModel(nn.Module):
             parameter.requires_grad_(self._requires_grad.get(name, False))
         return merged
 
-    def unload(self) -> nn.Module:
-        """Remove every adapter and hook and return the base model as it was before `wrap`."""
-        for module_name, handle in self._hooks:
-            handle.remove()
-            module = self.base_model.get_submodule(module_name)
+    def _remove_adapter(self) -> None:
+        for name in {module_name for module_name, _ in self._hooks}:
+            module = self.base_model.get_submodule(name)
             if "loramix_block_input" in vars(module):  # a prompt router's decoder block
                 del module.loramix_block_input
-        self._hooks.clear()
         for name, layer in self.layers.items():
             parent_name, _, child = name.rpartition(".")
             setattr(self.base_model.get_submodule(parent_name), child, layer.base_layer)
         self.layers.clear()
-        for name, parameter in self.base_model.named_parameters():
-            parameter.requires_grad_(self._requires_grad.get(name, False))
-        return self.base_model
 
 
 def is_quantized(layer: MixLoraLinear) -> bool:
@@ -608,17 +407,18 @@ def is_quantized(layer: MixLoraLinear) -> bool:
     return not layer.base_layer.weight.is_floating_point()
 
 
-def wrap(model: nn.Module, config: MixLoraConfig) -> MixLoraModel:
-    """Freeze `model`, replace its target linear layers by mixtures of LoRA experts, and return the wrapper."""
-    return MixLoraModel(model, config)
+def wrap(model: nn.Module, config: MethodConfig) -> AdaptedModel:
+    """Freeze `model` and add the adapter that `config` describes (a MixLoraConfig: mixtures of LoRA experts in
+    its target linear layers; the config of another method in loramix.methods: that method's)."""
+    return method_class(config.method)(model, config)
 
 
-def read_adapter(directory: str | Path) -> tuple[MixLoraConfig, dict[str, Tensor]]:
+def read_adapter(directory: str | Path) -> tuple[MethodConfig, dict[str, Tensor]]:
     """The config and tensors of an adapter folder written by `save_pretrained` (safetensors only)."""
     directory = Path(directory)
     if not directory.is_dir():
         raise FileNotFoundError(f"no loramix adapter folder at {directory}")
-    config = MixLoraConfig.from_json(directory / CONFIG_NAME)
+    config = read_config(directory / CONFIG_NAME)
     weights = directory / WEIGHTS_NAME
     if not weights.is_file():
         raise FileNotFoundError(
@@ -630,7 +430,7 @@ def read_adapter(directory: str | Path) -> tuple[MixLoraConfig, dict[str, Tensor
         raise ValueError(f"{weights} is not a readable safetensors file (truncated or corrupt?): {error}") from None
 
 
-def load(model: nn.Module, directory: str | Path) -> MixLoraModel:
+def load(model: nn.Module, directory: str | Path) -> AdaptedModel:
     """Wrap `model` with the adapter saved in `directory` by `save_pretrained` (safetensors only)."""
     config, state = read_adapter(directory)
     wrapped = wrap(model, config)

@@ -14,6 +14,7 @@ import yaml
 from loramix.compilation import BACKENDS
 from loramix.config import MixLoraConfig
 from loramix.data import get_task, load_jsonl_tasks
+from loramix.methods import METHODS, MethodConfig
 from loramix.models import DEFAULT_MODEL, QUANTIZATIONS
 from loramix.precision import BF16_SETTINGS
 
@@ -142,7 +143,8 @@ class Training:
 @dataclass
 class Recipe:
     """A whole run: model, tasks and their sampling, evaluation sizes, training, and one adapter section:
-    `mixlora` (MixLoraConfig fields) or `lora` (peft LoraConfig fields, a plain LoRA baseline)."""
+    `mixlora` (MixLoraConfig fields), `lora` (peft LoraConfig fields, a plain LoRA baseline), or `method` (a
+    loramix method's name, loramix.methods) with `adapter` (its config's fields)."""
 
     name: str
     tasks: list[str]
@@ -162,6 +164,8 @@ class Recipe:
     training: Training = field(default_factory=Training)
     mixlora: dict | None = None
     lora: dict | None = None
+    method: str | None = None  # a loramix method other than the mixture (`mixlora:`), configured by `adapter:`
+    adapter: dict | None = None
 
     def __post_init__(self) -> None:
         if isinstance(self.training, dict):
@@ -184,12 +188,21 @@ class Recipe:
         _at_least(self, "", ("max_length",), 16)
         _at_least(self, "", ("eval_examples",), 1)
         _at_least(self, "", ("dev_examples",), 0)
+        sections = {"mixlora": self.mixlora, "lora": self.lora, "adapter": self.adapter}
         _check(
-            (self.mixlora is None) != (self.lora is None),
-            "mixlora/lora",
-            {"mixlora": self.mixlora, "lora": self.lora},
-            "give exactly one adapter section: `mixlora:` or `lora:`",
+            sum(section is not None for section in sections.values()) == 1,
+            "mixlora/lora/adapter",
+            sections,
+            "give exactly one adapter section: `mixlora:`, `lora:`, or `method:` with `adapter:`",
         )
+        if self.adapter is not None or self.method is not None:
+            _check(
+                self.method in set(METHODS) - {"mixlora"},
+                "method",
+                self.method,
+                f"with `adapter:` name a method: {sorted(set(METHODS) - {'mixlora'})} (a mixture of LoRAs: `mixlora:`)",
+            )
+            _check(self.adapter is not None, "adapter", self.adapter, f"method {self.method!r} needs its settings")
         _check(
             self.quantization in QUANTIZATIONS,
             "quantization",
@@ -206,15 +219,48 @@ class Recipe:
             self.training.sharding == "none" or self.mixlora is not None,
             "training.sharding",
             self.training.sharding,
-            "sharding trains `mixlora:` recipes; a `lora:` recipe trains with sharding: none",
+            "sharding trains `mixlora:` recipes; other recipes train with sharding: none",
+        )
+        _check(
+            not self.training.compile or self.method is None,
+            "training.compile",
+            self.training.compile,
+            "compiling trains `mixlora:` and `lora:` recipes; set compile: false for a `method:` recipe",
         )
         if self.mixlora is not None:
             self.mixlora = self.mixlora_config().to_dict()
+        elif self.adapter is not None:
+            self.adapter = self.adapter_config().to_dict()
         else:
             self.lora = _validate_lora(self.lora)
 
+    @property
+    def method_name(self) -> str:
+        """The run's method: `lora` (peft), `mixlora` or a loramix method's name."""
+        return "lora" if self.lora is not None else "mixlora" if self.mixlora is not None else self.method
+
+    def adapter_config(self) -> MethodConfig:
+        """The loramix adapter's config (a `lora:` recipe has none: peft builds it)."""
+        if self.lora is not None:
+            raise ValueError(f"recipe {self.name!r} trains a peft LoRA (`lora:`), not a loramix adapter")
+        if self.mixlora is not None:
+            return self.mixlora_config()
+        config_class = METHODS[self.method].config_class
+        values = dict(self.adapter)
+        if "num_tasks" in {f.name for f in fields(config_class)}:
+            values = {"num_tasks": len(self.tasks)} | values
+        unknown = sorted(set(values) - {f.name for f in fields(config_class)})
+        if unknown:
+            _fail(f"adapter.{unknown[0]}", values[unknown[0]], f"unknown key; allowed: {_names(config_class)}")
+        try:
+            return config_class.from_dict(values)
+        except ValueError as error:
+            raise ValueError(f"recipe section adapter (method {self.method}): {error}") from None
+
     def mixlora_config(self) -> MixLoraConfig:
         """The adapter's config; `num_tasks` defaults to the number of tasks (task id = index in `tasks`)."""
+        if self.mixlora is None:
+            raise ValueError(f"recipe {self.name!r} has no `mixlora:` section (its method: {self.method_name})")
         values = {"num_tasks": len(self.tasks)} | dict(self.mixlora)
         unknown = sorted(set(values) - {f.name for f in fields(MixLoraConfig)})
         if unknown:

@@ -28,6 +28,7 @@ from loramix.compilation import compile_blocks
 from loramix.data import SPLIT_SEED, Example, collate, encode_example, get_task
 from loramix.evaluate import evaluate_model
 from loramix.losses import ExpertMemoryQueue
+from loramix.methods import AdaptedModel
 from loramix.models import load_model
 from loramix.precision import use_bf16
 from loramix.recipe import Recipe, Training, parse_duration
@@ -116,6 +117,26 @@ class Encoder:
         return collate(rows, self.tokenizer.pad_token_id)
 
 
+def held_out_batches(recipe: Recipe, tokenizer, dev_sets: dict[str, list[Example]], device: torch.device):
+    """A function giving the dev examples as training batches (one task per batch, in a fixed order), for
+    methods that score themselves on examples they do not train on; None without dev examples."""
+    if not dev_sets:
+        return None
+    groups = [dev_sets.get(name, []) for name in recipe.tasks]
+    encoder = Encoder(tokenizer, recipe.max_length, groups, recipe.system_prompt)
+    size = recipe.training.batch_size
+    picks = [
+        [(task, i) for i in range(start, min(start + size, len(group)))]
+        for task, group in enumerate(groups)
+        for start in range(0, len(group), size)
+    ]
+
+    def batches() -> list[dict[str, torch.Tensor]]:
+        return [{k: v.to(device) for k, v in encoder.batch(chunk).items()} for chunk in picks]
+
+    return batches
+
+
 def split_indices(recipe: Recipe) -> dict[str, dict]:
     """splits.json: per task, the split sizes and the indices used; the test indices are a seeded
     permutation, so that evaluating the first `eval_examples` scores a random, reproducible subset. With
@@ -145,19 +166,19 @@ def split_indices(recipe: Recipe) -> dict[str, dict]:
 
 # ---- model ----------------------------------------------------------------------------------------------------
 def build_model(recipe: Recipe, device: torch.device) -> tuple[nn.Module, object]:
-    """The base model with the recipe's adapter: a MixLoraModel, or a peft LoRA for `lora:` recipes."""
+    """The base model with the recipe's adapter: a loramix AdaptedModel, or a peft LoRA for `lora:` recipes."""
     base, tokenizer = load_model(recipe.model, device=device, quantization=recipe.quantization)
-    if recipe.mixlora is not None:
-        return loramix.wrap(base, recipe.mixlora_config()), tokenizer
+    if recipe.lora is None:
+        return loramix.wrap(base, recipe.adapter_config()), tokenizer
     from peft import LoraConfig, get_peft_model
 
     return get_peft_model(base, LoraConfig(task_type="CAUSAL_LM", **recipe.lora)), tokenizer
 
 
 def answer_loss(model: nn.Module, batch: dict[str, torch.Tensor]) -> torch.Tensor:
-    """Mean cross-entropy over the answer tokens (labels != -100); a MixLoraModel's compute_loss adds its
+    """Mean cross-entropy over the answer tokens (labels != -100); a loramix model's compute_loss adds its
     auxiliary losses (and the ReMix RLOO surrogate)."""
-    if isinstance(model, loramix.MixLoraModel):
+    if isinstance(model, AdaptedModel):
         return model.compute_loss(batch)
     logits = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits[:, :-1]
     return nn.functional.cross_entropy(logits.flatten(0, 1).float(), batch["labels"][:, 1:].flatten())
@@ -184,17 +205,14 @@ def training_state(model: nn.Module) -> dict[str, torch.Tensor]:
         if isinstance(m, ExpertMemoryQueue)
         for name, _ in m.named_buffers()
     }
-    return {
-        name: tensor.detach()
-        for name, tensor in model.state_dict(keep_vars=True).items()
-        if name in trainable or name in queues
-    }
+    kept = trainable | queues | (set(model.adapter_buffers()) if isinstance(model, AdaptedModel) else set())
+    return {name: tensor.detach() for name, tensor in model.state_dict(keep_vars=True).items() if name in kept}
 
 
 def save_adapter(model: nn.Module, directory: Path, is_main_process: bool = True) -> None:
     """The run's adapter: loramix's save_pretrained, or peft's adapter files for `lora` recipes. Called on every
     rank (a sharded model gathers its tensors); the main process writes."""
-    if isinstance(model, loramix.MixLoraModel):
+    if isinstance(model, AdaptedModel):
         model.save_pretrained(directory, is_main_process=is_main_process)
     elif is_main_process:
         model.save_pretrained(str(directory), safe_serialization=True)
@@ -439,7 +457,7 @@ def check_resumable(recipe: Recipe, run_dir: Path) -> None:
 def _flatten(values: dict, prefix: str = "") -> dict:
     flat = {}
     for key, value in values.items():
-        if isinstance(value, dict) and key in ("training", "mixlora", "lora"):
+        if isinstance(value, dict) and key in ("training", "mixlora", "lora", "adapter"):
             flat |= _flatten(value, f"{key}.")
         else:
             flat[prefix + key] = value
@@ -498,7 +516,7 @@ class LearningCurve:
     def scores(self, model: nn.Module, tokenizer) -> dict[str, dict[str, float]]:
         """Per task, the metrics of its dev examples by `evaluate_model` in the recipe's eval_mode (free-text
         answers of at most DEV_MAX_NEW_TOKENS tokens); the routers' statistics stay those of training."""
-        mixture = isinstance(model, loramix.MixLoraModel)
+        adapted = isinstance(model, AdaptedModel)
         scores = {}
         with routing_stats_kept(model):
             for name, examples in self.dev_sets.items():
@@ -506,7 +524,7 @@ class LearningCurve:
                     model,
                     tokenizer,
                     {name: examples},
-                    task_ids={name: self.recipe.tasks.index(name)} if mixture else None,
+                    task_ids={name: self.recipe.tasks.index(name)} if adapted else None,
                     mode=self.recipe.eval_mode,
                     batch_size=16,
                     max_prompt_length=self.recipe.max_length,
@@ -601,6 +619,7 @@ def _train_steps(
         if "dev" in splits[name]["indices"]
     }
     encoder = Encoder(tokenizer, recipe.max_length, train_sets, recipe.system_prompt)
+    held_out = held_out_batches(recipe, tokenizer, dev_sets, device)
     sizes = [len(s) for s in train_sets]
     sampler = TaskSampler(sizes, recipe.sampling, recipe.sampling_temperature, settings.seed + rank, recipe.batching)
     sharded = settings.sharding == "fsdp" and world > 1
@@ -679,6 +698,9 @@ def _train_steps(
         optimizer.step()
         optimizer.zero_grad(set_to_none=True)
         step += 1
+        if isinstance(model, AdaptedModel):
+            with autocast:
+                model.after_optimizer_step(step, optimizer, held_out)
         if plan.limit is not None:  # planned before the next step's rate is set
             elapsed = slowest(time.perf_counter() - started, world)  # every rank decides alike
             plan.after_step(step, elapsed)

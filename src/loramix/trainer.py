@@ -24,7 +24,8 @@ import torch
 from transformers import Trainer, TrainerCallback
 
 from loramix.data import collate
-from loramix.model import WEIGHTS_NAME, MixLoraModel, read_adapter
+from loramix.methods import AdaptedModel
+from loramix.model import WEIGHTS_NAME, read_adapter
 
 ROW_KEYS = ("input_ids", "attention_mask", "labels")
 
@@ -61,7 +62,7 @@ class RoutingStatsCallback(TrainerCallback):
     the last loss (`loss/ce`, `loss/balance`, `loss/rloo`, ...)."""
 
     def on_log(self, args, state, control, model=None, logs=None, **kwargs):
-        wrapped = _mixture(model)
+        wrapped = _adapted(model)
         if wrapped is None or logs is None or "loss" not in logs:
             return
         stats = [s for s in wrapped.routing_stats().values() if s.get("load")]
@@ -76,9 +77,9 @@ class RoutingStatsCallback(TrainerCallback):
             state.log_history[-1].update(added)
 
 
-def _mixture(model) -> MixLoraModel | None:
-    """The MixLoraModel inside what Trainer holds (itself, or wrapped by accelerate / DDP), else None."""
-    while model is not None and not isinstance(model, MixLoraModel):
+def _adapted(model) -> AdaptedModel | None:
+    """The loramix model inside what Trainer holds (itself, or wrapped by accelerate / DDP), else None."""
+    while model is not None and not isinstance(model, AdaptedModel):
         model = getattr(model, "module", None)
     return model
 
@@ -88,7 +89,7 @@ class MixLoraCheckpoints:
     safetensors; `loramix.load` reads them) and resuming loads them back. Mix into a Trainer class first."""
 
     def _save(self, output_dir: str | None = None, state_dict: dict | None = None) -> None:
-        wrapped = _mixture(self.model)
+        wrapped = _adapted(self.model)
         if wrapped is None:
             return super()._save(output_dir, state_dict)
         output_dir = output_dir if output_dir is not None else self.args.output_dir
@@ -98,7 +99,7 @@ class MixLoraCheckpoints:
                 self.processing_class.save_pretrained(output_dir)
 
     def _load_from_checkpoint(self, resume_from_checkpoint: str, model=None) -> None:
-        wrapped = _mixture(model if model is not None else self.model)
+        wrapped = _adapted(model if model is not None else self.model)
         folder = Path(resume_from_checkpoint)
         if wrapped is None or not (folder / WEIGHTS_NAME).is_file():
             return super()._load_from_checkpoint(resume_from_checkpoint, model)
@@ -110,7 +111,7 @@ class MixLoraCheckpoints:
         wrapped.load_adapter_state_dict(state, source=os.fspath(folder / WEIGHTS_NAME))
 
     def _load_best_model(self) -> None:
-        wrapped = _mixture(self.model)
+        wrapped = _adapted(self.model)
         if wrapped is None:
             return super()._load_best_model()
         self._load_from_checkpoint(self.state.best_model_checkpoint)

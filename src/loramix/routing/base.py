@@ -9,6 +9,7 @@ from typing import TYPE_CHECKING
 import torch
 from torch import Tensor, nn
 
+from loramix.call import CallState
 from loramix.losses import selection_log_prob
 
 if TYPE_CHECKING:
@@ -140,13 +141,9 @@ def capture_block_input(block: nn.Module, args: tuple, kwargs: dict) -> None:
 
 
 @dataclass
-class RoutingContext:
+class RoutingContext(CallState):
     """State shared by the routers of one wrapped model during one forward (or one `generate`) call."""
 
-    task_ids: Tensor | None = None
-    attention_mask: Tensor | None = None
-    prompt_mask: Tensor | None = None
-    generating: bool = False
     sequence_routes: dict[str, Routing] = field(default_factory=dict)
     layer_cache: dict[nn.Module, tuple] = field(default_factory=dict)  # per layer, for one `generate` call
     records: list[RoutingRecord] = field(default_factory=list)  # this forward's, collected when it ends
@@ -162,7 +159,7 @@ class RoutingContext:
 
     def new_forward(self, attention_mask: Tensor | None) -> None:
         """Forget what the previous forward routed; keep what `generate` caches across steps."""
-        self.attention_mask = attention_mask
+        super().new_forward(attention_mask)
         self.records.clear()
         self.expert_samples.clear()
         self.sampled_tokens.clear()
@@ -181,16 +178,12 @@ class RoutingContext:
         self.expert_samples[:] = [sample for sample in samples if sample is not None]
 
     def start_call(self, task_ids: Tensor | None, prompt_mask: Tensor | None, generating: bool) -> None:
-        """Set the inputs of a forward or `generate` call and forget what the previous call cached."""
-        self.task_ids, self.prompt_mask, self.generating = task_ids, prompt_mask, generating
+        super().start_call(task_ids, prompt_mask, generating)
         self.sequence_routes.clear()
         self.layer_cache.clear()
 
     def select_rows(self, rows: Tensor) -> None:
-        """Continue this call on the batch rows `rows` (repeats allowed): the task ids and the routes computed
-        once per sequence follow their rows, as when several continuations of one prompt are scored."""
-        if self.task_ids is not None:
-            self.task_ids = self.task_ids[rows.to(self.task_ids.device)]
+        super().select_rows(rows)
         for key, routing in self.sequence_routes.items():
             values = {f.name: getattr(routing, f.name) for f in fields(Routing)}
             picked = {k: v[rows.to(v.device)] if isinstance(v, Tensor) else v for k, v in values.items()}
@@ -218,38 +211,6 @@ class RoutingContext:
         picks = picks[mask[picks]]
         self.sampled_tokens.append((shape, picks))
         return picks
-
-    def token_mask(self, x: Tensor) -> Tensor:
-        """(B, T) bool mask of the real (non-padding) tokens among the T tokens of x."""
-        batch, length = x.shape[:2]
-        mask = self.attention_mask
-        if mask is None or mask.shape[0] != batch or mask.shape[1] < length:
-            return torch.ones(batch, length, dtype=torch.bool, device=x.device)
-        return mask[:, -length:].bool()
-
-    def pooling_mask(self, x: Tensor) -> Tensor:
-        """(B, T) bool mask of the prompt tokens that sequence-level routing pools over.
-
-        The prompt mask given to the forward (in training: non-padding tokens without labels), else the
-        attention mask. A row with no prompt token pools over all its real tokens.
-        """
-        tokens = self.token_mask(x)
-        prompt = self.prompt_mask
-        if prompt is None or prompt.shape != tokens.shape:
-            return tokens
-        prompt = prompt.bool() & tokens
-        return torch.where(prompt.any(-1, keepdim=True), prompt, tokens)
-
-    def task_ids_for(self, batch: int) -> Tensor:
-        """The task ids, repeated if `generate` expanded the batch (beams, several return sequences)."""
-        if self.task_ids is None:
-            raise ValueError("the 'task' router needs task ids: pass task_ids=LongTensor of shape (batch,)")
-        ids = self.task_ids
-        if ids.shape[0] != batch:
-            if batch % ids.shape[0]:
-                raise ValueError(f"task_ids has {ids.shape[0]} rows but the batch has {batch}")
-            ids = ids.repeat_interleave(batch // ids.shape[0])
-        return ids
 
 
 class PromptPooling(nn.Module):

@@ -11,6 +11,7 @@ from jinja2 import TemplateError
 from torch import Tensor, nn
 from transformers import LogitsProcessorList, StoppingCriteriaList
 
+from loramix.methods import AdaptedModel
 from loramix.model import MixLoraModel
 from loramix.serve.decoding import Completion, DoneListener, GenerationRequest, RowSampler, RowTracker, TextListener
 from loramix.serve.rows import TaskRows
@@ -41,8 +42,8 @@ class RequestError(ValueError):
 
 
 def backbone(model: nn.Module) -> nn.Module:
-    """The Hugging Face model inside a MixLoraModel or a peft model (or the model itself)."""
-    if isinstance(model, MixLoraModel):
+    """The Hugging Face model inside a loramix AdaptedModel or a peft model (or the model itself)."""
+    if isinstance(model, AdaptedModel):
         return model.base_model
     return model.get_base_model() if hasattr(model, "get_base_model") else model
 
@@ -53,8 +54,9 @@ class Engine:
     How a batch runs depends on the adapter:
     - task router: a batch of one task that has a merged copy (`merged_tasks`) runs on that copy, at the base
       model's speed; any other batch runs once with per-row task adapters (`TaskRows`).
-    - other loramix routers: on the MixLoraModel; routes of sequence-level routers (`prompt`, or
-      routing_level="sequence") are computed once on the prompt and reused at every decoding step.
+    - other loramix routers and methods: on the model, with each row's task id; what is computed once per
+      prompt (routes of `prompt` and sequence-level routers, PEDRO's vectors, IAPT's soft tokens) is computed
+      on the prompt and reused at every decoding step, each row from its own prompt.
     - a plain or peft model: as it is; every task shares it.
 
     `tasks` names the tenants: task id = position (as in a run's recipe). `system_prompt` is put before chats
@@ -215,7 +217,9 @@ class Engine:
         samplers = [RowSampler(requests, self.device)] if any(r.temperature > 0 for r in requests) else []
         task_ids = torch.tensor([request.task for request in requests], device=self.device)
         with self._lock, torch.inference_mode(), self._batch_model(task_ids) as model:
+            adapter_inputs = {"task_ids": task_ids} if model is self.model and isinstance(model, AdaptedModel) else {}
             model.generate(
+                **adapter_inputs,
                 input_ids=input_ids.to(self.device),
                 attention_mask=attention_mask.to(self.device),
                 max_new_tokens=max(request.max_tokens for request in requests),

@@ -1,0 +1,17 @@
+"""loramix's methods: one file per method, each an AdaptedModel subclass registered by name.
+
+The mixture of LoRA experts (`mixlora`, with its routers in loramix.routing) lives in loramix.model; the other
+methods are here.
+"""
+
+from loramix.methods import adalink  # noqa: F401  (each import registers its method)
+from loramix.methods.base import (
+    METHODS,
+    AdaptedModel,
+    MethodConfig,
+    method_class,
+    read_config,
+    register_method,
+)
+
+__all__ = ["METHODS", "AdaptedModel", "MethodConfig", "method_class", "read_config", "register_method"]
