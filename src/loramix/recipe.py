@@ -227,6 +227,12 @@ class Recipe:
             self.training.compile,
             "compiling trains `mixlora:` and `lora:` recipes; set compile: false for a `method:` recipe",
         )
+        _check(
+            self.method is None or not METHODS[self.method].needs_held_out or self.dev_examples > 0,
+            "dev_examples",
+            self.dev_examples,
+            f"method {self.method!r} scores itself on held-out examples during training: set dev_examples >= 1",
+        )
         if self.mixlora is not None:
             self.mixlora = self.mixlora_config().to_dict()
         elif self.adapter is not None:
