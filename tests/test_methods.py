@@ -9,6 +9,9 @@ import torch
 import loramix
 from loramix.methods import METHODS, AdaptedModel
 from loramix.methods.adalink import AdaLinkConfig
+from loramix.methods.alora import AloraConfig
+from loramix.methods.iapt import IaptConfig
+from loramix.methods.pedro import PedroConfig
 from loramix.models import tiny_gpt2, tiny_llama
 from loramix.recipe import Recipe
 from loramix.train import train
@@ -17,8 +20,12 @@ BUILDERS = {"llama": tiny_llama, "gpt2": tiny_gpt2}
 METHOD_CONFIGS = {  # name -> a function giving a small config for 3 tasks
     "adalink": lambda: AdaLinkConfig(rank=2, num_tasks=3),
     "adalink-shared": lambda: AdaLinkConfig(rank=2, per_task=False),
+    "alora": lambda: AloraConfig(rank=2, max_rank=4, allocate_every=2, allocation_rounds=1, prune_per_round=2),
+    "iapt": lambda: IaptConfig(bottleneck=4),
+    "pedro": lambda: PedroConfig(bottleneck=4),
 }
 ARCHITECTURES = {name: ("llama", "gpt2") for name in METHOD_CONFIGS}  # where a method runs on one family only
+ARCHITECTURES["pedro"] = ("llama",)  # its config names Llama's modules; GPT-2's fused ones: test_pedro.py
 
 
 def cases():

@@ -166,6 +166,8 @@ class Recipe:
     lora: dict | None = None
     method: str | None = None  # a loramix method other than the mixture (`mixlora:`), configured by `adapter:`
     adapter: dict | None = None
+    # a finished `task`-router run whose tasks begin `tasks`: this run adds the others (loramix.continual)
+    continue_from: str | None = None
 
     def __post_init__(self) -> None:
         if isinstance(self.training, dict):
@@ -188,6 +190,8 @@ class Recipe:
         _at_least(self, "", ("max_length",), 16)
         _at_least(self, "", ("eval_examples",), 1)
         _at_least(self, "", ("dev_examples",), 0)
+        if self.continue_from is not None:
+            self._continuing()
         sections = {"mixlora": self.mixlora, "lora": self.lora, "adapter": self.adapter}
         _check(
             sum(section is not None for section in sections.values()) == 1,
@@ -239,6 +243,25 @@ class Recipe:
             self.adapter = self.adapter_config().to_dict()
         else:
             self.lora = _validate_lora(self.lora)
+
+    def _continuing(self) -> None:
+        """A run that adds tasks to a task-router run takes its adapter section from that run."""
+        _check(
+            self.lora is None and self.adapter is None and self.method is None,
+            "continue_from",
+            self.continue_from,
+            "a run that adds tasks takes its adapter from the run it continues: give no lora, method or adapter",
+        )
+        _check(
+            self.training.weight_decay == 0,
+            "training.weight_decay",
+            self.training.weight_decay,
+            "a run that adds tasks keeps the old tasks exactly as they were: weight decay must be 0",
+        )
+        if self.mixlora is None:  # when the run's recipe.yaml is read back, it holds the section
+            from loramix.continual import continued_mixlora
+
+            self.mixlora = continued_mixlora(self)
 
     @property
     def method_name(self) -> str:

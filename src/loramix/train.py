@@ -25,6 +25,7 @@ from tqdm.auto import tqdm
 
 import loramix
 from loramix.compilation import compile_blocks
+from loramix.continual import continue_tasks, previous_run, trained_parameters
 from loramix.data import SPLIT_SEED, Example, collate, encode_example, get_task
 from loramix.evaluate import evaluate_model
 from loramix.losses import ExpertMemoryQueue
@@ -72,6 +73,7 @@ class TaskSampler:
             raise ValueError(f"sampling={sampling!r}; allowed: proportional, temperature, uniform")
         if batching not in ("mixed", "task"):
             raise ValueError(f"batching={batching!r}; allowed: mixed, task")
+        weights = np.where(counts > 0, weights, 0.0)  # a task without examples is never drawn
         self.probabilities = weights / weights.sum()
         self.sizes, self.batching = sizes, batching
         self.rng = np.random.default_rng(seed)
@@ -168,6 +170,10 @@ def split_indices(recipe: Recipe) -> dict[str, dict]:
 def build_model(recipe: Recipe, device: torch.device) -> tuple[nn.Module, object]:
     """The base model with the recipe's adapter: a loramix AdaptedModel, or a peft LoRA for `lora:` recipes."""
     base, tokenizer = load_model(recipe.model, device=device, quantization=recipe.quantization)
+    if recipe.continue_from is not None:
+        model = loramix.wrap(base, recipe.adapter_config())
+        continue_tasks(model, previous_run(recipe)[0])
+        return model, tokenizer
     if recipe.lora is None:
         return loramix.wrap(base, recipe.adapter_config()), tokenizer
     from peft import LoraConfig, get_peft_model
@@ -620,14 +626,15 @@ def _train_steps(
     }
     encoder = Encoder(tokenizer, recipe.max_length, train_sets, recipe.system_prompt)
     held_out = held_out_batches(recipe, tokenizer, dev_sets, device)
-    sizes = [len(s) for s in train_sets]
+    continued = len(previous_run(recipe)[1].tasks) if recipe.continue_from is not None else 0
+    sizes = [0 if task < continued else len(s) for task, s in enumerate(train_sets)]  # added tasks train alone
     sampler = TaskSampler(sizes, recipe.sampling, recipe.sampling_temperature, settings.seed + rank, recipe.batching)
     sharded = settings.sharding == "fsdp" and world > 1
     if sharded:
         shard(model, device, world)
     if settings.compile:
         compile_blocks(model, "inductor" if settings.compile is True else settings.compile)
-    parameters = [p for p in model.parameters() if p.requires_grad]
+    parameters = trained_parameters(model) if continued else [p for p in model.parameters() if p.requires_grad]
     optimizer = torch.optim.AdamW(parameters, lr=settings.lr, weight_decay=settings.weight_decay)
     plan = StepPlan(settings)
     scheduler = LambdaLR(optimizer, lambda step: learning_rate_factor(step, settings, plan.steps))
@@ -696,7 +703,7 @@ def _train_steps(
         if not torch.isfinite(norm):
             raise TrainingError(f"the gradient norm is {float(norm)} at step {step + 1}: lower training.lr")
         optimizer.step()
-        optimizer.zero_grad(set_to_none=True)
+        model.zero_grad(set_to_none=True)  # a continuing run's frozen adapter tensors have gradients too
         step += 1
         if isinstance(model, AdaptedModel):
             with autocast:

@@ -4,7 +4,12 @@ The mixture of LoRA experts (`mixlora`, with its routers in loramix.routing) liv
 methods are here.
 """
 
-from loramix.methods import adalink  # noqa: F401  (each import registers its method)
+from loramix.methods import (
+    adalink,  # noqa: F401  (each import registers its method)
+    alora,  # noqa: F401
+    iapt,  # noqa: F401
+    pedro,  # noqa: F401
+)
 from loramix.methods.base import (
     METHODS,
     AdaptedModel,

@@ -1,0 +1,95 @@
+"""Adding tasks to a finished `task`-router run without forgetting (recipe key `continue_from`).
+
+A MOELoRA adapter routes by task id alone: task -> embedding row -> gate -> expert weights. A new task needs
+only a new embedding row; the experts, the gate and every old task's row stay frozen, so each old task's
+update, and so its outputs, stay bit-identical, while the new task learns which mix of the trained experts
+serves it. The continued run trains the new tasks only (its sampler never draws an old one) and saves an
+ordinary task-router adapter with `num_tasks` = old + new tasks: it loads, evaluates, merges, exports and
+serves like any other.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import torch
+from torch import nn
+
+from loramix.model import MixLoraModel, read_adapter
+from loramix.routing.task import TaskRouter
+
+
+def previous_run(recipe) -> tuple[Path, object]:
+    """(the run folder a recipe continues, that run's recipe), checked: a finished `task`-router run of the same
+    base model whose tasks begin the recipe's task list, followed by at least one new task."""
+    from loramix.recipe import load_recipe  # recipe.py imports this module
+
+    run = Path(recipe.continue_from)
+    if not (run / "recipe.yaml").is_file() or not (run / "adapter").is_dir():
+        raise ValueError(
+            f"recipe key continue_from={recipe.continue_from!r} is invalid: expected a finished run folder "
+            "(with recipe.yaml and adapter/) of a `task`-router run"
+        )
+    previous = load_recipe(run / "recipe.yaml")
+    if previous.mixlora is None or previous.mixlora_config().router != "task":
+        raise ValueError(
+            f"recipe key continue_from={recipe.continue_from!r} is invalid: that run trained "
+            f"{previous.method_name}, but tasks can be added to a `task`-router (MOELoRA) run only"
+        )
+    old, new = previous.tasks, recipe.tasks[len(previous.tasks) :]
+    if recipe.tasks[: len(old)] != old or not new:
+        raise ValueError(
+            f"recipe key tasks={recipe.tasks} is invalid: a run continuing {run} lists its tasks {old} first, in "
+            "that order (their task ids), then at least one new task"
+        )
+    if recipe.model != previous.model or recipe.quantization != previous.quantization:
+        raise ValueError(
+            f"recipe key model={recipe.model!r} is invalid: {run} trained on {previous.model!r}"
+            f"{f' ({previous.quantization})' if previous.quantization else ''}; continue it on the same base"
+        )
+    return run, previous
+
+
+def continued_mixlora(recipe) -> dict:
+    """The `mixlora:` section of a continuing recipe: the previous run's, with a task id for every task."""
+    _, previous = previous_run(recipe)
+    return previous.mixlora | {"num_tasks": len(recipe.tasks)}
+
+
+def continue_tasks(model: MixLoraModel, run: Path) -> int:
+    """Load the previous run's adapter into `model` (wrapped with more task ids) and freeze it: the gradient
+    of every old task's embedding row is zeroed, and only the task embeddings are left to train (see
+    `trained_parameters`). Returns the number of old tasks."""
+    _, state = read_adapter(run / "adapter")
+    routers = task_routers(model)
+    names = {f"{name}.embedding.weight" for name in routers}
+    own = model.adapter_state_dict()
+    old_tasks = next(iter(state[name] for name in names)).shape[0]
+    merged = {}
+    for name, tensor in own.items():
+        if name not in state:
+            raise ValueError(f"{run / 'adapter'} lacks {name}: it is not the adapter this run continues")
+        merged[name] = torch.cat([state[name], tensor[old_tasks:]]) if name in names else state[name]
+    model.load_adapter_state_dict(merged, source=str(run / "adapter"))
+    for router in routers.values():
+        router.embedding.weight.register_hook(lambda grad: _without_rows(grad, old_tasks))
+    return old_tasks
+
+
+def trained_parameters(model: nn.Module) -> list[nn.Parameter]:
+    """What a continuing run's optimizer updates: the task embeddings (their old rows get no gradient)."""
+    return [router.embedding.weight for router in task_routers(model).values()]
+
+
+def task_routers(model: MixLoraModel) -> dict[str, TaskRouter]:
+    """The model's task routers by their parameter prefix in the adapter's state dict."""
+    prefix = "base_model."
+    return {
+        name.removeprefix(prefix): module for name, module in model.named_modules() if isinstance(module, TaskRouter)
+    }
+
+
+def _without_rows(grad: torch.Tensor, rows: int) -> torch.Tensor:
+    grad = grad.clone()
+    grad[:rows] = 0
+    return grad
