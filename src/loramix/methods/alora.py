@@ -52,9 +52,9 @@ class AloraConfig(MethodConfig):
     allocate_every: int = field(default=100, metadata={"help": "Optimizer steps between two allocation rounds."})
     allocation_rounds: int = field(default=3, metadata={"help": "Allocation rounds (0: a fixed-rank LoRA)."})
     prune_per_round: int = field(default=8, metadata={"help": "Ranks moved per round (pruned, then regrown)."})
-    score_batches: int | None = field(
+    score_examples: int | None = field(
         default=None,
-        metadata={"help": "Held-out batches a round scores on, taken in turn from round to round; None: all."},
+        metadata={"help": "Held-out examples a round scores on, taken in turn (tasks alternating); None: all."},
     )
 
     def __post_init__(self) -> None:
@@ -72,8 +72,8 @@ class AloraConfig(MethodConfig):
         self._check_numbers(("alpha",), strict=True)
         if isinstance(self.dropout, bool) or not (isinstance(self.dropout, (int, float)) and 0 <= self.dropout < 1):
             self._fail("dropout", self.dropout, "expected 0 <= dropout < 1")
-        if self.score_batches is not None:
-            self._check_integers(("score_batches",))
+        if self.score_examples is not None:
+            self._check_integers(("score_examples",))
 
     def card_details(self) -> tuple[tuple[str, str], dict[str, str]]:
         method = ("ALoRA, allocating low-rank adaptation (AB-LoRA)", "arXiv 2403.16187")
@@ -163,13 +163,14 @@ class AloraModel(AdaptedModel):
         # one row per round: [its step, the pruned slots, the grown ones], slots as module index * max_rank + slot
         log = torch.full((config.allocation_rounds, 1 + 2 * config.prune_per_round), -1, dtype=torch.long)
         self.register_buffer("allocation_log", log.to(device))
+        # the numbered decoder block of each module, from which ablation replicas run (None: from the inputs)
         try:
-            blocks = {tuple(decoder_layer_of(name).rsplit(".", 1)) for name in self.layers}
-        except ValueError:  # a module outside the numbered blocks: ablation replicas repeat the inputs
-            blocks = set()
-        prefixes = {prefix for prefix, _ in blocks}
-        first = min((int(number) for _, number in blocks), default=0)
-        self._first_block = f"{prefixes.pop()}.{first}" if len(prefixes) == 1 and first > 0 else None
+            blocks = [decoder_layer_of(name).rsplit(".", 1) for name in self.layers]
+        except ValueError:  # a module outside the numbered blocks
+            blocks = []
+        self._blocks = (
+            [prefix + "." + number for prefix, number in blocks] if len({p for p, _ in blocks}) == 1 else None
+        )
 
     # ---- allocation ---------------------------------------------------------------------------------------
     def after_optimizer_step(self, step: int, optimizer: torch.optim.Optimizer, held_out: Callable | None) -> None:
@@ -181,9 +182,8 @@ class AloraModel(AdaptedModel):
         if held_out is None:
             raise ValueError("ALoRA scores its ranks on held-out batches: training must give them (dev_examples >= 1)")
         batches = held_out()
-        if config.score_batches is not None and config.score_batches < len(batches):
-            start = (round_number - 1) * config.score_batches
-            batches = [batches[(start + i) % len(batches)] for i in range(config.score_batches)]
+        if config.score_examples is not None:
+            batches = held_out_examples(batches, config.score_examples, (round_number - 1) * config.score_examples)
         self.allocate(self.rank_importance(batches), optimizer, step)
 
     def _active_slots(self) -> list[tuple[int, int]]:
@@ -245,8 +245,10 @@ class AloraModel(AdaptedModel):
         for module, layer in enumerate(layers):
             layer.row_gates = gates[module].repeat_interleave(rows, 0) if module in gates else None
         repeated = None
-        if self._first_block is not None and len(chunk) > 1:
-            repeated = lambda: self._repeated_from(self._first_block, len(chunk), rows)  # noqa: E731
+        masked_modules = [entry[0] for entry in chunk if entry is not None]
+        if self._blocks is not None and masked_modules:  # replicas are ordered by block: the first is the lowest
+            block = self._blocks[masked_modules[0]]
+            repeated = lambda: self._repeated_from(block, len(chunk), rows)  # noqa: E731
         return self.labelled_token_losses(batch, len(chunk), repeated)
 
     @contextmanager
@@ -359,6 +361,28 @@ class AloraModel(AdaptedModel):
             parent_name, _, child = name.rpartition(".")
             setattr(self.base_model.get_submodule(parent_name), child, layer.base_layer)
         self.layers.clear()
+
+
+def held_out_examples(batches: list[dict[str, Tensor]], count: int, start: int) -> list[dict[str, Tensor]]:
+    """`count` examples of the batches from the `start`-th on (cycling), tasks alternating (the first example
+    of each task, then the second, ...), each as a batch of one row without its padding."""
+    rows, seen = [], {}
+    for batch in batches:
+        for row in range(len(batch["input_ids"])):
+            task = int(batch["task_ids"][row]) if "task_ids" in batch else 0
+            rows.append(((seen.get(task, 0), task), batch, row))
+            seen[task] = seen.get(task, 0) + 1
+    rows.sort(key=lambda entry: entry[0])
+    examples = []
+    for _, batch, row in (rows[(start + i) % len(rows)] for i in range(min(count, len(rows)))):
+        real = batch["attention_mask"][row].bool()
+        examples.append(
+            {
+                key: value[row : row + 1, real] if value.dim() == 2 else value[row : row + 1]
+                for key, value in batch.items()
+            }
+        )
+    return examples
 
 
 def _zero_optimizer_state(optimizer: torch.optim.Optimizer | None, layer: AloraLinear, slot: int) -> None:
