@@ -6,6 +6,7 @@ from __future__ import annotations
 import inspect
 import json
 import math
+from abc import ABC, abstractmethod
 from collections.abc import Callable, Iterable
 from contextlib import contextmanager, nullcontext
 from dataclasses import asdict, fields
@@ -50,7 +51,7 @@ def method_class(name: str) -> type[AdaptedModel]:
     return METHODS[name]
 
 
-class MethodConfig:
+class MethodConfig(ABC):
     """Shared behaviour of the methods' config dataclasses: errors that name the field, the value and what is
     allowed; JSON files that say which method they configure."""
 
@@ -102,9 +103,9 @@ class MethodConfig:
         if layers is not None:
             self.layers_to_transform = sorted(set(layers))
 
+    @abstractmethod
     def card_details(self) -> tuple[tuple[str, str], dict[str, str]]:
         """((method, paper), the settings a reader of the adapter's model card needs to know what was trained)."""
-        raise NotImplementedError
 
     def to_dict(self) -> dict:
         return asdict(self)
