@@ -28,6 +28,20 @@ def test_every_method_ships_a_valid_recipe_for_the_medical_tasks(name):
         assert (config.contrastive_loss_weight > 0) == (method == "contrastive")
 
 
+@pytest.mark.parametrize("name", ["adalink", "alora", "iapt", "pedro"])
+def test_every_other_method_ships_a_demo_recipe_with_the_demo_budget(name):
+    loaded, demo = load_recipe(CONFIGS / f"{name}.yaml"), load_recipe(CONFIGS / "remix.yaml")
+    assert loaded.method_name == name and loaded.adapter_config().method == name
+    assert (loaded.model, loaded.tasks, loaded.training) == (demo.model, demo.tasks, demo.training)
+    assert (loaded.eval_examples, loaded.eval_mode, loaded.max_length) == (demo.eval_examples, "choices", 160)
+
+
+def test_the_continual_recipe_names_the_run_it_needs_first(tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)  # no runs/task-4 here
+    with pytest.raises(ValueError, match=r"continue_from='runs/task-4' is invalid: expected a finished run folder"):
+        load_recipe(CONFIGS / "continual.yaml")
+
+
 def test_full_recipes_train_longer_on_longer_inputs_and_whole_test_sets():
     for method in METHODS:
         demo, full = load_recipe(CONFIGS / f"{method}.yaml"), load_recipe(CONFIGS / f"{method}-full.yaml")

@@ -19,9 +19,14 @@ import torch
 import uvicorn
 import yaml
 from peft import LoraConfig, get_peft_model
+from test_methods import randomise_adapter
 
 import loramix
 from loramix.data import Example, encode_example
+from loramix.methods import AdaptedModel
+from loramix.methods.adalink import AdaLinkConfig
+from loramix.methods.iapt import IaptConfig
+from loramix.methods.pedro import PedroConfig
 from loramix.models import tiny_llama, tiny_tokenizer
 from loramix.serve import Engine, GenerationRequest, TaskRows, create_app, load_engine
 from loramix.serve.decoding import RowTracker
@@ -186,7 +191,12 @@ def engine(tokenizer):
 @pytest.fixture(scope="module")
 def expected(tokenizer):
     """tokens(kind, tenant, prompt): greedy tokens of the task alone (MAX_NEW_TOKENS), from a separate copy."""
-    model, cache = mixture(), {}
+    return answers_alone(mixture(), tokenizer)
+
+
+def answers_alone(model, tokenizer):
+    """tokens(kind, tenant, prompt): `model`'s greedy tokens for that request alone (MAX_NEW_TOKENS), cached."""
+    cache = {}
 
     def tokens(kind: str, tenant: int, prompt: str) -> list[int]:
         key = (kind, tenant, prompt)
@@ -319,7 +329,13 @@ def running(app):
 
 @pytest.fixture(scope="module")
 def server(engine):
-    """The real server over `engine`; records the tasks of every batch it runs in `server.batches`."""
+    with serving(engine) as served:
+        yield served
+
+
+@contextmanager
+def serving(engine):
+    """The real server over `engine`; yields its URL and the list of the tasks of every batch it runs."""
     batches = []
     generate = engine.generate
 
@@ -475,7 +491,38 @@ def test_bad_requests_get_a_4xx_with_an_openai_error(server, case):
 
 def test_concurrent_load_over_eight_tenants(server, tokenizer, expected):
     """200 requests over 8 tenants, 16 at a time: no failure, each answer that of the request alone."""
-    url, batches = server
+    assert_answers_alone_under_load(*server, tokenizer, expected)
+
+
+METHOD_TENANTS = {  # the methods served in mixed batches, with tiny configs
+    "adalink": lambda: AdaLinkConfig(rank=2, num_tasks=len(TENANTS)),  # each row its tenant's embedding adapter
+    "pedro": lambda: PedroConfig(bottleneck=4),  # each row its own prompt's vectors
+    "iapt": lambda: IaptConfig(bottleneck=4),  # each row its own prompt's soft tokens
+}
+
+
+@pytest.mark.parametrize("name", list(METHOD_TENANTS))
+def test_method_tenants_under_concurrent_load(tokenizer, name):
+    """The same 200-request load for PEDRO, IAPT and AdaLink: each answer that of the request alone."""
+
+    def adapted() -> AdaptedModel:
+        model = loramix.wrap(tiny_llama().eval(), METHOD_TENANTS[name]())
+        randomise_adapter(model)
+        return model.double().eval()
+
+    expected = answers_alone(adapted(), tokenizer)
+    ids = tokenizer(PROMPTS[0])["input_ids"]
+    base = reference(tiny_llama().double().eval(), tokenizer, ids, None, MAX_NEW_TOKENS)
+    assert expected("completion", 0, PROMPTS[0]) != base  # the adapter matters
+    if name == "adalink":
+        assert len({tuple(expected("completion", tenant, PROMPTS[0])) for tenant in range(8)}) == 8
+    engine = Engine(adapted(), tokenizer, TENANTS, max_new_tokens=MAX_NEW_TOKENS, max_prompt_tokens=MAX_PROMPT_TOKENS)
+    with serving(engine) as (url, batches):
+        assert_answers_alone_under_load(url, batches, tokenizer, expected)
+
+
+def assert_answers_alone_under_load(url: str, batches: list, tokenizer, expected) -> None:
+    """200 requests (chat and completion, streamed or not) over 8 tenants, 16 at a time."""
     cases = [
         ("chat" if i % 3 == 0 else "completion", i % 8, PROMPTS[(i // 8) % len(PROMPTS)], 4 + i % 13, i % 5 == 0)
         for i in range(200)
