@@ -136,3 +136,22 @@ def test_summary_table_lists_every_task(tmp_path):
 def test_summary_table_without_metrics_says_what_to_run(tmp_path):
     with pytest.raises(FileNotFoundError, match="loramix eval"):
         summary_table(tmp_path)
+
+
+def test_an_alora_run_plots_the_ranks_it_allocated(tmp_path):
+    import loramix
+    from loramix.methods.alora import AloraConfig
+    from loramix.models import tiny_llama
+    from loramix.report import read_rank_allocation
+
+    model = loramix.wrap(tiny_llama(), AloraConfig(rank=2, max_rank=4, allocation_rounds=0))
+    q, v = model.layers["model.layers.0.self_attn.q_proj"], model.layers["model.layers.1.self_attn.v_proj"]
+    q.rank_gates[2:] = 1  # grown to 4
+    v.rank_gates[1:] = 0  # pruned to 1
+    model.save_pretrained(tmp_path / "adapter")
+    ranks = read_rank_allocation(tmp_path)
+    assert set(ranks) == set(model.layers) and ranks == model.ranks_per_module()
+    assert ranks["model.layers.0.self_attn.q_proj"] == 4 and ranks["model.layers.1.self_attn.v_proj"] == 1
+    report = write_report(tmp_path).read_text()
+    assert "![Ranks per module](ranks.png)" in report and (tmp_path / "ranks.png").stat().st_size > 0
+    assert "No expert-load plot" not in report  # ALoRA has no router to miss

@@ -13,6 +13,7 @@ matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402  (the backend must be chosen first)
 import yaml  # noqa: E402
 from rich.table import Table  # noqa: E402
+from safetensors import safe_open  # noqa: E402
 
 COLUMNS = ("model", "zero_shot", "majority")
 LABELS = {"model": "model", "zero_shot": "zero-shot", "majority": "majority"}
@@ -47,6 +48,20 @@ def read_learning_curve(run_dir: Path) -> list[dict]:
 def _adapter_config(run_dir: Path) -> dict:
     """The loramix adapter settings (router, top_k, num_experts), or {} for a peft adapter."""
     return _read_json(run_dir / "adapter" / "loramix_config.json") or {}
+
+
+def read_rank_allocation(run_dir: Path) -> dict[str, int]:
+    """An ALoRA adapter's active ranks per module (module name -> ranks), from its saved gates; {} otherwise."""
+    path = run_dir / "adapter" / "adapter.safetensors"
+    if _adapter_config(run_dir).get("method") != "alora" or not path.is_file():
+        return {}
+    with safe_open(path, framework="pt") as tensors:
+        suffix = ".rank_gates"
+        return {
+            key.removeprefix("base_model.").removesuffix(suffix): int(tensors.get_tensor(key).count_nonzero())
+            for key in tensors.keys()
+            if key.endswith(suffix)
+        }
 
 
 # ---- the score table ----------------------------------------------------------------------------------------
@@ -334,6 +349,30 @@ def plot_ess(history: list[dict], path: Path, top_k: int | None = None, num_expe
     return _save(figure, path)
 
 
+def plot_rank_allocation(ranks: dict[str, int], path: Path, start_rank: int | None = None) -> Path | None:
+    """Heatmap of the active ranks of each adapted module: decoder layers down, module kinds across."""
+    if not ranks:
+        return None
+    cells = {_layer_and_kind(module): count for module, count in ranks.items()}
+    layers = sorted({layer for layer, _ in cells}, key=lambda layer: int(layer) if layer.isdigit() else -1)
+    kinds = list(dict.fromkeys(kind for _, kind in cells))
+    grid = [[cells.get((layer, kind), math.nan) for kind in kinds] for layer in layers]
+    figure, axis = plt.subplots(figsize=(1.2 + 0.9 * len(kinds), 1.5 + 0.32 * len(layers)))
+    image = axis.imshow(grid, aspect="auto", cmap="viridis", interpolation="nearest")
+    axis.set_xticks(range(len(kinds)), kinds, rotation=30, ha="right", fontsize=8)
+    axis.set_yticks(range(len(layers)), [f"layer {layer}" if layer else "-" for layer in layers], fontsize=8)
+    low, high = min(ranks.values()), max(ranks.values())
+    for row, values in enumerate(grid):
+        for column, value in enumerate(values):
+            if not math.isnan(value):
+                colour = "black" if value > (low + high) / 2 else "white"
+                axis.text(column, row, str(int(value)), ha="center", va="center", fontsize=7, color=colour)
+    figure.colorbar(image, ax=axis, label="active ranks")
+    start = f", every module started at {start_rank}" if start_rank else ""
+    axis.set_title(f"ranks allocated per module ({sum(ranks.values())} in all{start})", fontsize=9)
+    return _save(figure, path)
+
+
 def plot_scores(metrics: dict, path: Path) -> Path | None:
     """Per task, the main metric of the model, the zero-shot base model and the majority class."""
     rows = [(task, name, values) for task, name, values in score_rows(metrics)]
@@ -434,8 +473,8 @@ def _scores_section(metrics: dict | None, run_dir: Path) -> list[str]:
 
 
 def write_report(run_dir: str | Path) -> Path:
-    """Write loss.png, expert_load.png, ess.png, scores.png, learning_curve.png (those that have data) and
-    report.md."""
+    """Write loss.png, expert_load.png, ess.png, scores.png, ranks.png (ALoRA), learning_curve.png (those that
+    have data) and report.md."""
     run_dir = Path(run_dir)
     if not run_dir.is_dir():
         raise FileNotFoundError(f"no run folder at {run_dir}")
@@ -452,6 +491,9 @@ def write_report(run_dir: str | Path) -> Path:
         "Expert load": plot_expert_load(routing, run_dir / "expert_load.png", top_k) if routing else None,
         "Effective support size": plot_ess(history, run_dir / "ess.png", top_k, adapter.get("num_experts")),
         "Scores": plot_scores(metrics, run_dir / "scores.png") if metrics else None,
+        "Ranks per module": plot_rank_allocation(
+            read_rank_allocation(run_dir), run_dir / "ranks.png", adapter.get("rank")
+        ),
     }
     curve_plot = plot_learning_curve(curve, run_dir / "learning_curve.png")
     sections = [
@@ -462,7 +504,7 @@ def write_report(run_dir: str | Path) -> Path:
         _scores_section(metrics, run_dir),
         ["## Plots", "", *(f"![{title}]({path.name})" for title, path in plots.items() if path is not None)],
     ]
-    if not routing:
+    if not routing and adapter.get("method", "mixlora") == "mixlora":  # other methods have no router
         sections[-1].append("\nNo expert-load plot: routing.json is missing (a plain LoRA has no router).")
     report = run_dir / "report.md"
     report.write_text("\n\n".join("\n".join(section) for section in sections if section) + "\n")
