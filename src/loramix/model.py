@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import copy
 import re
-from contextlib import contextmanager
 from pathlib import Path
 
 import torch
@@ -244,33 +243,8 @@ class MixLoraModel(AdaptedModel):
         ((prefix, first),) = blocks.items()
         return f"{prefix}.{first}" if first > 0 else None
 
-    @contextmanager
-    def _repeated_from(self, block: str, samples: int, rows: int):
-        """Forwards of a batch of `rows` rows inside run the frozen blocks before `block` once: from `block` on,
-        every block sees its inputs (hidden states, masks, every batch-sized tensor) repeated `samples` times,
-        so that M routing samples of a batch share the blocks below the adapters."""
-        context = self.context
-        prefix, first = block.rsplit(".", 1)
-        blocks = list(self.base_model.get_submodule(prefix))[int(first) :]
-
-        def repeat(value):
-            if isinstance(value, Tensor) and value.dim() >= 2 and value.shape[0] == rows:
-                return value.repeat(samples, *([1] * (value.dim() - 1)))
-            if isinstance(value, tuple):
-                return tuple(repeat(item) for item in value)
-            return value
-
-        def repeat_inputs(module: nn.Module, args: tuple, kwargs: dict):
-            context.attention_mask = repeat(context.attention_mask)
-            return repeat(args), {key: repeat(value) for key, value in kwargs.items()}
-
-        # prepended: the prompt router's hooks on the same blocks must see the repeated inputs
-        handles = [b.register_forward_pre_hook(repeat_inputs, with_kwargs=True, prepend=True) for b in blocks]
-        try:
-            yield
-        finally:
-            for handle in handles:
-                handle.remove()
+    def _repeat_call_state(self, repeat) -> None:
+        self.context.attention_mask = repeat(self.context.attention_mask)
 
     def _auxiliary_losses(self, parts: dict[str, Tensor]) -> Tensor:
         config, records = self.mixlora_config, self.context.records

@@ -20,7 +20,6 @@ from __future__ import annotations
 
 import math
 from collections.abc import Callable
-from contextlib import contextmanager
 from dataclasses import dataclass, field
 
 import torch
@@ -250,30 +249,6 @@ class AloraModel(AdaptedModel):
             block = self._blocks[masked_modules[0]]
             repeated = lambda: self._repeated_from(block, len(chunk), rows)  # noqa: E731
         return self.labelled_token_losses(batch, len(chunk), repeated)
-
-    @contextmanager
-    def _repeated_from(self, block: str, samples: int, rows: int):
-        """Forwards of a batch of `rows` rows inside run the blocks before `block` once: from `block` on, every
-        block sees its batch-sized inputs repeated `samples` times."""
-        prefix, first = block.rsplit(".", 1)
-        blocks = list(self.base_model.get_submodule(prefix))[int(first) :]
-
-        def repeat(value):
-            if isinstance(value, Tensor) and value.dim() >= 2 and value.shape[0] == rows:
-                return value.repeat(samples, *([1] * (value.dim() - 1)))
-            if isinstance(value, tuple):
-                return tuple(repeat(item) for item in value)
-            return value
-
-        def repeat_inputs(module: nn.Module, args: tuple, kwargs: dict):
-            return repeat(args), {key: repeat(value) for key, value in kwargs.items()}
-
-        handles = [b.register_forward_pre_hook(repeat_inputs, with_kwargs=True, prepend=True) for b in blocks]
-        try:
-            yield
-        finally:
-            for handle in handles:
-                handle.remove()
 
     @torch.no_grad()
     def allocate(self, scores: Tensor, optimizer: torch.optim.Optimizer | None = None, step: int = 0) -> dict:

@@ -341,6 +341,36 @@ class AdaptedModel(nn.Module):
         token_losses = F.cross_entropy(logits.float(), labels[:, 1:][predicts_label[:, :-1]], reduction="none")
         return token_losses, predicts_label.nonzero()[:, 0]
 
+    @contextmanager
+    def _repeated_from(self, block: str, samples: int, rows: int):
+        """Forwards of a batch of `rows` rows inside run the blocks before `block` once: from `block` on, every
+        block sees its inputs (hidden states, masks, every batch-sized tensor) repeated `samples` times, so that
+        samples of a batch that differ only in the adapted blocks share the frozen blocks below them."""
+        prefix, first = block.rsplit(".", 1)
+        blocks = list(self.base_model.get_submodule(prefix))[int(first) :]
+
+        def repeat(value):
+            if isinstance(value, Tensor) and value.dim() >= 2 and value.shape[0] == rows:
+                return value.repeat(samples, *([1] * (value.dim() - 1)))
+            if isinstance(value, tuple):
+                return tuple(repeat(item) for item in value)
+            return value
+
+        def repeat_inputs(module: nn.Module, args: tuple, kwargs: dict):
+            self._repeat_call_state(repeat)
+            return repeat(args), {key: repeat(value) for key, value in kwargs.items()}
+
+        # prepended: other hooks on the same blocks (a prompt router's) must see the repeated inputs
+        handles = [b.register_forward_pre_hook(repeat_inputs, with_kwargs=True, prepend=True) for b in blocks]
+        try:
+            yield
+        finally:
+            for handle in handles:
+                handle.remove()
+
+    def _repeat_call_state(self, repeat: Callable) -> None:
+        """Repeat (with `repeat`) the batch-sized values the method keeps for the current call, if any."""
+
     def _auxiliary_losses(self, parts: dict[str, Tensor]) -> Tensor | float:
         """The method's losses besides the cross-entropy (their values detached into `parts`)."""
         return 0.0
