@@ -8,8 +8,9 @@ routing imbalance (ESS over training) of learned routers against ReMix, and ReMi
 Every variant trains with its recipe in configs/ (`--full`: the -full recipes) and the same budget (steps,
 batch, max length, learning rate: the script stops if the recipes differ) and activates as many LoRA-expert
 parameters per token as peft's LoRA: the expert rank is overridden to the value that matches peft's count
-(the routers' own parameters come on top and are listed). One run folder per variant and seed,
-<out>/<variant>-s<seed>: a finished run (metrics.json) is skipped, an interrupted one resumes from its
+(the routers' own parameters come on top and are listed). PEDRO, IAPT, AdaLink and ALoRA keep the sizes of
+their recipes (PEDRO, IAPT and ALoRA about peft's count; they have no -full recipes). One run folder per
+variant and seed, <out>/<variant>-s<seed>: a finished run (metrics.json) is skipped, an interrupted one resumes from its
 checkpoint, so the command can be stopped and started again. The results replace the part of `--results`
 between this script's markers for the `--out` folder; plots go to `--figures`.
 
@@ -63,6 +64,10 @@ VARIANTS: dict[str, tuple[str, tuple[str, ...]]] = {
     "contrastive": ("contrastive", ()),
     "remix-m4": ("remix", ("mixlora.remix_samples=4",)),
     "remix-m8": ("remix", ("mixlora.remix_samples=8",)),
+    "pedro": ("pedro", ()),
+    "iapt": ("iapt", ()),
+    "adalink": ("adalink", ()),
+    "alora": ("alora", ()),
 }
 LABELS = {
     "lora": "peft LoRA",
@@ -74,7 +79,12 @@ LABELS = {
     "contrastive": "contrastive (SparseDoctor)",
     "remix-m4": "ReMix, M=4",
     "remix-m8": "ReMix, M=8",
+    "pedro": "PEDRO",
+    "iapt": "IAPT",
+    "adalink": "AdaLink",
+    "alora": "ALoRA",
 }
+ADAPTER_SECTIONS = ("lora", "mixlora", "adapter")  # peft's LoRA, the mixture, a method of its own
 IMBALANCE = ("soft", "topk", "contrastive", "remix")  # token-level routers whose ESS is compared
 REMIX_SCALING = ("remix", "remix-m4", "remix-m8")
 SAME_BUDGET = (
@@ -96,12 +106,23 @@ def recipe_path(variant: str, full: bool) -> Path:
     return ROOT / "configs" / f"{name}{'-full' if full else ''}.yaml"
 
 
+def has_recipe(variant: str, full: bool) -> bool:
+    return recipe_path(variant, full).is_file()
+
+
 def for_recipe(settings: list[str], path: Path) -> list[str]:
-    """The `--set` overrides that apply to the recipe at `path`: those of its own adapter section (`mixlora.` or
-    `lora.`) and every other one, so that one setting can reach the mixtures and peft's LoRA alike."""
-    adapter = "lora" if "lora" in (yaml.safe_load(path.read_text()) or {}) else "mixlora"
-    other = {"lora": "mixlora.", "mixlora": "lora."}[adapter]
-    return [setting for setting in settings if not setting.startswith(other)]
+    """The `--set` overrides that apply to the recipe at `path`: those of its own adapter section (`lora.`,
+    `mixlora.` or a method's `adapter.`, the latter only for keys its recipe sets: methods have different
+    settings) and every other one, so that one setting can reach every recipe."""
+    recipe = yaml.safe_load(path.read_text()) or {}
+    others = tuple(f"{section}." for section in ADAPTER_SECTIONS if section not in recipe)
+    method_keys = {f"adapter.{key}" for key in recipe.get("adapter") or {}}
+    return [
+        setting
+        for setting in settings
+        if not setting.startswith(others)
+        and (not setting.startswith("adapter.") or setting.split("=", 1)[0] in method_keys)
+    ]
 
 
 def run_overrides(steps: int | None, seed: int, eval_examples: int | None, recipe: Recipe) -> list[str]:
@@ -118,16 +139,17 @@ def run_overrides(steps: int | None, seed: int, eval_examples: int | None, recip
 
 @dataclass
 class Counts:
-    """A variant's parameter counts at its matched expert rank."""
+    """A variant's parameter counts at its matched expert rank (None: a method sized by its own recipe)."""
 
-    rank: int
+    rank: int | None
     trainable: int
     active_experts: int
     active: int
 
 
 def match_ranks(variants: list[str], full: bool, settings: list[str]) -> tuple[dict[str, list[str]], dict]:
-    """Per variant: the overrides giving it peft's activated expert parameters per token, and its Counts."""
+    """Per variant: the overrides giving it peft's activated expert parameters per token, and its Counts. A
+    method other than the mixture keeps its recipe's size (the recipes of configs/ are sized like peft's)."""
     recipes = {
         v: load_recipe(recipe_path(v, full), [*for_recipe(settings, recipe_path(v, full)), *VARIANTS[v][1]])
         for v in variants
@@ -140,6 +162,13 @@ def match_ranks(variants: list[str], full: bool, settings: list[str]) -> tuple[d
         if recipe.lora is not None:
             overrides[variant] = []
             counts[variant] = Counts(recipe.lora["r"], target, target, target)
+            continue
+        if recipe.method is not None:
+            wrapped = loramix.wrap(base, recipe.adapter_config())
+            parameters = wrapped.count_parameters()
+            counts[variant] = Counts(None, parameters["trainable"], *[parameters["active_per_token"]] * 2)
+            wrapped.unload()
+            overrides[variant] = []
             continue
         rank = matched_expert_rank(base, recipe.mixlora_config(), target)
         config = loramix.MixLoraConfig.from_dict(recipe.mixlora_config().to_dict() | {"expert_rank": rank})
@@ -349,13 +378,14 @@ def score_table(runs: dict[str, list[Run]], counts: dict[str, Counts], tasks: li
     for variant, group in runs.items():
         finished = [r for r in group if r.metrics]
         c = counts[variant]
+        rank = "—" if c.rank is None else c.rank
         ratio = f" ({c.active_experts / peft.active_experts:.3f}x)" if peft else ""
         per_task = [format_score([r.scores()[t] for r in finished if t in r.scores()]) for t in tasks]
         averages = [a for r in finished if (a := average(r.scores(), tasks)) is not None]
         seconds = step_seconds(group)
         rate = f"{seconds:.2f}" if seconds is not None else "—"
         lines.append(
-            f"| {LABELS[variant]} | {c.rank} | {c.trainable:,} | {c.active_experts:,}{ratio} | {c.active:,} | "
+            f"| {LABELS[variant]} | {rank} | {c.trainable:,} | {c.active_experts:,}{ratio} | {c.active:,} | "
             + " | ".join(per_task)
             + f" | {format_score(averages)} | {len(finished)} | {rate} |"
         )
@@ -615,7 +645,9 @@ def write_report(
 def main(argv: list[str] | None = None) -> str:
     argv = sys.argv[1:] if argv is None else argv
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--recipes", default=",".join(VARIANTS), help=f"comma-separated, of {list(VARIANTS)}")
+    parser.add_argument(
+        "--recipes", default=None, help=f"comma-separated, of {list(VARIANTS)} (default: all that have the recipe)"
+    )
     parser.add_argument("--seeds", default="0,1", help="comma-separated training seeds")
     parser.add_argument("--steps", type=int, default=None, help="steps, no time limit (default: recipes')")
     parser.add_argument("--eval-examples", type=int, default=None, help="test examples per task (default: recipes')")
@@ -631,9 +663,11 @@ def main(argv: list[str] | None = None) -> str:
     args = parser.parse_args(argv)
     if args.workers < 1:
         parser.error(f"--workers must be at least 1, not {args.workers}")
-    variants = args.recipes.split(",")
+    variants = args.recipes.split(",") if args.recipes else [v for v in VARIANTS if has_recipe(v, args.full)]
     if unknown := [v for v in variants if v not in VARIANTS]:
         parser.error(f"unknown recipes {unknown}; known: {list(VARIANTS)}")
+    if missing := [v for v in variants if not has_recipe(v, args.full)]:
+        parser.error(f"no recipe for {missing}: {', '.join(str(recipe_path(v, args.full)) for v in missing)}")
     seeds = [int(s) for s in args.seeds.split(",")]
     if "lora" not in variants:
         variants.insert(0, "lora")  # the reference of the parameter counts and the comparison

@@ -25,6 +25,7 @@ def tiny_settings(task_file) -> list[str]:
         "training.bf16": "false",
         "mixlora.layers_to_transform": "null",  # the recipes adapt SmolLM2's upper 15 layers; tiny-llama has 2
         "lora.layers_to_transform": "null",
+        "adapter.layers_to_transform": "null",
     }
     return [item for key, value in values.items() for item in ("--set", f"{key}={value}")]
 
@@ -37,9 +38,12 @@ def test_ranks_are_matched_to_peft(bench, task_file):
     peft = counts["lora"].active_experts
     assert {v: c.rank for v, c in counts.items()} == {
         "lora": 8, "soft": 1, "topk": 4, "remix": 4, "task": 1, "prompt": 19, "contrastive": 4,
-        "remix-m4": 4, "remix-m8": 4,
+        "remix-m4": 4, "remix-m8": 4, "pedro": None, "iapt": None, "adalink": None, "alora": None,
     }  # fmt: skip
     for variant, count in counts.items():
+        if count.rank is None:  # a method sized by its recipe, for SmolLM2: counted on the tiny model as it is
+            assert 0 < count.active <= count.trainable, variant
+            continue
         tolerance = 0.05 if variant == "prompt" else 0  # 3 of 7 modules: rank 19 * 3/7 = 8.14
         assert abs(count.active_experts - peft) <= tolerance * peft, variant
         assert count.active >= count.active_experts
