@@ -5,6 +5,7 @@ import shutil
 from pathlib import Path
 
 import pytest
+import torch
 
 BENCHMARKS = Path(__file__).resolve().parent.parent / "benchmarks"
 
@@ -216,3 +217,30 @@ def test_trainer_step_times_the_steps_after_the_first(bench):
     clock.on_step_end(None, None, None)
     clock.on_step_end(None, None, None)
     assert len(clock.times) == 2 and clock.times[0] <= clock.times[1]
+
+
+@pytest.mark.parametrize("router", ["soft", "topk"])
+def test_the_operator_floor_computes_the_routers_mixture(bench, router):
+    """benchmarks/operators.py's minimal layers are the same mixture as loramix's, so their count is a floor."""
+    import operators
+
+    from loramix.models import tiny_llama
+
+    base = tiny_llama().eval()
+    minimal, _ = operators.build_variant(f"minimal-{router}", base)
+    adapted, _ = operators.build_variant(router, base)
+    generator = torch.Generator().manual_seed(0)
+    with torch.no_grad():
+        for name, layer in adapted.layers.items():
+            layer.lora_B.copy_(torch.randn(layer.lora_B.shape, generator=generator))
+            floor = minimal.model.get_submodule(name)
+            floor.lora_A.copy_(layer.lora_A.flatten(0, 1))
+            floor.lora_B.copy_(layer.lora_B.transpose(0, 1).flatten(1))
+            floor.gate.weight.copy_(layer.router.gate.weight)
+            floor.scale = layer.router.expert_scale
+        input_ids = torch.randint(1, 128, (2, 9), generator=generator)
+        expected = adapted.eval()(input_ids=input_ids).logits
+        assert not torch.allclose(expected, base(input_ids=input_ids).logits, atol=1e-3)  # the experts matter
+        torch.testing.assert_close(minimal.model.eval()(input_ids=input_ids).logits, expected)
+    counts = operators.main(["--layers", "2", "--variants", f"minimal-{router},{router}"])
+    assert counts["peft"] < counts[f"minimal-{router}"] < counts[router]
