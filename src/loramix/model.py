@@ -76,7 +76,7 @@ def _in_layers(names: list[str], layers: list[int]) -> list[str]:
     missing = sorted(set(layers) - set(found))
     if missing:
         raise ValueError(
-            f"MixLoraConfig.layers_to_transform={layers} names layers {missing} that the model does not have; "
+            f"layers_to_transform={layers} names layers {missing} that the model does not have; "
             f"its decoder layers are numbered {found[0] if found else '-'} to {found[-1] if found else '-'}"
         )
     return [name for name in names if numbers.get(name) in layers]
@@ -86,7 +86,10 @@ def decoder_layer_of(name: str) -> str:
     """'model.layers.3.self_attn.q_proj' -> 'model.layers.3' (the enclosing numbered block)."""
     match = _DECODER_LAYER.match(name)
     if match is None:
-        raise ValueError(f"the 'prompt' router groups modules by decoder layer, but {name!r} is in none")
+        raise ValueError(
+            f"{name!r} lies in no numbered decoder layer (as 'model.layers.3.'), and this adapter (the 'prompt' "
+            "router, PEDRO) groups its modules by decoder layer: choose target_modules inside them"
+        )
     return match.group(1)
 
 
