@@ -44,7 +44,8 @@ def left_padded_prompts():
 
 
 def hand_vectors(generator, hidden: torch.Tensor, mask: torch.Tensor, pooling: str) -> torch.Tensor:
-    """(B, total) 1 + W_up g(W_down pool(H)), with the pooling and the rational function written out."""
+    """(B, total) 1 + W_up g(W_down rms(pool(H))), with the pooling, the normalisation and the rational function
+    written out."""
     weights = mask.double()
     if pooling == "attention":
         scores = (hidden.double() @ generator.pool.score.double()).masked_fill(~mask, float("-inf"))
@@ -54,6 +55,7 @@ def hand_vectors(generator, hidden: torch.Tensor, mask: torch.Tensor, pooling: s
         weights = F.one_hot(last, mask.shape[1]).double()
     weights = weights / weights.sum(-1, keepdim=True)
     pooled = torch.einsum("bt,btd->bd", weights, hidden.double())
+    pooled = pooled / (pooled.pow(2).mean(-1, keepdim=True) + 1e-6).sqrt()
     z = pooled @ generator.down.weight.double().T
     numerator = sum(c * z**i for i, c in enumerate(generator.activation.numerator.double()))
     denominator = 1 + sum(c.abs() * z.abs() ** (j + 1) for j, c in enumerate(generator.activation.denominator.double()))
