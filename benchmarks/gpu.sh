@@ -1,0 +1,80 @@
+#!/usr/bin/env bash
+# Every router and peft LoRA on a GPU in one short call (issue 17): training steps eager and compiled, in
+# float32 and bf16 autocast, batch-1 decoding, 8-tenant serving and the other methods, on random weights of
+# SmolLM2-135M's shapes (speed does not depend on the weights). Installs nothing: it needs torch,
+# transformers and peft where it runs (the device machine has them). Writes one JSON, gpu.json, to $OUT (the
+# device tool's folder) or to runs/gpu; each part has a time limit so that the whole stays within 8 minutes.
+#
+#   bash benchmarks/gpu.sh            # on the GPU machine, from the repository root
+#   PYTHON=.venv/bin/python bash benchmarks/gpu.sh --quick   # the same plumbing, narrow model, few steps (CPU)
+set -uo pipefail
+cd "$(dirname "$0")/.."
+out=${OUT:-runs/gpu}
+work=$(mktemp -d)  # the parts and the model stay outside $out: the device tool returns at most 8 files
+mkdir -p "$out" "$work/parts"
+trap 'rm -rf "$work"' EXIT
+export PYTHONPATH=src:benchmarks${PYTHONPATH:+:$PYTHONPATH} PYTHONUNBUFFERED=1
+python=${PYTHON:-python3}
+quick=false
+[ "${1:-}" = "--quick" ] && quick=true
+model="$work/random-smollm2"
+
+# SmolLM2-135M's configuration with random weights, and the tiny tokenizer (only its special ids are used)
+$python - "$model" "$quick" <<'EOF' || exit 1
+import sys
+from transformers import LlamaConfig, LlamaForCausalLM
+from loramix.models import tiny_tokenizer
+path, quick = sys.argv[1], sys.argv[2] == "true"
+config = LlamaConfig(
+    vocab_size=49152, hidden_size=64 if quick else 576, intermediate_size=128 if quick else 1536,
+    num_hidden_layers=30, num_attention_heads=9 if not quick else 4, num_key_value_heads=3 if not quick else 2,
+    head_dim=64 if not quick else 16, max_position_embeddings=8192, rms_norm_eps=1e-5, tie_word_embeddings=True,
+    rope_parameters={"rope_theta": 100000.0, "rope_type": "default"}, bos_token_id=1, eos_token_id=2,
+    pad_token_id=2,
+)
+LlamaForCausalLM(config).save_pretrained(path)
+tiny_tokenizer().save_pretrained(path)
+EOF
+
+if $quick; then
+  # a CPU check of the plumbing: small steps, no bf16 (emulated on many CPUs), inductor on one router only
+  steps=1 rounds=1 tokens=4 limit=300 eager=topk compiled=topk precisions=none shape="--batch 2 --length 32 --peak-size 256"
+else
+  steps=4 rounds=3 tokens=32 limit=150 eager=all compiled=topk,soft,prompt precisions=none,bf16 shape=""
+fi
+part() {  # part NAME SECONDS COMMAND...: run one benchmark with a time limit, its output in parts/NAME.txt
+  local name=$1 seconds=$2
+  shift 2
+  echo "== $name (at most ${seconds} s)"
+  timeout "$seconds" "$@" >"$work/parts/$name.txt" 2>"$work/parts/$name.err"
+  echo "$?" >"$work/parts/$name.rc"
+  tail -n 30 "$work/parts/$name.txt"
+}
+part train-eager "$limit" $python benchmarks/train_step.py --model "$model" --variants "$eager" --autocast "$precisions" \
+  $shape --steps "$steps" --json "$work/parts/train-eager.json"
+part train-compiled $((limit + 30)) $python benchmarks/train_step.py --model "$model" --variants "$compiled" \
+  --autocast "$precisions" $shape --steps "$steps" --compile --json "$work/parts/train-compiled.json"
+part decode 45 $python benchmarks/decode.py --model "$model" --rounds "$rounds" --new-tokens "$tokens"
+part tenants 45 $python benchmarks/tenants.py --model "$model" --rounds "$rounds" --new-tokens "$tokens"
+part methods 60 $python benchmarks/methods.py --model "$model" --rounds "$rounds" --new-tokens "$tokens"
+
+# one JSON: the training results as their script wrote them, the other tables as printed
+$python - "$out" "$work/parts" <<'EOF'
+import json, pathlib, sys
+import torch
+out, folder = pathlib.Path(sys.argv[1]), pathlib.Path(sys.argv[2])
+parts = {}
+for rc in sorted(folder.glob("*.rc")):
+    name = rc.stem
+    data = folder / f"{name}.json"
+    parts[name] = {
+        "exit_code": int(rc.read_text()),  # 124: stopped at its time limit
+        "results": json.loads(data.read_text()) if data.is_file() else None,
+        "printed": (folder / f"{name}.txt").read_text(),
+        "errors_tail": (folder / f"{name}.err").read_text()[-2000:],
+    }
+device = torch.cuda.get_device_name() if torch.cuda.is_available() else "cpu"
+summary = {"device": device, "torch": torch.__version__, "parts": parts}
+(out / "gpu.json").write_text(json.dumps(summary, indent=2))
+print(f"wrote {out / 'gpu.json'}: " + ", ".join(f"{n} exit {p['exit_code']}" for n, p in parts.items()))
+EOF
