@@ -24,6 +24,7 @@ from loramix.train import (
     answer_loss,
     learning_rate_factor,
     train,
+    warn_if_little_time_to_train,
 )
 
 
@@ -111,6 +112,13 @@ def test_a_step_plan_fits_the_time_limit():
         capped.after_step(step, float(step))
     assert capped.steps == 30  # `steps` stays the most a run takes
     assert StepPlan(Training(steps=7)).steps == 7 and StepPlan(Training(steps=7)).planned
+
+
+def test_a_time_limit_that_leaves_little_to_train_warns(recwarn):
+    warn_if_little_time_to_train(900, 207, 290)  # the demo on a fast CPU: 403 s to train
+    assert not recwarn.list
+    with pytest.warns(UserWarning, match=r"time_limit=900s leaves 0s to train: the zero-shot scoring took 722s"):
+        warn_if_little_time_to_train(900, 722, 1011)  # a CPU without bf16: the time goes to evaluation
 
 
 def test_a_step_plan_keeps_its_reserve_for_the_final_evaluation():

@@ -11,6 +11,7 @@ import random
 import shutil
 import tempfile
 import time
+import warnings
 from dataclasses import MISSING, asdict, fields
 from pathlib import Path
 
@@ -39,6 +40,7 @@ CALIBRATION_STEPS = 10  # steps timed to plan a run with a time limit
 # The time of the final evaluation of an adapter over that of the base model (the zero-shot baseline): 1.12 and
 # 1.40 measured for two runs of the demo recipe (a trained model may answer free-text tasks at length)
 ADAPTER_EVAL_FACTOR = 1.4
+TRAINING_SHARE = 0.25  # of a time limit, below which a run warns that it has little time to train
 DEV_MAX_NEW_TOKENS = 32  # the most tokens a dev answer of a free-text task is given (the curve stays cheap)
 # Keys a resumed run may change: they do not alter what the finished steps computed.
 RESUMABLE_CHANGES = {
@@ -237,6 +239,20 @@ def learning_rate_factor(step: int, training: Training, total_steps: int | None 
     if training.schedule == "linear":
         return 1.0 - progress
     return 0.5 * (1.0 + math.cos(math.pi * progress))
+
+
+def warn_if_little_time_to_train(limit: float, zero_shot: float, reserve: float) -> None:
+    """Warn when the zero-shot scoring and the evaluation kept for after training leave less than
+    TRAINING_SHARE of the time limit to train in (a slow machine, or many test examples)."""
+    left = limit - zero_shot - reserve
+    if left < TRAINING_SHARE * limit:
+        warnings.warn(
+            f"training.time_limit={limit:.0f}s leaves {max(left, 0):.0f}s to train: the zero-shot scoring took "
+            f"{zero_shot:.0f}s and the evaluation after training is reckoned at {reserve:.0f}s; raise "
+            "training.time_limit, lower eval_examples, or train a fixed number of steps (training.steps=N "
+            "training.time_limit=null)",
+            stacklevel=2,
+        )
 
 
 class StepPlan:
@@ -673,6 +689,8 @@ def _train_steps(
         seconds = score_zero_shot(run_dir, max_examples=recipe.eval_examples, device=device) if rank == 0 else 0.0
         elapsed = slowest(seconds, world)
         plan.reserve = ADAPTER_EVAL_FACTOR * elapsed
+        if rank == 0:
+            warn_if_little_time_to_train(plan.limit, elapsed, plan.reserve)
 
     bf16 = use_bf16(settings.bf16, device)
     autocast = torch.autocast(device.type, dtype=torch.bfloat16, enabled=bf16)
