@@ -27,26 +27,13 @@ import torch
 import torch.nn.functional as F
 from peft import LoraConfig, get_peft_model
 from torch import Tensor, nn
-from torch.utils._python_dispatch import TorchDispatchMode
-from train_step import TARGETS, build, loss_of
+from train_step import TARGETS, OperatorCount, build, loss_of
 
 from loramix.model import find_targets
 from loramix.models import load_model, tiny_llama
 
 EXPERTS, TOP_K, PEFT_RANK = 8, 2, 8
 LOOPED = ("soft", "topk", "prompt")  # loramix routers counted
-
-
-class OperatorsByName(TorchDispatchMode):
-    """Counts the ATen operators dispatched while active, by name."""
-
-    def __init__(self) -> None:
-        super().__init__()
-        self.counts: collections.Counter = collections.Counter()
-
-    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
-        self.counts[func.overloadpacket.__name__] += 1
-        return func(*args, **(kwargs or {}))
 
 
 class MinimalMixtureLinear(nn.Module):
@@ -120,9 +107,9 @@ def step_operators(model: nn.Module, loss_fn, batch: dict) -> collections.Counte
 
     model.train()
     step()
-    with OperatorsByName() as counter:
+    with OperatorCount() as counter:
         step()
-    return counter.counts
+    return counter.by_name
 
 
 def main(argv: list[str] | None = None) -> dict[str, int]:

@@ -32,6 +32,7 @@ warm-up step); operators are then not counted (a dispatch mode cannot run compil
 from __future__ import annotations
 
 import argparse
+import collections
 import copy
 import json
 import statistics
@@ -132,14 +133,18 @@ def trainable_state_bytes(model: torch.nn.Module) -> int:
 
 
 class OperatorCount(TorchDispatchMode):
-    """Counts the ATen operators dispatched while active (autograd's backward included)."""
+    """Counts the ATen operators dispatched while active (autograd's backward included), by name."""
 
     def __init__(self) -> None:
         super().__init__()
-        self.count = 0
+        self.by_name: collections.Counter = collections.Counter()
+
+    @property
+    def count(self) -> int:
+        return sum(self.by_name.values())
 
     def __torch_dispatch__(self, func, types, args=(), kwargs=None):
-        self.count += 1
+        self.by_name[func.overloadpacket.__name__] += 1
         return func(*args, **(kwargs or {}))
 
 

@@ -5,12 +5,12 @@ import pytest
 import torch
 import torch.nn.functional as F
 from safetensors.torch import load_file
+from test_train import tiny_recipe
 
 import loramix
 import loramix.methods.alora as alora
 from loramix.methods.alora import AloraConfig, held_out_examples
 from loramix.models import tiny_gpt2, tiny_llama
-from loramix.recipe import Recipe
 from loramix.train import TaskSampler, train
 
 
@@ -208,18 +208,8 @@ class Killed(Exception):
 
 
 def test_a_run_allocates_ranks_and_resumes_to_the_same_allocation(tmp_path, task_file, monkeypatch):
-    recipe = Recipe(
-        name="tiny",
-        model="tiny-llama",
-        tasks=["parity", "parity2"],
-        task_files=[str(task_file)],
-        max_length=48,
-        eval_examples=4,
-        dev_examples=4,
-        training={"steps": 6, "batch_size": 4, "warmup_steps": 2, "log_every": 2, "save_every": 3, "lr": 1e-2},
-        method="alora",
-        adapter={"rank": 2, "max_rank": 4, "allocate_every": 2, "allocation_rounds": 2, "prune_per_round": 2},
-    )
+    settings = {"rank": 2, "max_rank": 4, "allocate_every": 2, "allocation_rounds": 2, "prune_per_round": 2}
+    recipe = tiny_recipe(task_file, "alora", dev_examples=4, method_settings=settings)
     straight = train(recipe, tmp_path / "straight", evaluate=False)
     draw, calls = TaskSampler.draw, []
 

@@ -5,6 +5,7 @@ Each method is listed in METHOD_CONFIGS with a small config; a method's own beha
 
 import pytest
 import torch
+from test_train import tiny_recipe
 
 import loramix
 from loramix.methods import METHODS, AdaptedModel
@@ -175,18 +176,8 @@ def test_a_recipe_trains_evaluates_and_serves_the_method(tmp_path, task_file, na
 
     config = METHOD_CONFIGS[name]()
     adapter = {k: v for k, v in config.to_dict().items() if k != "num_tasks"}
-    recipe = Recipe(
-        name="tiny",
-        model="tiny-llama",
-        tasks=["parity", "parity2"],
-        task_files=[str(task_file)],
-        max_length=48,
-        eval_examples=4,
-        dev_examples=4,
-        training={"steps": 4, "batch_size": 4, "warmup_steps": 1, "log_every": 2, "save_every": 2, "lr": 1e-2},
-        method=config.method,
-        adapter=adapter,
-    )
+    training = {"steps": 4, "warmup_steps": 1, "save_every": 2}
+    recipe = tiny_recipe(task_file, config.method, dev_examples=4, method_settings=adapter, **training)
     run = train(recipe, tmp_path / "run")
     loaded = loramix.load(tiny_llama(), run / "adapter")
     assert loaded.method == config.method and (run / "metrics.json").is_file()

@@ -14,6 +14,7 @@ import loramix
 import loramix.train as training
 from loramix.data import Example, encode_example, get_task, load_jsonl_tasks
 from loramix.evaluate import _split_examples
+from loramix.methods import METHODS
 from loramix.models import load_model, tiny_tokenizer
 from loramix.recipe import Recipe, Training, parse_duration
 from loramix.train import (
@@ -28,9 +29,14 @@ from loramix.train import (
 )
 
 
-def tiny_recipe(task_file, adapter: str = "topk", dev_examples: int = 0, **training_values) -> Recipe:
+def tiny_recipe(
+    task_file, adapter: str = "topk", dev_examples: int = 0, method_settings: dict | None = None, **training_values
+) -> Recipe:
+    """A recipe on the tiny parity tasks: peft LoRA (`lora`), a mixture router, or a method of loramix.methods
+    (`adapter` = its name, configured by `method_settings`)."""
     settings = {"steps": 6, "batch_size": 4, "warmup_steps": 2, "log_every": 2, "save_every": 3, "lr": 1e-2}
     sections = {"lora": {"lora": {"r": 2, "target_modules": ["q_proj", "v_proj"]}}}
+    sections |= {name: {"method": name, "adapter": method_settings or {}} for name in METHODS if name != "mixlora"}
     mixlora = {"target_modules": ["q_proj", "v_proj"], "router": adapter, "num_experts": 4, "expert_rank": 2}
     if adapter == "contrastive":
         mixlora |= {"router": "topk", "contrastive_loss_weight": 0.1, "memory_queue_size": 8}
