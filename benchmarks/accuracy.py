@@ -231,7 +231,7 @@ def ensure_run(recipe: Recipe, run_dir: Path, zero_shot_cache: Path) -> str:
             shutil.rmtree(run_dir)
         run_dir.mkdir(parents=True, exist_ok=True)
         merge_json(zero_shot_cache, run_dir / "zero_shot.json")  # zero-shot scores are the same for every run
-        try:  # evaluated by train itself, so that a time limit leaves room for the evaluation as in make demo
+        try:  # trained and evaluated as `loramix train` does (a time limit is the training's)
             train(recipe, run_dir, resume=resume)
         except TrainingError as error:
             return f"FAILED: {error}"
@@ -600,7 +600,7 @@ def write_report(
         "",
         f"Model {recipe.model}; tasks {', '.join(tasks)}; "
         + (
-            f"time limit {settings.time_limit} (zero-shot, training and evaluation), at most "
+            f"training time limit {settings.time_limit}, at most "
             if settings.time_limit
             else ""
         )

@@ -5,7 +5,16 @@ import json
 import pytest
 import torch
 
+import loramix.evaluate
 from loramix.models import tiny_gpt2, tiny_llama
+
+
+@pytest.fixture(autouse=True)
+def own_zero_shot_cache(tmp_path_factory, monkeypatch):
+    """Every test keeps its zero-shot scores to itself, not in the machine's shared cache."""
+    path = tmp_path_factory.mktemp("zero-shot-cache") / "zero_shot.json"
+    monkeypatch.setattr(loramix.evaluate, "shared_zero_shot_path", lambda: path)
+    return path
 
 
 # ---- models ---------------------------------------------------------------------------------------------------

@@ -222,6 +222,35 @@ def test_evaluate_run_writes_metrics_and_caches_zero_shot(tmp_path, monkeypatch,
     assert again["tasks"]["alpha"]["model"] == alpha["model"]  # greedy: the same answers
 
 
+def test_runs_share_zero_shot_scores_of_the_same_weights_and_examples(tmp_path, monkeypatch, own_zero_shot_cache):
+    register_yes_no_tasks(monkeypatch)
+    scored = []
+    generate = evaluation.generate_answers
+
+    def counting(model, tokenizer, examples, **kwargs):
+        scored.append(kwargs["task_id"])
+        return generate(model, tokenizer, examples, **kwargs)
+
+    monkeypatch.setattr(evaluation, "generate_answers", counting)
+    for name, zero_shot_scored in (("first", [None] * 3), ("second", [])):
+        write_run(tmp_path / name, mixture(tiny_model_and_tokenizer()[0], "topk"))
+        scored.clear()
+        metrics = evaluate_run(tmp_path / name, max_examples=3)
+        assert scored == zero_shot_scored + [0, 1, None]
+    first = json.loads((tmp_path / "first" / "metrics.json").read_text())
+    assert metrics["tasks"]["alpha"]["zero_shot"] == first["tasks"]["alpha"]["zero_shot"]
+    assert len(json.loads(own_zero_shot_cache.read_text())) == 3
+    evaluate_run(tmp_path / "first", max_examples=2)  # other test examples: scored anew
+    assert len(json.loads(own_zero_shot_cache.read_text())) == 6
+
+    base = evaluation.load_model
+    monkeypatch.setattr(evaluation, "load_model", lambda *a, **k: (tiny_llama(seed=1), base(*a, **k)[1]))
+    write_run(tmp_path / "other", mixture(tiny_llama(seed=1), "topk"))
+    scored.clear()
+    evaluate_run(tmp_path / "other", max_examples=3)  # other weights under the same model name: scored anew
+    assert scored == [None] * 3 + [0, 1, None]
+
+
 def test_evaluate_run_prompts_as_the_run_was_trained(tmp_path, monkeypatch):
     register_yes_no_tasks(monkeypatch)
     model, _ = tiny_model_and_tokenizer()

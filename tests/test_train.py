@@ -25,7 +25,6 @@ from loramix.train import (
     answer_loss,
     learning_rate_factor,
     train,
-    warn_if_little_time_to_train,
 )
 
 
@@ -120,56 +119,6 @@ def test_a_step_plan_fits_the_time_limit():
     assert StepPlan(Training(steps=7)).steps == 7 and StepPlan(Training(steps=7)).planned
 
 
-def test_a_time_limit_that_leaves_little_to_train_warns(recwarn):
-    warn_if_little_time_to_train(900, 207, 290)  # the demo on a fast CPU: 403 s to train
-    assert not recwarn.list
-    with pytest.warns(UserWarning, match=r"time_limit=900s leaves 0s to train: the zero-shot scoring took 722s"):
-        warn_if_little_time_to_train(900, 722, 1011)  # a CPU without bf16: the time goes to evaluation
-
-
-def test_a_step_plan_keeps_its_reserve_for_the_final_evaluation():
-    plan = StepPlan(Training(steps=1000, time_limit="100s"))
-    plan.reserve = 25.0
-    for step in range(1, 12):
-        plan.after_step(step, 5.0 + 2 * (step - 1))
-    assert plan.steps == 11 + int((100 - 25 - 25) / 2)  # 25 s for the evaluation, 25 s were spent
-    assert not plan.out_of_time(74.9) and plan.out_of_time(75.0)
-    restored = StepPlan(Training(steps=1000, time_limit="100s"))
-    restored.restore(plan.state())
-    assert restored.reserve == 25.0 and restored.steps == plan.steps
-
-
-def test_a_time_limited_run_scores_the_zero_shot_first_and_only_once(tmp_path, task_file, monkeypatch):
-    import loramix.evaluate as evaluation
-
-    calls, score = [], evaluation.score_zero_shot
-
-    def timed(run_dir, **options):
-        calls.append(json.loads((run_dir / "history.jsonl").read_text() or "null"))  # before any step
-        score(run_dir, **options)
-        return 10.0
-
-    monkeypatch.setattr(evaluation, "score_zero_shot", timed)
-    scored, evaluate_model = [], evaluation.evaluate_model
-
-    def recording(model, tokenizer, tasks, task_ids=None, **options):
-        scored.append("adapter" if task_ids else "zero-shot")
-        return evaluate_model(model, tokenizer, tasks, task_ids, **options)
-
-    monkeypatch.setattr(evaluation, "evaluate_model", recording)
-    recipe = tiny_recipe(task_file, steps=4, time_limit="1h")
-    run = train(recipe, tmp_path / "run")
-    assert calls == [None]
-    assert json.loads((run / "training.json").read_text())["reserved_for_evaluation_seconds"] == 14.0
-    assert scored == ["zero-shot", "zero-shot", "adapter"]  # per task; evaluate_run found them in zero_shot.json
-    recorded = json.loads((run / "zero_shot.json").read_text())
-    assert all(entry["seconds"] > 0 for entry in recorded.values())
-    again = score(run, max_examples=recipe.eval_examples)  # cached: nothing scored, the recorded time counts
-    assert len(scored) == 3 and again == pytest.approx(sum(e["seconds"] for e in recorded.values()))
-    metrics = json.loads((run / "metrics.json").read_text())
-    assert all(task["zero_shot"] is not None for task in metrics["tasks"].values())
-
-
 def test_a_step_plan_pays_for_the_dev_evaluations():
     plan = StepPlan(Training(steps=1000, time_limit="100s", dev_every=5))
     plan.after_dev(3.0)  # the zero-shot point, before the first step
@@ -216,6 +165,20 @@ def test_a_time_limited_run_leaves_time_for_its_learning_curve(tmp_path, task_fi
     assert steps >= 12 and not summary["stopped_by_time_limit"] and history[-1]["seconds"] <= 60 + 5
     assert [point["step"] for point in curve] == sorted({*range(0, steps, 5), steps})
     assert all(point["dev_seconds"] > 0 for point in curve)
+
+
+def test_a_time_limit_is_the_trainings_alone(tmp_path, task_file, monkeypatch):
+    """The evaluation on the test splits (zero-shot and adapter) comes after the limit, not out of it."""
+    settings = {"steps": 500, "log_every": 1, "save_every": 1000, "time_limit": "60s"}
+    steps = []
+    for evaluate in (False, True):
+        clock = iter(range(10**6))  # every reading of the clock is one second later
+        monkeypatch.setattr(time, "perf_counter", lambda clock=clock: float(next(clock)))
+        run = train(tiny_recipe(task_file, **settings), tmp_path / f"run-{evaluate}", evaluate=evaluate)
+        steps.append(json.loads((run / "training.json").read_text())["steps"])
+    assert steps[0] == steps[1] >= 12
+    metrics = json.loads((run / "metrics.json").read_text())
+    assert all(task["zero_shot"] is not None for task in metrics["tasks"].values())
 
 
 def test_a_time_limited_run_lays_its_schedule_over_the_steps_that_fit(tmp_path, task_file, monkeypatch):

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import hashlib
 import inspect
 import json
 import time
@@ -21,7 +22,7 @@ from loramix.data.metrics import bootstrap, percentile_interval
 from loramix.files import atomic_write_text
 from loramix.methods import AdaptedModel
 from loramix.model import load
-from loramix.models import load_model
+from loramix.models import default_cache_dir, load_model
 from loramix.precision import use_bf16
 from loramix.recipe import EVAL_MODES, load_recipe
 from loramix.sharding import is_sharded
@@ -451,12 +452,37 @@ def _evaluation_inputs(
     return recipe, examples, settings
 
 
+def shared_zero_shot_path() -> Path:
+    """Zero-shot scores kept for every run on this machine, beside the de-quantised models."""
+    return default_cache_dir() / "zero_shot.json"
+
+
+def weights_digest(model: nn.Module) -> str:
+    """A digest of a model's weights (each tensor's name, shape, dtype, sum and sum of squares): scores kept
+    under it belong to these weights, whatever the model is called."""
+    digest = hashlib.sha256()
+    with torch.no_grad():
+        for name, tensor in model.state_dict().items():
+            values = tensor.double()
+            sums = (values.sum().item(), values.square().sum().item())
+            digest.update(f"{name}|{tuple(tensor.shape)}|{tensor.dtype}|{sums!r}".encode())
+    return digest.hexdigest()[:16]
+
+
+def examples_digest(examples: Sequence[Example]) -> str:
+    """A digest of the examples' ids, prompts, answers and choices."""
+    rows = [[e.id, e.prompt, e.answer, list(e.choices or ())] for e in examples]
+    return hashlib.sha256(json.dumps(rows).encode()).hexdigest()[:16]
+
+
 def _zero_shot(
     run_dir: Path, recipe, examples: dict, settings: dict, model: nn.Module, tokenizer, score_missing: bool = True
 ) -> tuple[dict, dict[str, str]]:
     """(zero_shot.json's results, each task's key there), after scoring the base model on the tasks it lacks
     (if `score_missing`). The prompts' format is part of the key: runs that share a cache
-    (benchmarks/accuracy.py) may differ in it."""
+    (benchmarks/accuracy.py) may differ in it. Scores missing from the run's file are looked up in the shared
+    one (`shared_zero_shot_path`), under the same key plus digests of the weights and the test examples, and
+    newly scored ones are kept in both."""
     cache_path = run_dir / "zero_shot.json"
     cache = _read_json(cache_path)
     precision = "bf16" if settings["bf16"] else "fp32"
@@ -464,33 +490,25 @@ def _zero_shot(
     model_key = recipe.model + (f"@{recipe.quantization}" if recipe.quantization else "")
     keys = {name: f"{model_key}|{name}|{len(test)}|{prompt_format}" for name, (_, test) in examples.items()}
     uncached = {name: test for name, (_, test) in examples.items() if keys[name] not in cache}
-    if score_missing and uncached:
-        for name, test in uncached.items():
-            started = time.perf_counter()
-            result = evaluate_model(model, tokenizer, {name: test}, None, **settings)[name]
-            kept = {key: result[key] for key in ("metrics", "predictions", "predictions_norm") if key in result}
-            cache[keys[name]] = kept | {"seconds": time.perf_counter() - started}
-        atomic_write_text(cache_path, json.dumps(cache))
+    if not (score_missing and uncached):
+        return cache, keys
+    weights = weights_digest(model)
+    shared_keys = {name: f"{keys[name]}|{weights}|{examples_digest(test)}" for name, test in uncached.items()}
+    shared = _read_json(shared_zero_shot_path())
+    scored = {}
+    for name, test in uncached.items():
+        if shared_keys[name] in shared:
+            cache[keys[name]] = shared[shared_keys[name]]
+            continue
+        started = time.perf_counter()
+        result = evaluate_model(model, tokenizer, {name: test}, None, **settings)[name]
+        kept = {key: result[key] for key in ("metrics", "predictions", "predictions_norm") if key in result}
+        cache[keys[name]] = scored[shared_keys[name]] = kept | {"seconds": time.perf_counter() - started}
+    atomic_write_text(cache_path, json.dumps(cache))
+    if scored:  # read again just before writing: another run may have added scores meanwhile
+        shared_zero_shot_path().parent.mkdir(parents=True, exist_ok=True)
+        atomic_write_text(shared_zero_shot_path(), json.dumps(_read_json(shared_zero_shot_path()) | scored))
     return cache, keys
-
-
-def score_zero_shot(
-    run_dir: str | Path,
-    *,
-    data_dir: str | Path | None = None,
-    max_examples: int | None = None,
-    batch_size: int = EVAL_BATCH_SIZE,
-    device: str | torch.device = "cpu",
-) -> float:
-    """Score the base model on the run's test examples into zero_shot.json, as `evaluate_run` would (which
-    then reuses them); returns the seconds the scoring took, as recorded when it ran (a cache shared by runs
-    costs every run alike). Training calls it first when its time limit must leave room for the final
-    evaluation."""
-    run_dir = Path(run_dir)
-    recipe, examples, settings = _evaluation_inputs(run_dir, data_dir, max_examples, None, batch_size, device, None)
-    model, tokenizer = load_model(recipe.model, device=device, quantization=recipe.quantization)
-    cache, keys = _zero_shot(run_dir, recipe, examples, settings, model, tokenizer)
-    return sum(cache[keys[name]].get("seconds", 0.0) for name in examples)
 
 
 def evaluate_run(

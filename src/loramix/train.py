@@ -11,7 +11,6 @@ import random
 import shutil
 import tempfile
 import time
-import warnings
 from dataclasses import MISSING, asdict, fields
 from pathlib import Path
 
@@ -37,10 +36,6 @@ from loramix.recipe import Recipe, Training, parse_duration
 from loramix.sharding import full, gradient_sync, is_sharded, like, shard
 
 CALIBRATION_STEPS = 10  # steps timed to plan a run with a time limit
-# The time of the final evaluation of an adapter over that of the base model (the zero-shot baseline): 1.12 and
-# 1.40 measured for two runs of the demo recipe (a trained model may answer free-text tasks at length)
-ADAPTER_EVAL_FACTOR = 1.4
-TRAINING_SHARE = 0.25  # of a time limit, below which a run warns that it has little time to train
 DEV_MAX_NEW_TOKENS = 32  # the most tokens a dev answer of a free-text task is given (the curve stays cheap)
 # Keys a resumed run may change: they do not alter what the finished steps computed.
 RESUMABLE_CHANGES = {
@@ -241,26 +236,12 @@ def learning_rate_factor(step: int, training: Training, total_steps: int | None 
     return 0.5 * (1.0 + math.cos(math.pi * progress))
 
 
-def warn_if_little_time_to_train(limit: float, zero_shot: float, reserve: float) -> None:
-    """Warn when the zero-shot scoring and the evaluation kept for after training leave less than
-    TRAINING_SHARE of the time limit to train in (a slow machine, or many test examples)."""
-    left = limit - zero_shot - reserve
-    if left < TRAINING_SHARE * limit:
-        warnings.warn(
-            f"training.time_limit={limit:.0f}s leaves {max(left, 0):.0f}s to train: the zero-shot scoring took "
-            f"{zero_shot:.0f}s and the evaluation after training is reckoned at {reserve:.0f}s; raise "
-            "training.time_limit, lower eval_examples, or train a fixed number of steps (training.steps=N "
-            "training.time_limit=null)",
-            stacklevel=2,
-        )
-
-
 class StepPlan:
     """How many steps a run takes: `training.steps`, or with a `time_limit` as many as fit (at most `steps`),
     planned once from the speed of the CALIBRATION_STEPS steps after the first (which also pays for warming
     up) and, for a learning curve, the mean time of its dev evaluations (one every `dev_every` steps, one more
-    after the last step); `reserve` seconds of the limit are kept for the evaluation after training. The run
-    also stops, whatever was planned, once its time is up."""
+    after the last step). The limit is the training's: the evaluation on the test splits comes after it. The
+    run also stops, whatever was planned, once its time is up."""
 
     def __init__(self, training: Training) -> None:
         self.limit = parse_duration(training.time_limit) if training.time_limit else None
@@ -268,7 +249,6 @@ class StepPlan:
         self.planned = self.limit is None
         self.timer: tuple[int, float] | None = None  # (step, seconds not spent on dev) when the calibration began
         self.dev_seconds, self.dev_count = 0.0, 0  # the dev evaluations so far
-        self.reserve = 0.0  # seconds kept for the evaluation that follows training
 
     def after_dev(self, seconds: float) -> None:
         """Called after each dev evaluation with the seconds it took (already in the next `elapsed`)."""
@@ -283,7 +263,7 @@ class StepPlan:
             self.timer = (step, elapsed - self.dev_seconds)
         elif step - self.timer[0] >= CALIBRATION_STEPS:
             per_step = (elapsed - self.dev_seconds - self.timer[1]) / (step - self.timer[0])
-            left = self.limit - self.reserve - elapsed
+            left = self.limit - elapsed
             if self.dev_count:
                 per_dev = self.dev_seconds / self.dev_count
                 per_step += per_dev / self.dev_every
@@ -292,21 +272,15 @@ class StepPlan:
             self.steps, self.planned = max(step, min(self.steps, fitting)), True
 
     def out_of_time(self, elapsed: float) -> bool:
-        return self.limit is not None and elapsed >= self.limit - self.reserve
+        return self.limit is not None and elapsed >= self.limit
 
     def state(self) -> dict:
-        return {
-            "steps": self.steps,
-            "planned": self.planned,
-            "dev": [self.dev_seconds, self.dev_count],
-            "reserve": self.reserve,
-        }
+        return {"steps": self.steps, "planned": self.planned, "dev": [self.dev_seconds, self.dev_count]}
 
     def restore(self, state: dict) -> None:
         self.steps, self.planned = state["steps"], state["planned"]
         # checkpoints of earlier versions have neither
         self.dev_seconds, self.dev_count = state.get("dev", (0.0, 0))
-        self.reserve = state.get("reserve", 0.0)
 
 
 # ---- random state ---------------------------------------------------------------------------------------------
@@ -614,7 +588,7 @@ def train(recipe: Recipe, run_dir: str | Path, resume: bool = False, evaluate: b
         raise FileExistsError(f"{run_dir} already holds a run: pass --resume to continue it, or choose another --run")
     if world > 1:  # every rank has checked the folder before rank 0 writes to it
         dist.barrier()
-    _train_steps(recipe, run_dir, resume, rank, world, device, final_eval=evaluate)
+    _train_steps(recipe, run_dir, resume, rank, world, device)
     if world > 1:
         dist.barrier()
     if evaluate and rank == 0:
@@ -622,12 +596,9 @@ def train(recipe: Recipe, run_dir: str | Path, resume: bool = False, evaluate: b
     return run_dir
 
 
-def _train_steps(
-    recipe: Recipe, run_dir: Path, resume: bool, rank: int, world: int, device: torch.device, final_eval: bool
-) -> None:
+def _train_steps(recipe: Recipe, run_dir: Path, resume: bool, rank: int, world: int, device: torch.device) -> None:
     """The training loop: writes recipe.yaml, splits.json, history.jsonl, checkpoint/, adapter/,
-    training.json, routing.json and, with `dev_examples`, learning_curve.jsonl (rank 0 only). With
-    `final_eval` a time limit also leaves room for the evaluation that follows."""
+    training.json, routing.json and, with `dev_examples`, learning_curve.jsonl (rank 0 only)."""
     settings = recipe.training
     seed_everything(settings.seed)  # the same initial adapter on every rank
     model, tokenizer = build_model(recipe, device)
@@ -680,18 +651,6 @@ def _train_steps(
             (run_dir / "learning_curve.jsonl").write_text("")
     if rank == 0:
         recipe.to_yaml(run_dir / "recipe.yaml")  # a resumed run may have changed the step count
-    if final_eval and plan.limit is not None and not resume:
-        # The time limit covers the evaluation after training: the zero-shot half is scored now (evaluate_run
-        # reuses it), and the adapter's half is reckoned from its time. Zero-shot scores that another run
-        # cached count their recorded time all the same, so that runs sharing a cache train equally long.
-        from loramix.evaluate import score_zero_shot
-
-        seconds = score_zero_shot(run_dir, max_examples=recipe.eval_examples, device=device) if rank == 0 else 0.0
-        elapsed = slowest(seconds, world)
-        plan.reserve = ADAPTER_EVAL_FACTOR * elapsed
-        if rank == 0:
-            warn_if_little_time_to_train(plan.limit, elapsed, plan.reserve)
-
     bf16 = use_bf16(settings.bf16, device)
     autocast = torch.autocast(device.type, dtype=torch.bfloat16, enabled=bf16)
     curve = LearningCurve(run_dir / "learning_curve.jsonl", recipe, dev_sets, bf16, rank, world) if dev_sets else None
@@ -776,7 +735,6 @@ def _train_steps(
             "steps": step,
             "seconds": round(time.perf_counter() - started, 1),
             "time_limit_seconds": plan.limit,
-            "reserved_for_evaluation_seconds": round(plan.reserve, 1),
             "stopped_by_time_limit": out_of_time and step < plan.steps,
             "world_size": world,
             "device": device_name(device),
