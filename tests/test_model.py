@@ -176,6 +176,30 @@ def test_remix_weights_are_constant_and_ess_is_k():
     assert scale == pytest.approx(16.0 / (3 * 2) ** 0.5)  # rsLoRA-type: alpha / sqrt(k r)
 
 
+@pytest.mark.parametrize("level", ["token", "sequence"])
+def test_remix_rloo_estimate_trains_the_routers_alone(monkeypatch, level):
+    """The experts get the gradient of the loss alone: without the RLOO surrogate (the same routes drawn) their
+    gradients are the same, while the routers' differ."""
+
+    def gradients(surrogate):
+        monkeypatch.setattr(loramix.model, "rloo_surrogate", surrogate)
+        wrapped = loramix.wrap(tiny_llama(num_layers=3), config_for("remix", level)).train()
+        randomise_experts(wrapped)
+        torch.manual_seed(3)
+        wrapped.compute_loss(batch()).backward()
+        return {name: p.grad.clone() for name, p in wrapped.named_parameters() if p.grad is not None}
+
+    with_rloo = gradients(loramix.model.rloo_surrogate)
+    without = gradients(lambda losses, log_probs: (log_probs * 0).sum())
+    experts = [name for name in with_rloo if "lora_" in name]
+    routers = [name for name in with_rloo if "router" in name]
+    assert experts and routers
+    for name in experts:
+        assert torch.allclose(with_rloo[name], without[name], atol=1e-7), name
+    assert all(with_rloo[name].abs().sum() > 0 for name in routers)
+    assert all(without.get(name, torch.zeros(1)).abs().sum() == 0 for name in routers)
+
+
 def test_remix_replicates_the_batch_once_per_sample():
     wrapped = loramix.wrap(tiny_llama(), config_for("remix", remix_samples=3)).train()
     wrapped.compute_loss(batch())
