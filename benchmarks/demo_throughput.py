@@ -1,4 +1,5 @@
-"""Training examples per second of the demo recipe, before and after each lever, side by side in one process.
+"""Training examples per second of a CPU recipe (ReMix by default), before and after each lever, side by side
+in one process.
 
     python benchmarks/demo_throughput.py                    # configs/remix.yaml, 8 timed steps per variant
     python benchmarks/demo_throughput.py --steps 12 --rounds 2

@@ -1,5 +1,5 @@
-"""Seconds per training step of the demo recipe under transformers.Trainer (MixLoraTrainer) against loramix's own
-loop, side by side in one process, on the same batches.
+"""Seconds per training step of a CPU recipe (ReMix by default) under transformers.Trainer (MixLoraTrainer)
+against loramix's own loop, side by side in one process, on the same batches.
 
     python benchmarks/trainer_step.py                 # configs/remix.yaml, 10 timed steps each, 2 rounds
     python benchmarks/trainer_step.py --steps 20 --rounds 3

@@ -30,7 +30,7 @@ def test_every_method_ships_a_valid_recipe_for_the_medical_tasks(name):
 
 @pytest.mark.parametrize("name", ["adalink", "alora", "iapt", "pedro"])
 def test_every_other_method_ships_a_demo_recipe_with_the_demo_budget(name):
-    loaded, demo = load_recipe(CONFIGS / f"{name}.yaml"), load_recipe(CONFIGS / "remix.yaml")
+    loaded, demo = load_recipe(CONFIGS / f"{name}.yaml"), load_recipe(CONFIGS / "topk.yaml")  # make demo's
     assert loaded.method_name == name and loaded.adapter_config().method == name
     assert (loaded.model, loaded.tasks, loaded.training) == (demo.model, demo.tasks, demo.training)
     assert (loaded.eval_examples, loaded.eval_mode, loaded.max_length) == (demo.eval_examples, "choices", 160)

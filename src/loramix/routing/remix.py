@@ -38,7 +38,7 @@ class ReMixRouter(Router):
         """x cut from the graph: the RLOO estimate trains the router alone, and the experts below it get the
         gradient of the loss only (without the cut, the surrogate's score-function term reaches every expert
         through the router's input: on SmolLM2 it raised the answer cross-entropy of a symptom2disease run
-        after 60-120 steps from 0.69 to 0.73, docs/RESULTS.md)."""
+        after 60-120 steps from 0.67 to 0.73, docs/RESULTS.md)."""
         return x.detach()
 
     def forward(self, x: Tensor, context: RoutingContext) -> Routing:
