@@ -31,7 +31,6 @@ import shutil
 import statistics
 import subprocess
 import sys
-import tempfile
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -196,23 +195,13 @@ def has_checkpoint(run_dir: Path) -> bool:
     return any((run_dir / name / "state.json").is_file() for name in ("checkpoint", ".checkpoint.previous"))
 
 
-def merge_json(source: Path, target: Path) -> None:
-    """Add the entries of the JSON object in `source` to the one in `target` (created if missing). `target` is
-    replaced atomically: runs in parallel may lose each other's entries (recomputed later), never corrupt it."""
-    if source.is_file():
-        merged = (json.loads(target.read_text()) if target.is_file() else {}) | json.loads(source.read_text())
-        with tempfile.NamedTemporaryFile("w", dir=target.parent, suffix=".tmp", delete=False) as staging:
-            staging.write(json.dumps(merged, indent=2))
-        os.replace(staging.name, target)
-
-
 def is_finished(recipe: Recipe, run_dir: Path) -> bool:
     """Whether the run was trained and evaluated on the recipe's number of test examples."""
     metrics = run_dir / "metrics.json"
     return metrics.is_file() and json.loads(metrics.read_text())["meta"].get("max_examples") == recipe.eval_examples
 
 
-def ensure_run(recipe: Recipe, run_dir: Path, zero_shot_cache: Path) -> str:
+def ensure_run(recipe: Recipe, run_dir: Path) -> str:
     """Train (or resume) and evaluate one run unless it is finished; says what it did."""
     if (run_dir / "recipe.yaml").is_file():
         check_resumable(recipe, run_dir)  # ValueError if the folder holds another experiment
@@ -229,17 +218,13 @@ def ensure_run(recipe: Recipe, run_dir: Path, zero_shot_cache: Path) -> str:
         resume = has_checkpoint(run_dir)
         if not resume and run_dir.exists():  # died before its first checkpoint: nothing to keep
             shutil.rmtree(run_dir)
-        run_dir.mkdir(parents=True, exist_ok=True)
-        merge_json(zero_shot_cache, run_dir / "zero_shot.json")  # zero-shot scores are the same for every run
         try:  # trained and evaluated as `loramix train` does (a time limit is the training's)
             train(recipe, run_dir, resume=resume)
         except TrainingError as error:
             return f"FAILED: {error}"
         done = "resumed, trained and evaluated" if resume else "trained and evaluated"
     else:
-        merge_json(zero_shot_cache, run_dir / "zero_shot.json")
         evaluate_and_report(run_dir, recipe)
-    merge_json(run_dir / "zero_shot.json", zero_shot_cache)
     return done
 
 
@@ -682,10 +667,9 @@ def main(argv: list[str] | None = None) -> str:
         jobs += [(variant, seed, recipe) for variant, recipe in recipes.items()]
 
     args.out.mkdir(parents=True, exist_ok=True)
-    zero_shot_cache = args.out / "zero_shot.json"
     if args.job is not None:
         recipe = next(recipe for variant, seed, recipe in jobs if f"{variant}-s{seed}" == args.job)
-        print(f"{args.job}: {ensure_run(recipe, args.out / args.job, zero_shot_cache)}", flush=True)
+        print(f"{args.job}: {ensure_run(recipe, args.out / args.job)}", flush=True)
         return ""
     if not args.report_only and (args.workers > 1 or args.time_limit is not None):
         todo = [f"{v}-s{s}" for v, s, recipe in jobs if not is_finished(recipe, args.out / f"{v}-s{s}")]
@@ -695,7 +679,7 @@ def main(argv: list[str] | None = None) -> str:
         for index, (variant, seed, recipe) in enumerate(jobs, 1):
             run_dir = args.out / f"{variant}-s{seed}"
             print(f"[{index}/{len(jobs)}] {run_dir} ({time.perf_counter() - started:.0f} s so far)", flush=True)
-            done = ensure_run(recipe, run_dir, zero_shot_cache)
+            done = ensure_run(recipe, run_dir)
             print(f"[{index}/{len(jobs)}] {run_dir}: {done}", flush=True)
 
     runs = {v: [Run.read(args.out, v, s) for s in seeds] for v in variants}
