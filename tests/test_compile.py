@@ -7,12 +7,15 @@ import warnings
 import pytest
 import torch
 from safetensors.torch import load_file
+from test_methods import METHOD_CONFIGS
+from test_methods import wrapped as method_model
 from test_train import tiny_recipe
 from torch import nn
 from torch._dynamo.utils import counters
 
 import loramix
 from loramix import compilation
+from loramix.call import current_tokens
 from loramix.models import tiny_llama
 from loramix.train import train
 
@@ -135,3 +138,77 @@ def test_a_recipe_trains_compiled_as_it_trains_eagerly(task_file, tmp_path):
     assert one.keys() == two.keys()
     for name in one:
         torch.testing.assert_close(two[name], one[name], rtol=1e-4, atol=1e-5, msg=name)
+
+
+# ---- decoding with a static cache and a compiled forward ------------------------------------------------------
+def left_padded_prompt() -> dict[str, torch.Tensor]:
+    ids = torch.randint(3, 128, (2, 7), generator=torch.Generator().manual_seed(5))
+    mask = torch.ones_like(ids)
+    mask[1, :2] = 0  # the second row is two tokens shorter
+    return {"input_ids": ids.masked_fill(mask == 0, 0), "attention_mask": mask}
+
+
+@pytest.mark.parametrize("adapter", ["prompt", "topk", "task", "merged task", "pedro", "iapt"])
+def test_static_decoding_compiles_once_and_generates_as_eager_does(adapter):
+    """A left-padded batch: with a static cache the model gets a 4-D mask whose padding it must still see."""
+    settings = dict(max_new_tokens=6, do_sample=False, pad_token_id=0)
+    if adapter in METHOD_CONFIGS:
+        model = method_model(adapter)
+    else:
+        model = mixture(ROUTERS["task" if adapter == "merged task" else adapter]).eval()
+    if adapter == "merged task":
+        model = model.merge_task(1)
+    elif adapter == "task":
+        settings["task_ids"] = torch.tensor([0, 1])
+    prompt = left_padded_prompt()
+    with torch.no_grad():
+        eager = model.generate(**prompt, **settings)
+        torch._dynamo.reset()
+        counters.clear()
+        static = compilation.static_decoding(model, "aot_eager")  # dynamo's graphs, without inductor's kernels
+        assert static["cache_implementation"] == "static"
+        assert torch.equal(model.generate(**prompt, **settings, **static), eager)
+        graphs = counters["stats"]["unique_graphs"]
+        assert 1 <= graphs <= 2  # the decoding step (a token-level router's statistics run eagerly after it)
+        assert torch.equal(model.generate(**prompt, **settings, **static), eager)
+    assert counters["stats"]["unique_graphs"] == graphs  # the second call reuses the graphs
+
+
+@pytest.mark.skipif(compilation.compile_problem("inductor", torch.device("cpu")) is not None, reason="no compiler")
+def test_static_decoding_with_inductor_kernels_generates_as_eager_does():
+    model = mixture(ROUTERS["prompt"], num_layers=2).eval()
+    settings = dict(max_new_tokens=4, do_sample=False, pad_token_id=0)
+    prompt = left_padded_prompt()
+    torch._dynamo.reset()
+    with torch.no_grad():
+        eager = model.generate(**prompt, **settings)
+        assert torch.equal(model.generate(**prompt, **settings, **compilation.static_decoding(model)), eager)
+
+
+@pytest.mark.parametrize("additive", [False, True])
+def test_a_4d_attention_mask_gives_the_current_tokens(additive):
+    """generate's 4-D masks with a static cache: K slots, some not yet filled; the current tokens are real or
+    padding as the 2-D mask says."""
+    padding = torch.tensor([[1, 1, 1, 1, 1], [0, 0, 1, 1, 1]]).bool()  # prompts of 5 tokens, the second padded
+    slots = 8  # the static cache's length: 3 slots not yet filled
+    keys = torch.zeros(2, slots, dtype=torch.bool)
+    keys[:, :5] = padding
+    causal = torch.ones(5, slots, dtype=torch.bool).tril()
+    visible = causal[None] & keys[:, None, :]  # (B, Q, K)
+    mask = visible[:, None]
+    if additive:
+        mask = torch.zeros(mask.shape).masked_fill(~mask, torch.finfo(torch.float32).min)
+    assert torch.equal(current_tokens(mask), padding)
+    assert current_tokens(mask[:, :, -1:, :]) is None  # a decoding step: every row's one token is real
+
+
+def test_static_decoding_falls_back_to_eager_with_the_reason(monkeypatch):
+    model = mixture(ROUTERS["prompt"]).eval()
+    model.compile("eager")
+    with pytest.warns(UserWarning, match="decoding eagerly: its decoder blocks are compiled for training"):
+        assert compilation.static_decoding(model, "eager") == {}
+    monkeypatch.setattr(compilation, "compile_problem", lambda backend, device: "no C++ compiler")
+    with pytest.warns(UserWarning, match="decoding eagerly: no C\\+\\+ compiler"):
+        assert compilation.static_decoding(mixture(ROUTERS["topk"]).eval()) == {}
+    with pytest.raises(ValueError, match="backend='tvm' is invalid"):
+        compilation.static_decoding(model, "tvm")

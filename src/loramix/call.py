@@ -32,6 +32,8 @@ class CallState:
 
     def new_forward(self, attention_mask: Tensor | None) -> None:
         """A forward of the base model starts (one per decoding step of `generate`)."""
+        if attention_mask is not None and attention_mask.dim() == 4:
+            attention_mask = current_tokens(attention_mask)
         self.attention_mask = attention_mask
 
     def select_rows(self, rows: Tensor) -> None:
@@ -82,3 +84,17 @@ class CallState:
                 raise ValueError(f"task_ids has {ids.shape[0]} rows but the batch has {batch}")
             ids = ids.repeat_interleave(batch // ids.shape[0])
         return ids
+
+
+def current_tokens(mask: Tensor) -> Tensor | None:
+    """(B, Q) the real tokens among the Q of a forward, from its 4-D attention mask (B, 1 or heads, Q, K), boolean
+    or additive, as `generate` passes it with a static key-value cache (whose K slots include those not yet
+    filled). Keys that no query attends are padding or empty slots; the forward's own tokens are the last Q
+    attended ones. None (every token real) for a decoding step (Q = 1), which continues each row with a real
+    token: a compiled decoding step then reads no mask at all."""
+    queries = mask.shape[-2]
+    if queries == 1:
+        return None
+    attended = (mask if mask.dtype == torch.bool else mask == 0).any(-2).any(1)  # (B, K)
+    end = int(attended.nonzero()[:, 1].max()) + 1 if attended.any() else mask.shape[-1]
+    return attended[:, max(end - queries, 0) : end]

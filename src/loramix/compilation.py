@@ -7,6 +7,9 @@ in their layers' names run the same graph. Sequence lengths become dynamic on th
 automatic dynamic shapes), so varying lengths cost one more compilation, not one per length. The loss, the
 auxiliary losses and the hooks outside the blocks stay eager. Generation and loramix's evaluation run the blocks
 eagerly (`eager_if_compiled`): a growing key-value cache would recompile them per step.
+
+Decoding compiles differently: `static_decoding` gives `generate` a static key-value cache, whose shapes do not
+change from step to step, and transformers compiles the whole forward of a decoding step once.
 """
 
 from __future__ import annotations
@@ -56,6 +59,30 @@ def compile_blocks(model: nn.Module, backend: str = "inductor", *, mode: str | N
     for block in blocks:
         block.compile(backend=backend, mode=mode, fullgraph=True)
     return True
+
+
+def static_decoding(model: nn.Module, backend: str = "inductor") -> dict:
+    """Keyword arguments for `generate` that decode with a static key-value cache and a compiled forward
+    (transformers' own compilation in `generate`): CUDA graphs on a GPU (inductor's `reduce-overhead` mode),
+    compiled kernels on a CPU. The prompt's forward runs eagerly; every later step runs the compiled graph, and
+    what is computed once per prompt (`prompt` and sequence-level routes, task ids) enters it as inputs. {}
+    (eager decoding), with a warning that says why, where `backend` cannot compile here or the model's blocks
+    are compiled for training (`generate` runs those eagerly)."""
+    from transformers import CompileConfig
+
+    if backend not in BACKENDS:
+        raise ValueError(f"backend={backend!r} is invalid; allowed: {', '.join(BACKENDS)}")
+    device = next(model.parameters()).device
+    problem = compile_problem(backend, device)
+    if problem is None and is_compiled(model):
+        problem = "its decoder blocks are compiled for training; load the adapter on a fresh base model to decode"
+    if problem is not None:
+        warnings.warn(f"decoding eagerly: {problem}", stacklevel=2)
+        return {}
+    graphs = device.type == "cuda" and backend == "inductor"
+    config = CompileConfig(backend=backend, mode="reduce-overhead" if graphs else None)
+    config._compile_all_devices = True  # transformers compiles on accelerators only unless told to
+    return {"cache_implementation": "static", "compile_config": config}
 
 
 def is_compiled(model: nn.Module) -> bool:

@@ -186,6 +186,7 @@ class MixLoraModel(AdaptedModel):
     def _finish_forward(self):
         context = self.context
 
+        @torch.compiler.disable  # a compiled decoding step (static cache) leaves the statistics to eager code
         @torch.no_grad()
         def finish(module: nn.Module, args: tuple, kwargs: dict, output) -> None:
             context.collect()
