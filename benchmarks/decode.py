@@ -2,6 +2,7 @@
 
     python benchmarks/decode.py                        # batch 1, 64-token prompt, 32 new tokens, 5 rounds
     python benchmarks/decode.py --batch 8 --rounds 9
+    python benchmarks/decode.py --variants base,base+static,prompt,prompt+static,task-merged,task-merged+static
 
 Variants (all attention and MLP linears adapted; random adapters with non-zero B):
   base         the model alone
@@ -10,6 +11,8 @@ Variants (all attention and MLP linears adapted; random adapters with non-zero B
   prompt       loramix MiLoRA: top-3 of the 7 modules (rank 8) of each decoder layer, routed once per prompt
   task-merged  loramix task router (8 experts of rank 1), the task's update merged (`merge_task`)
   task-rows    the same task adapter unmerged, with per-row gates, as the server runs mixed-tenant batches
+A variant with `+static` decodes with a static key-value cache and a compiled forward (`static_decoding`:
+CUDA graphs on a GPU, inductor kernels on a CPU); the warm-up pays its compilation.
 Greedy decoding of a fixed number of new tokens. Every decoding step is timed (a stopping criterion notes the
 time; the prompt's forward is left out) and the rounds interleave the variants so that noise on a shared
 machine hits them alike. tokens/s = batch / median step time.
@@ -19,6 +22,7 @@ from __future__ import annotations
 
 import argparse
 import copy
+import functools
 import itertools
 import statistics
 import time
@@ -29,6 +33,7 @@ from peft import LoraConfig, get_peft_model
 from transformers import StoppingCriteria, StoppingCriteriaList
 
 import loramix
+from loramix.compilation import static_decoding
 from loramix.models import load_model
 from loramix.serve import TaskRows
 
@@ -40,6 +45,7 @@ MIXTURES = {
     "task-rows": dict(router="task", num_experts=8, expert_rank=1, num_tasks=8),
 }
 VARIANTS = ["base", "peft", *MIXTURES]
+STATIC = "+static"
 Generate = Callable[..., torch.Tensor]
 
 
@@ -70,25 +76,26 @@ def randomise(model: loramix.MixLoraModel, seed: int = 0) -> None:
 
 def build(variant: str, base: torch.nn.Module, batch: int) -> Generate:
     """`generate` of a variant: a fresh copy of the base model with the variant's adapter."""
+    name = variant.removesuffix(STATIC)
     model = copy.deepcopy(base)
-    if variant == "base":
-        return model.generate
-    if variant == "peft":
+    if name == "peft":
         config = LoraConfig(r=8, lora_alpha=16, target_modules=TARGETS, init_lora_weights=False)
-        return get_peft_model(model, config).eval().generate
-    mix = loramix.wrap(model, loramix.MixLoraConfig(TARGETS, **MIXTURES[variant])).eval()
-    randomise(mix)
-    if variant == "task-merged":
-        return mix.merge_task(0).generate
-    if variant == "task-rows":
-        rows, task_ids = TaskRows(mix), torch.zeros(batch, dtype=torch.long)
+        model = get_peft_model(model, config).eval()
+    elif name != "base":
+        model = loramix.wrap(model, loramix.MixLoraConfig(TARGETS, **MIXTURES[name])).eval()
+        randomise(model)
+        if name == "task-merged":
+            model = model.merge_task(0)
+    options = static_decoding(model) if variant.endswith(STATIC) else {}
+    if name != "task-rows":
+        return functools.partial(model.generate, **options)
+    rows, task_ids = TaskRows(model), torch.zeros(batch, dtype=torch.long)
 
-        def generate(**kwargs) -> torch.Tensor:
-            with rows.select(task_ids) as adapted:
-                return adapted.generate(**kwargs)
+    def generate(**kwargs) -> torch.Tensor:
+        with rows.select(task_ids) as adapted:
+            return adapted.generate(**kwargs, **options)
 
-        return generate
-    return mix.generate
+    return generate
 
 
 def step_times(generate: Generate, inputs: dict, new_tokens: int) -> list[float]:
@@ -115,8 +122,8 @@ def main() -> None:
     parser.add_argument("--threads", type=int, default=1, help="CPU threads (1: steadier on a shared machine)")
     args = parser.parse_args()
     variants = args.variants.split(",")
-    if unknown := sorted(set(variants) - set(VARIANTS)):
-        parser.error(f"unknown variants {unknown}; known: {VARIANTS}")
+    if unknown := sorted({variant.removesuffix(STATIC) for variant in variants} - set(VARIANTS)):
+        parser.error(f"unknown variants {unknown}; known: {VARIANTS}, each also with {STATIC}")
     torch.set_num_threads(args.threads)
     device = "cuda" if torch.cuda.is_available() else "cpu"
 
@@ -142,11 +149,13 @@ def main() -> None:
         f"batch {args.batch}, prompt {args.prompt_length} tokens, {args.new_tokens} new tokens, "
         f"{args.rounds} rounds: tokens/s = batch / median decoding step\n"
     )
-    print("| variant | decode tokens/s | ms per step | vs base |")
-    print("|---|---:|---:|---:|")
+    print("| variant | decode tokens/s | ms per step | vs base | static vs eager |")
+    print("|---|---:|---:|---:|---:|")
     for variant in variants:
         versus = f"{rate[variant] / rate['base']:.2f}x" if "base" in rate else "-"
-        print(f"| {variant} | {rate[variant]:.1f} | {1000 * args.batch / rate[variant]:.1f} | {versus} |")
+        eager = variant.removesuffix(STATIC)
+        speedup = f"{rate[variant] / rate[eager]:.2f}x" if variant != eager and eager in rate else "-"
+        print(f"| {variant} | {rate[variant]:.1f} | {1000 * args.batch / rate[variant]:.1f} | {versus} | {speedup} |")
     goals = [("prompt", "topk", 1.2), ("task-merged", "base", 0.97)]
     rows = [(a, b, target) for a, b, target in goals if a in rate and b in rate]
     if rows:

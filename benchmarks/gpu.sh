@@ -1,9 +1,10 @@
 #!/usr/bin/env bash
 # Every router and peft LoRA on a GPU in one short call (issue 17): training steps eager and compiled, in
-# float32 and bf16 autocast, batch-1 decoding, 8-tenant serving and the other methods, on random weights of
-# SmolLM2-135M's shapes (speed does not depend on the weights). Installs nothing: it needs torch,
-# transformers and peft where it runs (the device machine has them). Writes one JSON, gpu.json, to $OUT (the
-# device tool's folder) or to runs/gpu; each part has a time limit so that the whole stays within 8 minutes.
+# float32 and bf16 autocast, batch-1 decoding (eager, and static-cache compiled: CUDA graphs), 8-tenant
+# serving and the other methods, on random weights of SmolLM2-135M's shapes (speed does not depend on them).
+# Installs nothing: it needs torch, transformers and peft where it runs (the device machine has them). Writes
+# one JSON, gpu.json, to $OUT (the device tool's folder) or to runs/gpu; each part has a time limit so that the
+# whole stays within about 8 minutes.
 #
 #   bash benchmarks/gpu.sh            # on the GPU machine, from the repository root
 #   PYTHON=.venv/bin/python bash benchmarks/gpu.sh --quick   # the same plumbing, narrow model, few steps (CPU)
@@ -38,9 +39,9 @@ EOF
 
 if $quick; then
   # a CPU check of the plumbing: small steps, no bf16 (emulated on many CPUs), inductor on one router only
-  steps=1 rounds=1 tokens=4 limit=300 eager=topk compiled=topk precisions=none shape="--batch 2 --length 32 --peak-size 256"
+  steps=1 rounds=1 tokens=4 limit=300 static=300 eager=topk compiled=topk precisions=none shape="--batch 2 --length 32 --peak-size 256"
 else
-  steps=4 rounds=3 tokens=32 limit=150 eager=all compiled=topk,soft,prompt precisions=none,bf16 shape=""
+  steps=4 rounds=3 tokens=32 limit=130 static=75 eager=all compiled=topk,soft,prompt precisions=none,bf16 shape=""
 fi
 part() {  # part NAME SECONDS COMMAND...: run one benchmark with a time limit, its output in parts/NAME.txt
   local name=$1 seconds=$2
@@ -54,9 +55,11 @@ part train-eager "$limit" $python benchmarks/train_step.py --model "$model" --va
   $shape --steps "$steps" --json "$work/parts/train-eager.json"
 part train-compiled $((limit + 30)) $python benchmarks/train_step.py --model "$model" --variants "$compiled" \
   --autocast "$precisions" $shape --steps "$steps" --compile --json "$work/parts/train-compiled.json"
-part decode 45 $python benchmarks/decode.py --model "$model" --rounds "$rounds" --new-tokens "$tokens"
-part tenants 45 $python benchmarks/tenants.py --model "$model" --rounds "$rounds" --new-tokens "$tokens"
-part methods 60 $python benchmarks/methods.py --model "$model" --rounds "$rounds" --new-tokens "$tokens"
+part decode 40 $python benchmarks/decode.py --model "$model" --rounds "$rounds" --new-tokens "$tokens"
+part decode-static "$static" $python benchmarks/decode.py --model "$model" --rounds "$rounds" --new-tokens "$tokens" \
+  --variants prompt,prompt+static,task-merged,task-merged+static
+part tenants 40 $python benchmarks/tenants.py --model "$model" --rounds "$rounds" --new-tokens "$tokens"
+part methods 50 $python benchmarks/methods.py --model "$model" --rounds "$rounds" --new-tokens "$tokens"
 
 # one JSON: the training results as their script wrote them, the other tables as printed
 $python - "$out" "$work/parts" <<'EOF'
