@@ -1,5 +1,6 @@
 """loramix: mixture-of-LoRA-experts fine-tuning for Hugging Face causal language models."""
 
+from loramix.compilation import static_decoding
 from loramix.compose import compose
 from loramix.config import MixLoraConfig
 from loramix.layer import MixLoraLinear
@@ -19,5 +20,6 @@ __all__ = [
     "compose",
     "load",
     "register_router",
+    "static_decoding",
     "wrap",
 ]
