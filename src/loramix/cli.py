@@ -154,15 +154,25 @@ def serve(
     host: Annotated[str, typer.Option(help="address to listen on")] = "127.0.0.1",
     port: Annotated[int, typer.Option(help="port to listen on")] = 8000,
     device: Annotated[str | None, typer.Option(help="torch device (default: cuda if available, else cpu)")] = None,
-    max_batch_size: Annotated[int, typer.Option(help="most requests decoded together")] = 16,
-    batch_window_ms: Annotated[float, typer.Option(help="how long a batch waits for more requests")] = 5.0,
+    max_batch_size: Annotated[int, typer.Option(help="most requests decoding together (the others wait)")] = 16,
     max_new_tokens: Annotated[int, typer.Option(help="largest max_tokens a request may ask for")] = 256,
     max_prompt_tokens: Annotated[
         int | None, typer.Option(help="longest prompt accepted (default: the model's context)")
     ] = None,
     merged_tasks: Annotated[int, typer.Option(help="`task` router: merged task updates kept cached")] = 0,
+    dtype: Annotated[str, typer.Option(help="float32, bfloat16, float16 or float64 (unquantized bases)")] = "float32",
+    api_key: Annotated[
+        str | None,
+        typer.Option(envvar="LORAMIX_API_KEY", help="require `Authorization: Bearer KEY` on every /v1 route"),
+    ] = None,
+    drain_timeout: Annotated[
+        float, typer.Option(help="seconds that running requests get to finish after SIGTERM or Ctrl-C")
+    ] = 60.0,
 ) -> None:
-    """Serve the run's tasks over an OpenAI-compatible HTTP API (`model` = task name) until interrupted."""
+    """Serve the run's tasks over an OpenAI-compatible HTTP API (`model` = task name) until interrupted.
+
+    Requests join the running batch at the next decoding step (continuous batching). GET /metrics gives
+    Prometheus metrics. SIGTERM drains: running requests finish, new ones get 503, then the server exits."""
     try:
         from loramix.serve import serve_run
     except ImportError as error:
@@ -174,10 +184,12 @@ def serve(
             port,
             device=device,
             max_batch_size=max_batch_size,
-            batch_window_ms=batch_window_ms,
             max_new_tokens=max_new_tokens,
             max_prompt_tokens=max_prompt_tokens,
             merged_tasks=merged_tasks,
+            dtype=dtype,
+            api_key=api_key,
+            drain_timeout_s=drain_timeout,
         )
     except _user_errors() as error:
         raise _fail(error) from None

@@ -4,21 +4,23 @@ The HTTP server (`create_app`, `serve_run`) needs the `serve` extra (fastapi, uv
 'loramix[serve]'. The rest (Engine, TaskRows, ...) needs only the core dependencies.
 """
 
-from loramix.serve.batcher import Batcher, Ticket
-from loramix.serve.decoding import Completion, GenerationRequest
+from loramix.serve.decoding import Completion, GenerationRequest, Sequence, TokenLogprob
 from loramix.serve.engine import Engine, RequestError
 from loramix.serve.rows import TaskRowLinear, TaskRows
 from loramix.serve.run import load_engine, serve_run
+from loramix.serve.scheduler import Scheduler, Ticket
 
 __all__ = [
-    "Batcher",
     "Completion",
     "Engine",
     "GenerationRequest",
     "RequestError",
+    "Scheduler",
+    "Sequence",
     "TaskRowLinear",
     "TaskRows",
     "Ticket",
+    "TokenLogprob",
     "create_app",
     "load_engine",
     "serve_run",

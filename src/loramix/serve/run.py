@@ -12,6 +12,8 @@ from loramix.model import load
 from loramix.models import DEFAULT_MODEL, QUANTIZATIONS, load_model
 from loramix.serve.engine import Engine
 
+DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16, "float64": torch.float64}
+
 
 def read_run(run_dir: str | Path) -> tuple[str, list[str], str | None, str | None]:
     """(base model name, task names, system prompt, quantization) from a run's recipe.yaml; the task id of a
@@ -52,14 +54,19 @@ def load_engine(
     max_new_tokens: int = 256,
     max_prompt_tokens: int | None = None,
     merged_tasks: int = 0,
+    dtype: str = "float32",
 ) -> Engine:
-    """An Engine for a run folder: its base model (float32, or quantized as it trained) with the adapter in
-    adapter/, its recipe's tasks and system prompt."""
+    """An Engine for a run folder: its base model (in `dtype`, or quantized as it trained) with the adapter in
+    adapter/ (in the same dtype), its recipe's tasks and system prompt."""
     run_dir = Path(run_dir)
     model_name, tasks, system_prompt, quantization = read_run(run_dir)
+    if dtype not in DTYPES:
+        raise ValueError(f"dtype={dtype!r} is invalid; allowed: {sorted(DTYPES)}")
     device = device or ("cuda" if torch.cuda.is_available() else "cpu")
-    model, tokenizer = load_model(model_name, device=device, quantization=quantization)
+    model, tokenizer = load_model(model_name, device=device, quantization=quantization, dtype=DTYPES[dtype])
     model = load_adapter(model, run_dir / "adapter")
+    if quantization is None:
+        model = model.to(DTYPES[dtype])
     return Engine(
         model,
         tokenizer,
@@ -78,13 +85,18 @@ def serve_run(
     *,
     device: str | torch.device | None = None,
     max_batch_size: int = 16,
-    batch_window_ms: float = 5.0,
     max_new_tokens: int = 256,
     max_prompt_tokens: int | None = None,
     merged_tasks: int = 0,
+    dtype: str = "float32",
+    api_key: str | None = None,
+    drain_timeout_s: float = 60.0,
     log_level: str = "info",
 ) -> None:
-    """Serve a run's tasks over the OpenAI-compatible HTTP API until interrupted (`model` = task name)."""
+    """Serve a run's tasks over the OpenAI-compatible HTTP API until interrupted (`model` = task name).
+
+    SIGTERM or Ctrl-C drains: the server stops listening, refuses requests on open connections (503), lets the
+    running ones finish (at most `drain_timeout_s`) and exits."""
     import uvicorn  # the `serve` extra, like fastapi: only the HTTP server needs them
 
     from loramix.serve.app import create_app
@@ -95,6 +107,14 @@ def serve_run(
         max_new_tokens=max_new_tokens,
         max_prompt_tokens=max_prompt_tokens,
         merged_tasks=merged_tasks,
+        dtype=dtype,
     )
-    app = create_app(engine, max_batch_size=max_batch_size, batch_window_ms=batch_window_ms)
-    uvicorn.run(app, host=host, port=port, log_level=log_level)
+    app = create_app(engine, max_batch_size=max_batch_size, api_key=api_key)
+
+    class DrainingServer(uvicorn.Server):
+        def handle_exit(self, sig, frame) -> None:
+            app.state.scheduler.close()
+            super().handle_exit(sig, frame)
+
+    config = uvicorn.Config(app, host=host, port=port, log_level=log_level, timeout_graceful_shutdown=drain_timeout_s)
+    DrainingServer(config).run()
