@@ -150,7 +150,15 @@ def compose(
 
 @app.command()
 def serve(
-    run: Annotated[Path, typer.Option(help="run folder written by `loramix train`")],
+    run: Annotated[Path | None, typer.Option(help="run folder written by `loramix train`")] = None,
+    adapter: Annotated[
+        list[str] | None,
+        typer.Option(help="NAME=PATH: also serve a peft LoRA or loramix run folder as NAME (repeatable)"),
+    ] = None,
+    max_adapters: Annotated[
+        int | None, typer.Option(help="adapters kept loaded; the least recently used are reloaded on demand")
+    ] = None,
+    model: Annotated[str | None, typer.Option(help="base model when no --run is given (default: SmolLM2)")] = None,
     host: Annotated[str, typer.Option(help="address to listen on")] = "127.0.0.1",
     port: Annotated[int, typer.Option(help="port to listen on")] = 8000,
     device: Annotated[str | None, typer.Option(help="torch device (default: cuda if available, else cpu)")] = None,
@@ -178,6 +186,7 @@ def serve(
     except ImportError as error:
         raise _fail(ImportError(f"{error}: install the server with `pip install 'loramix[serve]'`")) from None
     try:
+        adapters = dict(_name_and_path(item) for item in adapter or [])
         serve_run(
             run,
             host,
@@ -188,11 +197,21 @@ def serve(
             max_prompt_tokens=max_prompt_tokens,
             merged_tasks=merged_tasks,
             dtype=dtype,
+            adapters=adapters,
+            max_adapters=max_adapters,
+            model=model,
             api_key=api_key,
             drain_timeout_s=drain_timeout,
         )
     except _user_errors() as error:
         raise _fail(error) from None
+
+
+def _name_and_path(item: str) -> tuple[str, str]:
+    name, separator, path = item.partition("=")
+    if not separator or not name or not path:
+        raise ValueError(f"--adapter {item!r}: expected NAME=PATH")
+    return name, path
 
 
 SUMMARY_WIDTH = 130  # the score table's width even in a narrower terminal: intervals need the room

@@ -1,7 +1,8 @@
 """The HTTP server: OpenAI-compatible completions and chat completions, where `model` names the task (tenant).
 
 POST /v1/completions, POST /v1/chat/completions (`stream: true` for server-sent events ending with
-`data: [DONE]`; `logprobs` as OpenAI answers them), GET /v1/models, GET /health, GET /metrics (Prometheus text).
+`data: [DONE]`; `logprobs` as OpenAI answers them), GET /v1/models, GET /health, GET /metrics (Prometheus text),
+and vLLM's POST /v1/load_lora_adapter {"lora_name", "lora_path"} and POST /v1/unload_lora_adapter {"lora_name"}.
 With an API key, every /v1 route needs `Authorization: Bearer KEY` (401 otherwise); /health and /metrics stay
 open, as in vLLM. Errors are JSON in OpenAI's shape, {"error": {"message", "type", "param", "code"}}, with a 4xx
 status for a bad request. A client that disconnects frees its row at the next decoding step.
@@ -19,7 +20,7 @@ from contextlib import asynccontextmanager
 
 from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
-from fastapi.responses import JSONResponse, Response, StreamingResponse
+from fastapi.responses import JSONResponse, PlainTextResponse, Response, StreamingResponse
 from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 from starlette.exceptions import HTTPException
 
@@ -27,7 +28,7 @@ from loramix.serve.decoding import Completion, TokenLogprob
 from loramix.serve.engine import Engine, RequestError
 from loramix.serve.metrics import Metrics
 from loramix.serve.scheduler import Scheduler, Ticket
-from loramix.serve.schemas import ChatBody, CompletionBody
+from loramix.serve.schemas import ChatBody, CompletionBody, LoadAdapterBody, UnloadAdapterBody
 
 COMPLETION_DEFAULT_MAX_TOKENS = 16  # OpenAI's default for /v1/completions; chat defaults to the server's limit
 DISCONNECT_POLL_S = 0.25  # how often a waiting non-streamed request checks that its client is still there
@@ -70,13 +71,25 @@ def create_app(
     async def models() -> dict:
         return {
             "object": "list",
-            "data": [{"id": task, "object": "model", "created": 0, "owned_by": "loramix"} for task in engine.tasks],
+            "data": [
+                {"id": model, "object": "model", "created": 0, "owned_by": "loramix"} for model in engine.model_ids
+            ],
         }
+
+    @app.post("/v1/load_lora_adapter")
+    async def load_lora_adapter(body: LoadAdapterBody) -> Response:
+        await asyncio.to_thread(engine.load_adapter, body.lora_name, body.lora_path)
+        return PlainTextResponse(f"Success: LoRA adapter '{body.lora_name}' added successfully.")
+
+    @app.post("/v1/unload_lora_adapter")
+    async def unload_lora_adapter(body: UnloadAdapterBody) -> Response:
+        await asyncio.to_thread(engine.unload_adapter, body.lora_name)
+        return PlainTextResponse(f"Success: LoRA adapter '{body.lora_name}' removed successfully.")
 
     @app.post("/v1/completions")
     async def completions(body: CompletionBody, request: Request):
         default = min(COMPLETION_DEFAULT_MAX_TOKENS, engine.max_new_tokens)
-        ticket = _submit(scheduler, body, engine.encode_prompt(body.prompt), body.max_tokens or default, "prompt")
+        ticket = await _submit(scheduler, body, engine.encode_prompt(body.prompt), body.max_tokens or default, "prompt")
         identity = _identity("cmpl", body.model)
         offsets = [0]  # where the next token's text starts in the completion
 
@@ -96,7 +109,7 @@ def create_app(
     async def chat_completions(body: ChatBody, request: Request):
         messages = [message.model_dump() for message in body.messages]
         max_tokens = body.max_completion_tokens or body.max_tokens
-        ticket = _submit(scheduler, body, engine.encode_chat(messages), max_tokens, "messages")
+        ticket = await _submit(scheduler, body, engine.encode_chat(messages), max_tokens, "messages")
         identity = _identity("chatcmpl", body.model)
 
         def report(logprobs: list[TokenLogprob] | None) -> dict | None:
@@ -126,7 +139,10 @@ def create_app(
     return app
 
 
-def _submit(scheduler: Scheduler, body, prompt_ids: list[int], max_tokens: int | None, prompt_param: str) -> Ticket:
+async def _submit(
+    scheduler: Scheduler, body, prompt_ids: list[int], max_tokens: int | None, prompt_param: str
+) -> Ticket:
+    await asyncio.to_thread(scheduler.engine.ensure_resident, body.model)  # an adapter dropped for --max-adapters
     request = scheduler.engine.request(
         body.model,
         prompt_ids,

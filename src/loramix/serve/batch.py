@@ -85,7 +85,7 @@ class RunningBatch:
             return
         self.sequences = self.sequences + other.sequences
         self.cache = RowCache.join([self.cache, other.cache])
-        self.state = None if self.state is None else RowState.join([self.state, other.state])
+        self.state = None if self.state is None else type(self.state).join([self.state, other.state])
         self.task_ids = torch.cat([self.task_ids, other.task_ids])
         self.next_ids = torch.cat([self.next_ids, other.next_ids])
 

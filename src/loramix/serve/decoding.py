@@ -6,7 +6,7 @@ from __future__ import annotations
 
 import random
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Hashable
 from collections.abc import Sequence as Rows
 from dataclasses import dataclass, field
 
@@ -31,6 +31,7 @@ class GenerationRequest:
     stop: tuple[str, ...] = ()
     seed: int | None = None
     logprobs: int | None = None
+    runner: Hashable | None = None  # the runner of an adapter served by name (None: the run's own)
     cancelled: bool = False  # set from another thread to stop generating this row
 
 

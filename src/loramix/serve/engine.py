@@ -6,6 +6,7 @@ import logging
 import threading
 from collections.abc import Callable, Hashable
 from collections.abc import Sequence as Sequence_
+from pathlib import Path
 
 import torch
 from jinja2 import TemplateError
@@ -13,6 +14,7 @@ from torch import nn
 
 from loramix.methods import AdaptedModel
 from loramix.model import MixLoraModel
+from loramix.serve.adapters import LORA_RUNNER, AdapterSet, ServedAdapter
 from loramix.serve.batch import RunningBatch
 from loramix.serve.decoding import (
     MAX_TOP_LOGPROBS,
@@ -89,8 +91,9 @@ class Engine:
         max_prompt_tokens: int | None = None,
         merged_tasks: int = 0,
         system_prompt: str | None = None,
+        adapters: AdapterSet | None = None,
     ) -> None:
-        if not tasks or len(set(tasks)) != len(tasks):
+        if (not tasks and adapters is None) or len(set(tasks)) != len(tasks):
             raise ValueError(f"tasks must name each tenant once, got {list(tasks)}")
         self.model = model.eval()
         self.tokenizer = tokenizer
@@ -123,7 +126,13 @@ class Engine:
         self.config = backbone(model).config
         self.runners: dict[Hashable, Runner] = {"model": self._model_runner()}
         self.runners |= {("merged", task): PlainRunner(copy) for task, copy in self.merged.items()}
+        self.adapters = adapters
+        if adapters is not None:
+            self.runners[LORA_RUNNER] = adapters.lora
+            for served in adapters.served.values():
+                self._add_runner(served)
         self.batches = {key: RunningBatch(runner) for key, runner in self.runners.items()}
+        self._retiring: set[Hashable] = set()  # runners of unloaded adapters, dropped once their rows are done
         self._lock = threading.Lock()
 
     def _model_runner(self) -> Runner:
@@ -141,16 +150,96 @@ class Engine:
         return min(DEFAULT_MAX_PROMPT_TOKENS, context - self.max_new_tokens)
 
     # ---- requests -------------------------------------------------------------------------------------------
+    @property
+    def model_ids(self) -> list[str]:
+        """Every model id a request may name: the run's tasks, then the adapters' (NAME or NAME/TASK)."""
+        return self.tasks + (self.adapters.model_ids() if self.adapters is not None else [])
+
     def task_id(self, name: str) -> int:
-        """The id of a task (tenant) by name; RequestError (404) if the engine serves no such task."""
+        """The id of a task of the run (tenant) by name; RequestError (404) if the run has no such task."""
         if name not in self.tasks:
-            raise RequestError(
-                f"The model {name!r} does not exist; this server has {self.tasks}",
-                param="model",
-                status=404,
-                code="model_not_found",
-            )
+            raise self._not_found(name)
         return self.tasks.index(name)
+
+    def _not_found(self, name: str) -> RequestError:
+        return RequestError(
+            f"The model {name!r} does not exist; this server has {self.model_ids}",
+            param="model",
+            status=404,
+            code="model_not_found",
+        )
+
+    def _resolve(self, model: str) -> tuple[Hashable | None, int]:
+        """(the runner of requests to `model`, None for the run's own; their task id) or a RequestError."""
+        if model in self.tasks or self.adapters is None:
+            return None, self.task_id(model)
+        try:
+            found = self.adapters.resolve(model)
+        except ValueError as error:
+            raise RequestError(str(error), param="model") from None
+        if found is None or found[0] not in self.adapters.served:
+            raise self._not_found(model)
+        name, task = found
+        served = self.adapters.served[name]
+        self.adapters.touch(name)
+        return served.runner, served.task_ids[task or 0]
+
+    # ---- adapters by name ---------------------------------------------------------------------------------------
+    def load_adapter(self, name: str, path: str | Path) -> list[str]:
+        """Serve the adapter in folder `path` as `name` (a peft LoRA or a loramix run folder), beside the others;
+        returns its model ids. RequestError (400) names what is wrong; the folder is read before taking the lock."""
+        adapters = self._adapter_set()
+        if name in adapters.served:
+            raise RequestError(f"an adapter named {name!r} is already loaded: unload it first", param="lora_name")
+        try:
+            served, runner = adapters.prepare(name, path)
+        except (ValueError, FileNotFoundError) as error:
+            raise RequestError(str(error), param="lora_path") from None
+        with self._lock:
+            if runner is not None:
+                self.runners[served.runner] = runner
+                self.batches[served.runner] = RunningBatch(runner)
+            for evicted in adapters.add(served):
+                self._retire(evicted)
+        return served.model_ids()
+
+    def unload_adapter(self, name: str) -> None:
+        """Stop serving adapter `name`: new requests to it get 404; rows decoding with it finish first."""
+        adapters = self._adapter_set()
+        if name not in adapters.known:
+            raise RequestError(f"no adapter named {name!r} is loaded", param="lora_name", status=404)
+        with self._lock:
+            served = adapters.forget(name)
+            if served is not None:
+                self._retire(served)
+
+    def ensure_resident(self, model: str) -> None:
+        """Load again the adapter `model` names if it was dropped to keep --max-adapters resident (slow: call it
+        off the event loop); a no-op for anything else."""
+        if self.adapters is None or model in self.tasks:
+            return
+        name = model.partition("/")[0]
+        path = self.adapters.known.get(name)
+        if path is not None and name not in self.adapters.served:
+            self.load_adapter(name, path)
+
+    def _adapter_set(self) -> AdapterSet:
+        if self.adapters is None:
+            raise RequestError("this server loads no adapters by name (start it with --adapter)", status=400)
+        return self.adapters
+
+    def _add_runner(self, served: ServedAdapter) -> None:
+        if served.runner != LORA_RUNNER:
+            self.runners[served.runner] = AdaptedRunner(served.model)
+
+    def _retire(self, served: ServedAdapter) -> None:
+        if served.runner != LORA_RUNNER:
+            self._retiring.add(served.runner)
+
+    def _drop_retired(self) -> None:
+        for key in [key for key in self._retiring if not self.batches[key].sequences]:
+            self._retiring.discard(key)
+            del self.runners[key], self.batches[key]
 
     def encode_prompt(self, text: str) -> list[int]:
         """Token ids of a raw completion prompt (with the tokenizer's special tokens, as a plain call adds)."""
@@ -193,8 +282,9 @@ class Engine:
         logprobs: int | None = None,
         prompt_param: str = "prompt",
     ) -> GenerationRequest:
-        """A validated GenerationRequest for task `model`; RequestError names the field at fault."""
-        task = self.task_id(model)
+        """A validated GenerationRequest for `model` (a task of the run, or an adapter's model id); RequestError
+        names the field at fault."""
+        runner, task = self._resolve(model)
         if not prompt_ids:
             raise RequestError("the prompt is empty", param=prompt_param)
         if not all(0 <= token < self.vocab_size for token in prompt_ids):
@@ -219,7 +309,9 @@ class Engine:
             raise RequestError(f"stop strings may have at most {MAX_STOP_LENGTH} characters", param="stop")
         if logprobs is not None and not 0 <= logprobs <= MAX_TOP_LOGPROBS:
             raise RequestError(f"top logprobs={logprobs} must lie in [0, {MAX_TOP_LOGPROBS}]", param="logprobs")
-        return GenerationRequest(task, list(prompt_ids), max_tokens, temperature, top_p, tuple(stop), seed, logprobs)
+        return GenerationRequest(
+            task, list(prompt_ids), max_tokens, temperature, top_p, tuple(stop), seed, logprobs, runner=runner
+        )
 
     # ---- generation -----------------------------------------------------------------------------------------
     def sequence(
@@ -243,8 +335,12 @@ class Engine:
         sequences is tried alone, so that only a request at fault fails."""
         groups: dict[Hashable, list[Sequence]] = {}
         for sequence in sequences:
-            groups.setdefault(self._runner_key(sequence.request.task), []).append(sequence)
+            groups.setdefault(self._runner_key(sequence.request), []).append(sequence)
         for key, group in groups.items():
+            if key not in self.runners:  # its adapter was unloaded while it waited
+                for sequence in group:
+                    sequence.fail(RequestError("the adapter was unloaded before this request started", status=404))
+                continue
             try:
                 with self._lock, torch.inference_mode():
                     new = RunningBatch.prefill(self.runners[key], group, self.pad_token_id, self.device, self.config)
@@ -261,7 +357,7 @@ class Engine:
     def step(self) -> None:
         """One decoding step of every running batch (one forward each); finished and cancelled rows leave. A
         failed forward fails the rows of its batch."""
-        for batch in self.batches.values():
+        for batch in list(self.batches.values()):
             if not batch.sequences:
                 continue
             try:
@@ -270,6 +366,9 @@ class Engine:
             except Exception as error:
                 logger.exception("a decoding step of %d rows failed", len(batch))
                 batch.fail(error)
+        if self._retiring:
+            with self._lock:
+                self._drop_retired()
 
     def generate(
         self,
@@ -299,9 +398,12 @@ class Engine:
             raise errors[0]
         return [sequence.completion for sequence in sequences]
 
-    def _runner_key(self, task: int) -> Hashable:
-        """Which runner decodes a request of `task`: its merged copy if it has one, else the shared model."""
-        return ("merged", task) if task in self.merged else "model"
+    def _runner_key(self, request: GenerationRequest) -> Hashable:
+        """Which runner decodes a request: its adapter's, or for the run's tasks their merged copy if there is one,
+        else the run's model."""
+        if request.runner is not None:
+            return request.runner
+        return ("merged", request.task) if request.task in self.merged else "model"
 
 
 def _eos_token_ids(model: nn.Module, tokenizer) -> list[int]:

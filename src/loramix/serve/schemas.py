@@ -63,3 +63,20 @@ class ChatBody(Sampling):
 
     def top_logprobs_count(self) -> int | None:
         return (self.top_logprobs or 0) if self.logprobs else None
+
+
+class LoadAdapterBody(BaseModel):
+    """POST /v1/load_lora_adapter (vLLM's body): a peft LoRA or loramix run folder, served as `lora_name`."""
+
+    model_config = ConfigDict(strict=True, extra="ignore")
+
+    lora_name: str = Field(min_length=1)
+    lora_path: str = Field(min_length=1)
+
+
+class UnloadAdapterBody(BaseModel):
+    """POST /v1/unload_lora_adapter (vLLM's body)."""
+
+    model_config = ConfigDict(strict=True, extra="ignore")
+
+    lora_name: str = Field(min_length=1)
