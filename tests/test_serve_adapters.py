@@ -62,7 +62,7 @@ def folders(tmp_path_factory):
     return found
 
 
-MODELS = {}
+MODELS, ANSWERS = {}, {}
 
 
 def alone(folders, tokenizer, name: str, task: int | None, prompt: str, max_tokens: int) -> list[int]:
@@ -74,7 +74,11 @@ def alone(folders, tokenizer, name: str, task: int | None, prompt: str, max_toke
         else:
             MODELS[path] = loramix.load(tiny_llama().double(), path / "adapter").double().eval()
     plain = (path / "adapter_config.json").is_file()
-    return reference(MODELS[path], tokenizer, tokenizer(prompt)["input_ids"], None if plain else task or 0, max_tokens)
+    key = (path, task, prompt)
+    if key not in ANSWERS:  # the whole answer, once: a shorter one is its beginning
+        ids = tokenizer(prompt)["input_ids"]
+        ANSWERS[key] = reference(MODELS[path], tokenizer, ids, None if plain else task or 0, MAX_NEW_TOKENS)
+    return ANSWERS[key][:max_tokens]
 
 
 def engine_for(folders, names, max_adapters=None) -> Engine:
@@ -160,3 +164,76 @@ def test_at_most_max_adapters_stay_loaded_and_others_come_back_on_demand(folders
     ids = tokenizer(PROMPTS[0])["input_ids"]
     (completion,) = engine.generate([engine.request("p2", ids, max_tokens=6)])
     assert completion.token_ids == alone(folders, tokenizer, "p2", None, PROMPTS[0], 6)
+
+
+def test_sixteen_adapters_in_one_server_process_with_loads_and_unloads(folders, tmp_path):
+    """The real server with 10 peft LoRA folders and three runs (MOELoRA, top-k MixLoRA, PEDRO): 16 model ids,
+    mixed requests 16 at a time through the openai client while one adapter is unloaded and another loaded."""
+    import asyncio
+
+    import httpx
+    import openai
+    from test_serve_openai import API_KEY, start_server
+
+    tokenizer = tiny_tokenizer()
+    options = []
+    for index in range(10):
+        name = f"lora{index}"
+        targets = [("q_proj", "v_proj"), ("q_proj", "k_proj", "o_proj", "up_proj"), ("down_proj", "gate_proj")][
+            index % 3
+        ]
+        folders[name] = save_peft(tmp_path / name, [2, 4, 8][index % 3], seed=10 + index, targets=targets)
+        options += ["--adapter", f"{name}={folders[name]}"]
+    for name in ("moe", "topk", "pedro"):
+        options += ["--adapter", f"{name}={folders[name]}"]
+    folders["late"] = save_peft(tmp_path / "late", 4, seed=99)
+    process, url = start_server(None, *options, "--model", "tiny-llama")
+    models = [f"lora{i}" for i in range(10)] + ["moe/a", "moe/b", "moe/c", "topk", "pedro/x", "pedro/a"]
+    task_of = {"moe/a": 0, "moe/b": 1, "moe/c": 2, "pedro/x": 0, "pedro/a": 1}
+    cases = [(models[i % 16], PROMPTS[i % 5], 2 + i % 10) for i in range(96)]
+
+    def expected(model: str, prompt: str, max_tokens: int) -> str:
+        name = model.split("/")[0]
+        tokens = alone(folders, tokenizer, name, task_of.get(model), prompt, max_tokens)
+        return tokenizer.decode(tokens, skip_special_tokens=True)
+
+    async def load() -> tuple[list, list, str]:
+        async with openai.AsyncOpenAI(base_url=f"{url}/v1", api_key=API_KEY, max_retries=0) as api:
+            listed = [model.id async for model in api.models.list()]
+            limit = asyncio.Semaphore(16)
+
+            async def one(model, prompt, max_tokens):
+                async with limit:
+                    answer = await api.completions.create(model=model, prompt=prompt, max_tokens=max_tokens)
+                    return answer.choices[0].text
+
+            async with httpx.AsyncClient(base_url=url, headers={"Authorization": f"Bearer {API_KEY}"}) as http:
+                requests = [asyncio.create_task(one(*case)) for case in cases]
+                await asyncio.sleep(0.2)
+                unloaded = await http.post("/v1/unload_lora_adapter", json={"lora_name": "lora9"})
+                loaded = await http.post(
+                    "/v1/load_lora_adapter", json={"lora_name": "late", "lora_path": str(folders["late"])}
+                )
+                bad = await http.post(
+                    "/v1/load_lora_adapter", json={"lora_name": "x", "lora_path": str(tmp_path / "nothing")}
+                )
+                assert (unloaded.status_code, loaded.status_code, bad.status_code) == (200, 200, 400)
+                assert "nothing" in bad.json()["error"]["message"]
+                answers = await asyncio.gather(*requests, return_exceptions=True)
+                late = await one("late", PROMPTS[0], 8)
+                with pytest.raises(openai.NotFoundError):
+                    await one("lora9", PROMPTS[0], 8)
+            return listed, answers, late
+
+    try:
+        listed, answers, late = asyncio.run(load())
+    finally:
+        process.kill()
+        process.wait(30)
+    assert listed == models
+    for (model, prompt, max_tokens), answer in zip(cases, answers, strict=True):
+        if isinstance(answer, openai.NotFoundError):  # sent to lora9 after it was unloaded
+            assert model == "lora9"
+            continue
+        assert answer == expected(model, prompt, max_tokens), model
+    assert late == tokenizer.decode(alone(folders, tokenizer, "late", None, PROMPTS[0], 8), skip_special_tokens=True)

@@ -65,7 +65,9 @@ def alone(run_dir):
     return tokens
 
 
-def start_server(run_dir: Path) -> tuple[subprocess.Popen, str]:
+def start_server(run_dir: Path | None, *options: str) -> tuple[subprocess.Popen, str]:
+    """`loramix serve` (float64, API key) on a free loopback port, with the run folder and `options`; waits until
+    it answers /health."""
     sock = socket.socket()
     sock.bind(("127.0.0.1", 0))
     port = sock.getsockname()[1]
@@ -73,8 +75,8 @@ def start_server(run_dir: Path) -> tuple[subprocess.Popen, str]:
     command = [
         str(Path(sys.executable).parent / "loramix"),
         "serve",
-        "--run",
-        str(run_dir),
+        *(["--run", str(run_dir)] if run_dir is not None else []),
+        *options,
         "--port",
         str(port),
         "--device",
@@ -85,8 +87,7 @@ def start_server(run_dir: Path) -> tuple[subprocess.Popen, str]:
         str(MAX_NEW_TOKENS),
         "--max-prompt-tokens",
         "48",
-        "--merged-tasks",
-        "1",
+        *(["--merged-tasks", "1"] if run_dir is not None else []),
         "--drain-timeout",
         "60",
     ]
