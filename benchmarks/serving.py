@@ -5,6 +5,7 @@
     python benchmarks/serving.py --http             # and the head-of-line case with the openai client against
                                                     # a real `loramix serve` process
     python benchmarks/serving.py --quick            # the tiny model: a check that everything runs
+    python benchmarks/serving.py --only-adapters    # 16 and 64 peft LoRA adapters: shared batches against peft
 
 Schedulers (one thread each, real computation; requests arrive on the wall clock at the trace's times):
   continuous  loramix.serve.Engine as the server runs it: new prompts are processed in a forward of their own
@@ -16,6 +17,8 @@ Traces: Poisson arrivals at an offered load, tenants uniform, one request in eig
 short (8 tokens); prompts are real medical texts in the chat template. Also the head-of-line case: one 200-token
 request, and 1 s later four 8-token requests: their latency beside it against alone.
 Figures: time to first token and per-token latency (p50, p99 over requests), generated tokens/s over the trace.
+Adapters by name: 64 requests at once, round robin over 16 or 64 peft LoRA adapters, 32 tokens each: loramix's
+shared batch (per-row factors) against peft's `generate(adapter_names=...)` in batches of 16.
 """
 
 from __future__ import annotations
@@ -295,6 +298,44 @@ def http_head_of_line(model_name: str, rank: int, long_tokens: int, rounds: int,
     return result | {"ratio": result["beside_long_s"] / result["alone_s"]}
 
 
+def adapter_throughput(model_name: str | None, counts: list[int], rank: int, requests: int, max_tokens: int) -> dict:
+    """Generated tokens/s of `requests` requests (all at once, round robin over `count` peft LoRA adapters of rank
+    `rank`) for loramix's shared batches of adapters served by name, against peft's `adapter_names` batches."""
+    from loramix.serve.adapters import AdapterSet
+
+    base, tokenizer = load_model(model_name)
+    prompts = chat_prompts(tokenizer, 16)
+    results = {}
+    for count in counts:
+        folder = Path(tempfile.mkdtemp(prefix="loramix-adapters-"))
+        config = LoraConfig(r=rank, lora_alpha=2 * rank, target_modules=TARGETS, init_lora_weights=False)
+        peft_model = get_peft_model(copy.deepcopy(base), config, adapter_name="a0")
+        for index in range(1, count):
+            peft_model.add_adapter(f"a{index}", config)
+        peft_model.save_pretrained(folder)  # each adapter in folder/a<i>
+        peft_model.eval()
+        engine = Engine(base, tokenizer, [], max_new_tokens=max_tokens, adapters=AdapterSet(base, model_name))
+        for index in range(count):
+            engine.load_adapter(f"a{index}", folder / f"a{index}")
+        trace = [
+            (0.0, engine.request(f"a{i % count}", prompts[i % len(prompts)], max_tokens=max_tokens))
+            for i in range(requests)
+        ]
+
+        def peft_batches(tasks: list[int], peft_model=peft_model, **inputs) -> None:
+            peft_model.generate(**inputs, adapter_names=[f"a{task}" for task in tasks])
+
+        peer = [(0.0, copy.copy(r)) for _, r in trace]
+        for index, (_, request) in enumerate(peer):
+            request.task = index % count  # peft's adapter of the row
+        results[str(count)] = {
+            "loramix": summary(run_trace("continuous", engine, None, trace))["tokens_per_s"],
+            "peft": summary(run_trace("window", engine, peft_batches, peer))["tokens_per_s"],
+        }
+        shutil.rmtree(folder, ignore_errors=True)
+    return results
+
+
 def plot(results: dict, rates: list[float]) -> None:
     import matplotlib
 
@@ -332,12 +373,26 @@ def main() -> None:
     parser.add_argument("--rank", type=int, default=16, help="each tenant's LoRA rank (8 experts of rank/8)")
     parser.add_argument("--long-tokens", type=int, default=200, help="the long request of the head-of-line case")
     parser.add_argument("--http", action="store_true", help="also the head-of-line case over HTTP (openai client)")
+    parser.add_argument("--adapters", default="16,64", help="peft LoRA adapters served by name (throughput part)")
+    parser.add_argument("--adapter-rank", type=int, default=8, help="rank of those adapters")
+    parser.add_argument("--only-adapters", action="store_true", help="run only the adapters' throughput")
     parser.add_argument("--quick", action="store_true", help="tiny model, short traces: a check that it runs")
     parser.add_argument("--out", type=Path, default=None, help="write the results as JSON here")
     args = parser.parse_args()
     if args.quick:
-        args.model, args.rates, args.requests, args.long_tokens = "tiny-llama", "20,80", 16, 40
+        args.model, args.rates, args.requests, args.long_tokens, args.adapters = "tiny-llama", "20,80", 16, 40, "4"
     torch.set_num_threads(int(os.environ.get("OMP_NUM_THREADS", torch.get_num_threads())))
+    counts = [int(count) for count in args.adapters.split(",") if count]
+    adapters = adapter_throughput(args.model, counts, args.adapter_rank, requests=64, max_tokens=32) if counts else {}
+    for count, r in adapters.items():
+        print(
+            f"{count} peft LoRA adapters of rank {args.adapter_rank}, 64 requests of 32 tokens: loramix shared "
+            f"batches {r['loramix']:.1f} tokens/s, peft adapter_names {r['peft']:.1f} ({r['loramix'] / r['peft']:.2f}x)"
+        )
+    if args.only_adapters:
+        if args.out:
+            args.out.write_text(json.dumps({"adapters": adapters}, indent=2))
+        return
     rates = [float(rate) for rate in args.rates.split(",")]
     base, _, engine, tokenizer = build_engine(args.model, args.rank)
     prompts = chat_prompts(tokenizer, 32)
@@ -352,6 +407,7 @@ def main() -> None:
         trace = poisson_trace(engine, prompts, rate, args.requests, seed=0)
         for scheduler in SCHEDULERS:
             results[scheduler][str(rate)] = summary(run_trace(scheduler, engine, generators.get(scheduler), trace))
+    results["adapters"] = adapters
     results["head_of_line"] = {}
     for scheduler in SCHEDULERS:
         latency = {}
