@@ -56,7 +56,7 @@ def create_app(
     app.state.engine, app.state.scheduler, app.state.metrics = engine, scheduler, metrics
     _add_error_handlers(app)
     if api_key:
-        _require_api_key(app, api_key)
+        app.add_middleware(_RequireApiKey, api_key=api_key)
     logprob_text = _LogprobText(engine.tokenizer)
 
     @app.get("/health")
@@ -206,19 +206,23 @@ class _LogprobText:
         }
 
 
-def _require_api_key(app: FastAPI, api_key: str) -> None:
-    """Every /v1 route answers 401 unless the request carries `Authorization: Bearer <api_key>`."""
-    expected = f"Bearer {api_key}".encode()
+class _RequireApiKey:
+    """ASGI middleware: every /v1 route answers 401 unless the request carries `Authorization: Bearer <api_key>`.
+    Plain ASGI, not BaseHTTPMiddleware, which would hide a client's disconnect from the routes behind it."""
 
-    @app.middleware("http")
-    async def check_key(request: Request, call_next):
-        if request.url.path.startswith("/v1"):
-            given = request.headers.get("authorization", "").encode()
-            if not hmac.compare_digest(given, expected):
-                error = RequestError("Incorrect or missing API key: send Authorization: Bearer <key>", status=401)
-                error.code = "invalid_api_key"
-                return JSONResponse(error.body(), status_code=401)
-        return await call_next(request)
+    def __init__(self, app, api_key: str) -> None:
+        self.app, self.expected = app, f"Bearer {api_key}".encode()
+
+    async def __call__(self, scope, receive, send) -> None:
+        if scope["type"] == "http" and scope["path"].startswith("/v1"):
+            given = dict(scope["headers"]).get(b"authorization", b"")
+            if not hmac.compare_digest(given, self.expected):
+                error = RequestError(
+                    "Incorrect or missing API key: send Authorization: Bearer <key>", status=401, code="invalid_api_key"
+                )
+                await JSONResponse(error.body(), status_code=401)(scope, receive, send)
+                return
+        await self.app(scope, receive, send)
 
 
 def _identity(prefix: str, model: str) -> dict:
