@@ -8,6 +8,9 @@ from typing import Annotated
 
 import typer
 from rich.console import Console
+from rich.markup import escape
+
+from loramix.extras import MissingExtra, requires
 
 app = typer.Typer(
     help="Mixture-of-LoRA-experts fine-tuning for Hugging Face causal LMs.",
@@ -19,14 +22,15 @@ errors = Console(stderr=True)
 
 
 def _user_errors() -> tuple[type[Exception], ...]:
-    """Errors that mean a wrong input (bad recipe, missing data or run folder): one line, no traceback."""
+    """Errors that mean a wrong input (bad recipe, missing data or run folder) or a missing extra: one line, no
+    traceback."""
     from loramix.train import TrainingError
 
-    return ValueError, FileNotFoundError, FileExistsError, TrainingError
+    return ValueError, FileNotFoundError, FileExistsError, TrainingError, MissingExtra
 
 
 def _fail(error: Exception) -> typer.Exit:
-    errors.print(f"[bold red]error:[/] {error}", highlight=False, soft_wrap=True)
+    errors.print(f"[bold red]error:[/] {escape(str(error))}", highlight=False, soft_wrap=True)
     return typer.Exit(code=1)
 
 
@@ -60,7 +64,7 @@ def train(
     except _user_errors() as error:
         raise _fail(error) from None
     except KeyboardInterrupt:
-        errors.print(f"interrupted: continue with `loramix train --run {run} --resume`")
+        errors.print(f"interrupted: continue with `loramix train --run {run} --resume`", markup=False)
         raise typer.Exit(code=130) from None
     finally:
         _leave_process_group()
@@ -124,7 +128,7 @@ def export(
         written = export_run(run, task, out)
     except _user_errors() as error:
         raise _fail(error) from None
-    console.print(f"wrote the peft adapter of task {task} to {written}", highlight=False)
+    console.print(f"wrote the peft adapter of task {task} to {written}", highlight=False, markup=False)
 
 
 @app.command()
@@ -145,7 +149,7 @@ def compose(
     except _user_errors() as error:
         raise _fail(error) from None
     weights = ", ".join(f"{path.name} {weight:+.3f}" for path, weight in zip(upstream, result.weights, strict=True))
-    console.print(f"weights: {weights}; loss {result.loss:.4f}; wrote {out}", highlight=False)
+    console.print(f"weights: {weights}; loss {result.loss:.4f}; wrote {out}", highlight=False, markup=False)
 
 
 @app.command()
@@ -181,10 +185,8 @@ def serve(
 
     Requests join the running batch at the next decoding step (continuous batching). GET /metrics gives
     Prometheus metrics. SIGTERM drains: running requests finish, new ones get 503, then the server exits."""
-    try:
-        from loramix.serve import serve_run
-    except ImportError as error:
-        raise _fail(ImportError(f"{error}: install the server with `pip install 'loramix[serve]'`")) from None
+    from loramix.serve import serve_run
+
     try:
         adapters = dict(_name_and_path(item) for item in adapter or [])
         serve_run(
@@ -231,13 +233,12 @@ def lm_eval(ctx: typer.Context) -> None:
     import sys
 
     try:
-        from lm_eval.__main__ import cli_evaluate
+        with requires("harness", "loramix lm-eval"):
+            from lm_eval.__main__ import cli_evaluate
 
-        import loramix.harness  # noqa: F401  (registers the "loramix" model)
-    except ImportError as error:
-        raise _fail(
-            ImportError(f"loramix lm-eval needs lm-evaluation-harness: pip install 'loramix[harness]' ({error})")
-        ) from None
+            import loramix.harness  # noqa: F401  (registers the "loramix" model)
+    except MissingExtra as error:
+        raise _fail(error) from None
     sys.argv = ["lm_eval", *ctx.args]
     cli_evaluate()
 
@@ -256,6 +257,7 @@ def _print_summary(run: Path) -> None:
             f"trained {summary['steps']} steps in {summary['seconds'] / 60:.1f} min; "
             f"inputs truncated to {summary['max_length']} tokens: {truncated}",
             highlight=False,
+            markup=False,
         )
 
 

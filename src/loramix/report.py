@@ -12,6 +12,7 @@ import matplotlib
 matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402  (the backend must be chosen first)
 import yaml  # noqa: E402
+from rich.markup import escape  # noqa: E402
 from rich.table import Table  # noqa: E402
 from safetensors import safe_open  # noqa: E402
 
@@ -116,7 +117,10 @@ def summary_table(run_dir: str | Path) -> Table:
     metrics = _read_json(run_dir / "metrics.json")
     if metrics is None:
         raise FileNotFoundError(f"{run_dir / 'metrics.json'} is missing: run `loramix eval --run {run_dir}` first")
-    table = Table(title=f"{run_dir.name}: test scores [95% interval]; ✓ = beats the baseline (paired bootstrap)")
+    # names are the user's: escaped, so that rich prints a bracketed part instead of reading it as markup
+    table = Table(
+        title=f"{escape(run_dir.name)}: test scores [95% interval]; ✓ = beats the baseline (paired bootstrap)"
+    )
     table.add_column("task")
     table.add_column("metric")
     for column in COLUMNS:
@@ -131,7 +135,7 @@ def summary_table(run_dir: str | Path) -> Table:
         result = metrics["tasks"].get(task, {})
         n = "" if last or task == previous else str(result.get("n", ""))
         table.add_row(
-            "" if task == previous else task,
+            "" if task == previous else escape(task),
             name,
             *(_with_interval(result, column, name, values[column], "\n") for column in COLUMNS),
             *(_difference(result, column, name, "\n") for column in DIFFERENCE_LABELS),

@@ -30,7 +30,10 @@ __all__ = [
 def __getattr__(name: str):
     """`create_app` is imported on first use: it needs fastapi, which the core install does not bring."""
     if name == "create_app":
-        from loramix.serve.app import create_app
+        from loramix.extras import requires
+
+        with requires("serve", "the HTTP server"):
+            from loramix.serve.app import create_app
 
         return create_app
     raise AttributeError(f"module {__name__!r} has no attribute {name!r}")

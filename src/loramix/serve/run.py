@@ -123,9 +123,12 @@ def serve_run(
 
     SIGTERM or Ctrl-C drains: the server stops listening, refuses requests on open connections (503), lets the
     running ones finish (at most `drain_timeout_s`) and exits."""
-    import uvicorn  # the `serve` extra, like fastapi: only the HTTP server needs them
+    from loramix.extras import requires
 
-    from loramix.serve.app import create_app
+    with requires("serve", "the HTTP server"):  # fastapi and uvicorn: only the HTTP server needs them
+        import uvicorn
+
+        from loramix.serve.app import create_app
 
     engine = load_engine(
         run_dir,
