@@ -223,6 +223,11 @@ class Engine:
         if path is not None and name not in self.adapters.served:
             self.load_adapter(name, path)
 
+    def _still_served(self, key: Hashable, request: GenerationRequest) -> bool:
+        if key not in self.runners:
+            return False
+        return key != LORA_RUNNER or request.task in self.adapters.lora.tenants
+
     def _adapter_set(self) -> AdapterSet:
         if self.adapters is None:
             raise RequestError("this server loads no adapters by name (start it with --adapter)", status=400)
@@ -337,9 +342,11 @@ class Engine:
         for sequence in sequences:
             groups.setdefault(self._runner_key(sequence.request), []).append(sequence)
         for key, group in groups.items():
-            if key not in self.runners:  # its adapter was unloaded while it waited
-                for sequence in group:
-                    sequence.fail(RequestError("the adapter was unloaded before this request started", status=404))
+            gone = [sequence for sequence in group if not self._still_served(key, sequence.request)]
+            for sequence in gone:  # its adapter was unloaded (or dropped for --max-adapters) while it waited
+                sequence.fail(RequestError("the adapter was unloaded before this request started: retry", status=503))
+            group = [sequence for sequence in group if sequence not in gone]
+            if not group:
                 continue
             try:
                 with self._lock, torch.inference_mode():
