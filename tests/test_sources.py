@@ -58,7 +58,7 @@ def labelled_pieces(tokenizer, pieces: list[tuple[str, bool]]) -> tuple[list[int
 def test_a_chat_row_trains_on_every_assistant_turn_and_its_own_system_turn(tmp_path):
     path = write_jsonl(tmp_path / "chat.jsonl", [conversation(n) for n in range(10)])
     tasks = load_data_tasks([DataEntry(str(path), "chat", "support")], register=False)
-    (example,) = [e for e, _ in tasks["support"].rows if e.id == "1"]  # line 1: conversation 0
+    (example,) = [e for e, _ in tasks["support"].rows if e.id == "chat.jsonl:1"]  # conversation 0
     assert (example.prompt, example.answer) == ("Bye", "See you 0.")
     tokenizer = tiny_tokenizer()
     head = "<|im_start|>system\nBe kind.<|im_end|>\n<|im_start|>user\nHi 0<|im_end|>\n<|im_start|>assistant\n"
@@ -117,7 +117,7 @@ def test_alpaca_rows_from_jsonl_and_from_a_json_array_through_datasets(tmp_path)
         assert (first.prompt, first.answer, first.context) == ("Add the numbers.\n\n2 and 3", "5", ())
         assert (second.prompt, second.context) == ("Name a colour.", (("system", "Answer in one word."),))
         assert {split for _, split in task.rows} == {"train"} and not task.choices
-    assert [e.id for e, _ in task.rows] == ["0", "1"]  # a dataset's rows are named by index
+    assert [e.id for e, _ in task.rows] == ["alpaca.json:0", "alpaca.json:1"]  # a dataset's rows by index
 
 
 def test_a_parquet_file_through_datasets_with_a_column_mapping(tmp_path):

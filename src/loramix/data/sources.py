@@ -61,7 +61,8 @@ def load_data_tasks(entries: list[DataEntry], register: bool = True) -> dict[str
 
 
 def entry_examples(entry: DataEntry) -> Iterator[tuple[Example, str | None]]:
-    """(example, split) of every row of one entry, in the source's order; nothing is skipped."""
+    """(example, split) of every row of one entry, in the source's order; nothing is skipped. An example's id is
+    the file's name and the row's line (JSONL) or index (datasets), as in "chat.jsonl:7"."""
     path, source = Path(entry.path), source_of(entry)
     if not path.exists():
         raise FileNotFoundError(f"no data at {path}")
@@ -72,7 +73,7 @@ def entry_examples(entry: DataEntry) -> Iterator[tuple[Example, str | None]]:
         if not isinstance(row, dict):
             raise ValueError(f"{where}: expected a JSON object, got {type(row).__name__}")
         values = {field: row.get(column) for field, column in names.items()}
-        example, split = _FORMATS[entry.format](values, entry, where, index)
+        example, split = _FORMATS[entry.format](values, entry, where, f"{path.name}:{index}")
         if entry.use_as is not None:
             if split not in (None, entry.use_as):
                 raise ValueError(f"{where}: the row's split {split!r} contradicts the entry's use_as: {entry.use_as}")
