@@ -444,6 +444,7 @@ def check_resumable(recipe: Recipe, run_dir: Path) -> None:
 
     saved, given = _flatten(yaml.safe_load((run_dir / "recipe.yaml").read_text())), _flatten(recipe.to_dict())
     defaults = _flatten({f.name: f.default for f in fields(Recipe) if f.default is not MISSING})
+    defaults |= {f.name: f.default_factory() for f in fields(Recipe) if f.default_factory is list}
     defaults |= _flatten({"training": asdict(Training())})
     changed = sorted(k for k in saved.keys() | given.keys() if saved.get(k, defaults.get(k)) != given.get(k))
     changed = [k for k in changed if k not in RESUMABLE_CHANGES]
