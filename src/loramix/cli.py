@@ -183,8 +183,9 @@ def serve(
 ) -> None:
     """Serve a run's tasks and adapters by name over an OpenAI-compatible HTTP API until interrupted.
 
-    `model` is a task of the run, an adapter's NAME or NAME/TASK. Requests join the running batch at the next decoding step (continuous batching). GET /metrics gives
-    Prometheus metrics. SIGTERM drains: running requests finish, new ones get 503, then the server exits."""
+    `model` is a task of the run, an adapter's NAME or NAME/TASK. Requests join the running batch at the next
+    decoding step (continuous batching). GET /metrics gives Prometheus metrics. SIGTERM drains: running requests
+    finish, new ones get 503, then the server exits."""
     from loramix.serve import serve_run
 
     try:
