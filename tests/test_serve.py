@@ -704,6 +704,25 @@ def test_a_client_leaving_a_stream_harms_nobody(server, tokenizer, expected):
     assert answer == decode(tokenizer, expected("completion", 2, PROMPTS[2]))
 
 
+def test_a_client_that_gives_up_on_a_plain_request_frees_its_row(tokenizer):
+    """A non-streamed request whose client disconnects is cancelled at the next step, not decoded to its end (each
+    step is slowed, so that the request outlives the client's patience whatever the machine)."""
+    engine = Engine(mixture(), tokenizer, TENANTS, max_new_tokens=200, max_prompt_tokens=MAX_PROMPT_TOKENS)
+    step = engine.step
+    engine.step = lambda: (time.sleep(0.02), step())
+    app = create_app(engine, api_key="key")  # the key's middleware must not hide the disconnect
+    with running(app) as url:
+        body = {"model": TENANTS[5], "prompt": PROMPTS[3], "max_tokens": 200}
+        with pytest.raises(httpx.ReadTimeout):
+            httpx.post(f"{url}/v1/completions", json=body, headers={"Authorization": "Bearer key"}, timeout=0.5)
+        deadline = time.monotonic() + 10
+        while engine.running or app.state.scheduler.waiting:
+            assert time.monotonic() < deadline, "the request was not cancelled"
+            time.sleep(0.02)
+        metrics = httpx.get(f"{url}/metrics").text
+    assert 'loramix_request_success_total{finished_reason="cancelled",model_name="tenant5"} 1.0' in metrics
+
+
 def test_serving_core_imports_without_the_http_extra():
     """Engine, TaskRows and load_engine need no fastapi/uvicorn (the `serve` extra); create_app says it needs them."""
     code = """
