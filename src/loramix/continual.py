@@ -5,9 +5,9 @@ only a new embedding row; the experts, the gate and every old task's row stay fr
 update, and so its outputs, stay bit-identical, while the new task learns which mix of the trained experts
 serves it. With `continual.new_experts: m` the run also adds m LoRA experts per adapted layer and their gate,
 used by the new tasks only (an old task's weights for them are exactly 0.0: `TaskRouter`, `MixLoraLinear`),
-so that a new task can learn what the frozen experts cannot express. The continued run trains the new tasks only (its sampler never draws an old one) and saves an
-ordinary task-router adapter with `num_tasks` = old + new tasks: it loads, evaluates, merges, exports and
-serves like any other.
+so that a new task can learn what the frozen experts cannot express. The continued run trains the new tasks
+only (its sampler never draws an old one) and saves an ordinary task-router adapter with `num_tasks` = old +
+new tasks: it loads, evaluates, merges, exports and serves like any other.
 """
 
 from __future__ import annotations
