@@ -83,11 +83,14 @@ def continue_tasks(model: MixLoraModel, run: Path) -> int:
     adds_experts = model.mixlora_config.added_from_task == old_tasks
     merged = {}
     for name, tensor in own.items():
-        if name not in state and adds_experts and name.endswith(ADDED):
+        if name in names:
+            merged[name] = torch.cat([state[name], tensor[old_tasks:]])
+        elif name in state:
+            merged[name] = state[name]
+        elif adds_experts and name.endswith(ADDED):
             merged[name] = tensor  # an expert (or its gate) that this run adds: freshly initialised
-        elif name not in state:
+        else:
             raise ValueError(f"{run / 'adapter'} lacks {name}: it is not the adapter this run continues")
-        merged[name] = torch.cat([state[name], tensor[old_tasks:]]) if name in names else state[name]
     model.load_adapter_state_dict(merged, source=str(run / "adapter"))
     for router in routers.values():
         router.embedding.weight.register_hook(lambda grad: _without_rows(grad, old_tasks))
