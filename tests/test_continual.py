@@ -168,6 +168,12 @@ def test_new_experts_save_load_merge_export_and_serve_every_task(tmp_path, first
         assert torch.equal(merged[0](**inputs[0]).logits, old.merge_task(0)(**inputs[0]).logits)
         torch.testing.assert_close(merged[1](**inputs[1]).logits, expected[1], atol=1e-5, rtol=0)
 
+        # generate (gates and B kept across decoding steps) decodes as the merged model does, for both tasks
+        settings = {"max_new_tokens": 4, "do_sample": False, "pad_token_id": 0}
+        for task in (0, 1):
+            decoded = new.generate(**inputs[task], task_ids=batch(task)["task_ids"], **settings)
+            assert torch.equal(decoded, merged[task].generate(**inputs[task], **settings))
+
     # export: the old task's adapter is the one it had (rank 4 x 2), the new one's has its 6 experts
     for task, run, model in ((0, "old", old), (0, "new", new), (1, "new", new)):
         export_peft(model, tmp_path / f"{run}{task}", task_id=task)
