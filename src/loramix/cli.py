@@ -181,10 +181,11 @@ def serve(
         float, typer.Option(help="seconds that running requests get to finish after SIGTERM or Ctrl-C")
     ] = 60.0,
 ) -> None:
-    """Serve the run's tasks over an OpenAI-compatible HTTP API (`model` = task name) until interrupted.
+    """Serve a run's tasks and adapters by name over an OpenAI-compatible HTTP API until interrupted.
 
-    Requests join the running batch at the next decoding step (continuous batching). GET /metrics gives
-    Prometheus metrics. SIGTERM drains: running requests finish, new ones get 503, then the server exits."""
+    `model` is a task of the run, an adapter's NAME or NAME/TASK. Requests join the running batch at the next
+    decoding step (continuous batching). GET /metrics gives Prometheus metrics. SIGTERM drains: running requests
+    finish, new ones get 503, then the server exits."""
     from loramix.serve import serve_run
 
     try:
