@@ -138,7 +138,8 @@ class LoramixLM(HFLM):
             prompts.setdefault((tuple(prompt), lead), []).append(index)
         order = sorted(prompts, key=lambda key: (-len(key[0]) - max(len(rests[i]) for i in prompts[key]), key))
         size = override_bs or self.batch_size
-        chunks = _prompt_chunks(list(range(len(order))), [len(prompts[key]) for key in order], size)
+        longer = [sum(len(rests[index]) > 1 for index in prompts[key]) for key in order]  # rows of the 2nd forward
+        chunks = _prompt_chunks(list(range(len(order))), longer, size)
         pad = self.tokenizer.pad_token_id if self.tokenizer.pad_token_id is not None else self.eot_token_id
         adapted = isinstance(self._model, AdaptedModel)
         results: list[tuple[float, bool] | None] = [None] * len(requests)
