@@ -23,6 +23,7 @@ import json
 import math
 import shutil
 import statistics
+import sys
 import tempfile
 import time
 from pathlib import Path
@@ -127,10 +128,11 @@ def run(args: argparse.Namespace) -> dict:
         }
         seconds: dict[str, list[float]] = {name: [] for name in models}
         accuracy = {}
-        for _ in range(args.rounds):
+        for number in range(args.rounds):
             for name, lm in models.items():
                 elapsed, accuracy[name] = timed(lm, requests)
                 seconds[name].append(elapsed)
+                print(f"round {number}: {name} {elapsed:.1f} s", file=sys.stderr, flush=True)
     finally:
         shutil.rmtree(work, ignore_errors=True)
     medians = {name: statistics.median(values) for name, values in seconds.items()}
