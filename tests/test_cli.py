@@ -33,7 +33,7 @@ def invoke(*args: str):
 
 
 def test_train_evaluates_reports_and_inspect_prints_the_table(tmp_path, config):
-    run = tmp_path / "run"
+    run = tmp_path / "run[serve]"  # printed literally, not read as rich markup
     result = invoke("train", "--config", config, "--run", run, "training.steps=3", "mixlora.top_k=1")
     assert result.exit_code == 0, result.output
     assert "parity" in result.output and "zero-shot" in result.output and "majority" in result.output
@@ -42,6 +42,7 @@ def test_train_evaluates_reports_and_inspect_prints_the_table(tmp_path, config):
     assert saved["training"]["steps"] == 3 and saved["mixlora"]["top_k"] == 1
     result = invoke("inspect", run)
     assert result.exit_code == 0 and "parity" in result.output and "trained 3 steps" in result.output
+    assert "run[serve]: test scores" in result.output
 
 
 def test_resume_continues_a_run_with_its_own_recipe(tmp_path, config):

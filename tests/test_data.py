@@ -208,7 +208,8 @@ def test_jsonl_task(tmp_path):
     try:
         assert get_task("capitals") is capitals and not capitals.trainable
         examples = capitals.load()["test"]
-        assert capitals.score([capitals.parse(" paris.")], examples) == {"accuracy": 1.0}
+        assert capitals.score([capitals.parse(" paris.")], examples) == {"accuracy": 1.0, "token_f1": 1.0}
+        assert capitals.score(["Paris, France"], examples) == {"accuracy": 0.0, "token_f1": pytest.approx(2 / 3)}
     finally:
         TASKS.pop("capitals")
 

@@ -150,14 +150,22 @@ def test_evaluate_model_scores_parsed_answers(monkeypatch):
         return outputs
 
     monkeypatch.setattr(evaluation, "generate_answers", scripted)
-    results = evaluate_model(None, None, {"pubmedqa": examples}, {"pubmedqa": 2}, mode="generate")
+    results = evaluate_model(None, None, {"pubmedqa": examples}, {"pubmedqa": 2}, mode="generate", perplexity=False)
     assert results["pubmedqa"]["outputs"] == outputs
     assert results["pubmedqa"]["predictions"] == ["yes", "no", "maybe", "yes", "yes", "it is unclear"]
     # 4 of 6 right; F1 yes = 2*2/(3+3), no = 2*1/(1+2), maybe = 2*1/(1+1)
     assert results["pubmedqa"]["metrics"] == pytest.approx({"accuracy": 4 / 6, "macro_f1": (2 / 3 + 2 / 3 + 1) / 3})
     assert calls == [("pubmedqa", 2, get_task("pubmedqa").max_new_tokens, False, None)]
     evaluate_model(
-        None, None, {"pubmedqa": examples}, None, mode="generate", max_new_tokens=9, bf16=True, system_prompt=""
+        None,
+        None,
+        {"pubmedqa": examples},
+        None,
+        mode="generate",
+        max_new_tokens=9,
+        bf16=True,
+        system_prompt="",
+        perplexity=False,
     )
     assert calls[-1] == ("pubmedqa", None, 9, True, "")
 

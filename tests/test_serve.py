@@ -28,8 +28,7 @@ from loramix.methods.adalink import AdaLinkConfig
 from loramix.methods.iapt import IaptConfig
 from loramix.methods.pedro import PedroConfig
 from loramix.models import tiny_llama, tiny_tokenizer
-from loramix.serve import Engine, GenerationRequest, TaskRows, create_app, load_engine
-from loramix.serve.decoding import RowTracker
+from loramix.serve import Engine, GenerationRequest, Sequence, TaskRows, create_app, load_engine
 from loramix.serve.text import TextStream
 
 TENANTS = [f"tenant{i}" for i in range(8)]
@@ -128,29 +127,34 @@ def test_text_stream_cuts_at_a_stop_string_and_holds_back_its_start():
     assert not stream.stopped and "".join(pieces) == "a.b"
 
 
-def test_row_tracker_ends_each_row_on_its_own(tokenizer):
+def test_a_sequence_ends_on_its_own_terms(tokenizer):
+    """Token limit, stop string, end of turn and cancellation, each reported with the text so far."""
     requests = [GenerationRequest(0, [5], max_tokens=3)] + [GenerationRequest(0, [5], max_tokens=9) for _ in range(3)]
     requests[1].stop = ("c",)
     pieces, done = {}, {}
-    tracker = RowTracker(
-        requests,
-        tokenizer,
-        eos_token_ids=[tokenizer.eos_token_id],
-        on_text=lambda row, piece: pieces.setdefault(row, []).append(piece),
-        on_done=done.__setitem__,
-    )
+    sequences = [
+        Sequence(
+            request,
+            tokenizer,
+            [tokenizer.eos_token_id],
+            torch.device("cpu"),
+            on_text=lambda piece, _, row=row: pieces.setdefault(row, []).append(piece),
+            on_done=lambda completion, row=row: done.__setitem__(row, completion),
+        )
+        for row, request in enumerate(requests)
+    ]
     a, b, c, d = tokenizer("abcd")["input_ids"]
     eos = tokenizer.eos_token_id
     steps = [[a, a, a, a], [b, b, eos, b], [c, c, d, c], [d, d, d, d]]
-    flags = []
     for step, tokens in enumerate(steps):
-        requests[3].cancelled = step == 2
-        flags.append(tracker(torch.tensor(tokens)[:, None], None).tolist())
-    assert flags == [[False] * 4, [False, False, True, False], [True, True, True, True], [True] * 4]
+        if step == 2:
+            sequences[3].finish("cancelled")
+        for sequence, token in zip(sequences, tokens, strict=True):
+            if not sequence.finished:
+                sequence.advance(token)
     finished = {row: (c.text, c.finish_reason, len(c.token_ids)) for row, c in done.items()}
     assert finished == {0: ("abc", "length", 3), 1: ("ab", "stop", 3), 2: ("a", "stop", 1), 3: ("ab", "cancelled", 2)}
     assert {row: "".join(p) for row, p in pieces.items()} == {0: "abc", 1: "ab", 2: "a", 3: "ab"}
-    assert tracker.finish_all() == [done[row] for row in range(4)]
 
 
 # ---- per-row task adapters ----------------------------------------------------------------------------------
@@ -245,6 +249,118 @@ def test_prompt_level_routes_are_computed_once_per_request(tokenizer, overrides)
         assert completion.token_ids == reference(model, tokenizer, tokenizer(prompt)["input_ids"], None, 8)
 
 
+def adapted_method(name: str) -> AdaptedModel:
+    """A tiny float64 PEDRO, IAPT or AdaLink adapter with values that matter (the same for the same name)."""
+    model = loramix.wrap(tiny_llama().eval(), METHOD_TENANTS[name]())
+    randomise_adapter(model)
+    return model.double().eval()
+
+
+def peft_lora():
+    return get_peft_model(tiny_llama(), LoraConfig(r=2, target_modules=["q_proj", "v_proj"], init_lora_weights=False))
+
+
+JOINING = {  # every kind of runner, with the state its rows carry from step to step
+    "task rows and merged tasks": (lambda: mixture(), 2),
+    "prompt router": (lambda: mixture("prompt", top_k=3), 0),
+    "sequence-level top-k": (lambda: mixture("topk", routing_level="sequence"), 0),
+    "token-level remix": (lambda: mixture("remix"), 0),
+    "pedro": (lambda: adapted_method("pedro"), 0),
+    "iapt": (lambda: adapted_method("iapt"), 0),
+    "adalink": (lambda: adapted_method("adalink"), 0),
+    "peft lora": (lambda: peft_lora().double().eval(), 0),
+}
+
+
+@pytest.mark.parametrize("name", list(JOINING))
+def test_requests_joining_a_running_batch_answer_as_alone(tokenizer, name):
+    """A long request decodes; others join it at later steps (and leave before it): every answer, and the
+    logprobs of one, equal those of the request alone (`generate` on a separate copy)."""
+    build, merged = JOINING[name]
+    engine = Engine(
+        build(), tokenizer, TENANTS, max_new_tokens=MAX_NEW_TOKENS, max_prompt_tokens=48, merged_tasks=merged
+    )
+    alone, plain = build(), name == "peft lora"
+
+    def alone_tokens(task: int, prompt_ids: list[int], max_tokens: int) -> list[int]:
+        return reference(alone, tokenizer, prompt_ids, None if plain else task, max_tokens)
+
+    long = next(  # a request that runs to its token limit, alone
+        (t, p)
+        for p in PROMPTS
+        for t in (5, 3)
+        if len(alone_tokens(t, tokenizer(p)["input_ids"], MAX_NEW_TOKENS)) == MAX_NEW_TOKENS
+    )
+    arrivals = {
+        0: [(*long, MAX_NEW_TOKENS)],
+        2: [(0, PROMPTS[0], 4), (6, PROMPTS[1], 6)],
+        5: [(1, PROMPTS[5], 3)],
+    }
+    sequences, order = [], []
+    for step in range(MAX_NEW_TOKENS + 2):
+        new = [
+            engine.sequence(engine.request(TENANTS[t], tokenizer(p)["input_ids"], max_tokens=m, logprobs=2))
+            for t, p, m in arrivals.get(step, [])
+        ]
+        sequences += new
+        if new:
+            assert step == 0 or engine.running  # they join a batch that is decoding
+            engine.admit(new)
+        engine.step()
+        order += [s for s in sequences if s.finished and s not in order]
+    assert not engine.running and order[-1] is sequences[0]  # the short ones left before the long one
+    for sequence in sequences:
+        request = sequence.request
+        tokens = alone_tokens(request.task, request.prompt_ids, request.max_tokens)
+        assert sequence.completion.token_ids == tokens[: request.max_tokens], name
+    first = sequences[0]
+    ids = torch.tensor([first.request.prompt_ids])
+    with torch.inference_mode():
+        task = {} if plain else {"task_ids": torch.tensor([first.request.task])}
+        output = alone.generate(
+            input_ids=ids,
+            attention_mask=torch.ones_like(ids),
+            max_new_tokens=3,
+            do_sample=False,
+            output_logits=True,
+            return_dict_in_generate=True,
+            pad_token_id=tokenizer.pad_token_id,
+            **task,
+        )
+    for logprob, logits in zip(first.completion.logprobs, output.logits, strict=False):
+        table = logits[0].log_softmax(-1)
+        assert logprob.logprob == pytest.approx(float(table[logprob.token]), abs=1e-9)
+        assert [t for t, _ in logprob.top] == table.topk(2).indices.tolist()
+
+
+def test_a_failing_prompt_fails_alone(tokenizer, expected):
+    """A prompt forward that fails is retried request by request: only the request at fault fails."""
+    engine = Engine(mixture(), tokenizer, TENANTS, max_new_tokens=8, max_prompt_tokens=MAX_PROMPT_TOKENS)
+    runner, poison, sizes = engine.runners["model"], tokenizer("poison")["input_ids"], []
+    forward = runner.forward
+
+    def failing(input_ids, *args, **kwargs):
+        if input_ids.shape[1] > 1:
+            sizes.append(len(input_ids))
+            if any(row[-len(poison) :] == poison for row in input_ids.tolist()):
+                raise RuntimeError("out of memory")
+        return forward(input_ids, *args, **kwargs)
+
+    runner.forward = failing
+    errors = []
+    prompts = ["poison", *PROMPTS[:3]]
+    sequences = [
+        engine.sequence(engine.request(TENANTS[i], tokenizer(p)["input_ids"], max_tokens=8), on_error=errors.append)
+        for i, p in enumerate(prompts)
+    ]
+    engine.admit(sequences)
+    while engine.running:
+        engine.step()
+    assert sizes[0] == 4 and set(sizes[1:]) == {1} and [str(e) for e in errors] == ["out of memory"]
+    for tenant, sequence in enumerate(sequences[1:], start=1):
+        assert sequence.completion.token_ids == expected("completion", tenant, prompts[tenant])[:8]
+
+
 def test_sampling_is_reproducible_by_seed_and_leaves_greedy_rows_alone(engine, tokenizer, expected):
     ids = tokenizer(PROMPTS[0])["input_ids"]
 
@@ -334,21 +450,21 @@ def server(engine):
 
 
 @contextmanager
-def serving(engine):
-    """The real server over `engine`; yields its URL and the list of the tasks of every batch it runs."""
-    batches = []
-    generate = engine.generate
+def serving(engine, **options):
+    """The real server over `engine`; yields its URL and the task ids of the rows of every decoding step's batch."""
+    steps = []
+    step = engine.step
 
-    def recording(requests, *args, **kwargs):
-        batches.append([request.task for request in requests])
-        return generate(requests, *args, **kwargs)
+    def recording():
+        steps.extend([s.request.task for s in batch.sequences] for batch in engine.batches.values() if len(batch))
+        step()
 
-    engine.generate = recording
+    engine.step = recording
     try:
-        with running(create_app(engine, max_batch_size=16, batch_window_ms=10)) as url:
-            yield url, batches
+        with running(create_app(engine, max_batch_size=16, **options)) as url:
+            yield url, steps
     finally:
-        del engine.generate
+        del engine.step
 
 
 def body_for(kind: str, tenant: int, prompt: str, **fields) -> tuple[str, dict]:
@@ -517,11 +633,11 @@ def test_method_tenants_under_concurrent_load(tokenizer, name):
     if name == "adalink":
         assert len({tuple(expected("completion", tenant, PROMPTS[0])) for tenant in range(8)}) == 8
     engine = Engine(adapted(), tokenizer, TENANTS, max_new_tokens=MAX_NEW_TOKENS, max_prompt_tokens=MAX_PROMPT_TOKENS)
-    with serving(engine) as (url, batches):
-        assert_answers_alone_under_load(url, batches, tokenizer, expected)
+    with serving(engine) as (url, steps):
+        assert_answers_alone_under_load(url, steps, tokenizer, expected)
 
 
-def assert_answers_alone_under_load(url: str, batches: list, tokenizer, expected) -> None:
+def assert_answers_alone_under_load(url: str, steps: list, tokenizer, expected) -> None:
     """200 requests (chat and completion, streamed or not) over 8 tenants, 16 at a time."""
     cases = [
         ("chat" if i % 3 == 0 else "completion", i % 8, PROMPTS[(i // 8) % len(PROMPTS)], 4 + i % 13, i % 5 == 0)
@@ -538,7 +654,7 @@ def assert_answers_alone_under_load(url: str, batches: list, tokenizer, expected
 
             return await asyncio.gather(*(one(*case) for case in cases))
 
-    batches.clear()
+    steps.clear()
     results = asyncio.run(load())
     for (kind, tenant, prompt, max_tokens, _), (text, finish_reason, status) in zip(cases, results, strict=True):
         tokens = expected(kind, tenant, prompt)
@@ -547,22 +663,23 @@ def assert_answers_alone_under_load(url: str, batches: list, tokenizer, expected
             decode(tokenizer, tokens[:max_tokens]),
             "length" if len(tokens) >= max_tokens else "stop",
         ), (kind, tenant, prompt, max_tokens)
-    assert sum(map(len, batches)) == 200
-    assert max(len(set(batch)) for batch in batches) > 1  # tenants shared batches
-    assert len(batches) < 100  # requests were batched, not run one by one
+    assert max(len(set(batch)) for batch in steps) > 1  # tenants shared decoding steps
+    assert max(map(len, steps)) > 8  # requests decoded together, not one by one
 
 
 def test_a_failing_request_fails_alone_and_the_server_lives_on(tokenizer, expected):
     engine = Engine(mixture(), tokenizer, TENANTS, max_new_tokens=8, max_prompt_tokens=MAX_PROMPT_TOKENS)
-    generate, poison, sizes = engine.generate, tokenizer("poison")["input_ids"], []
+    runner, poison, sizes = engine.runners["model"], tokenizer("poison")["input_ids"], []
+    forward = runner.forward
 
-    def failing(requests, *args, **kwargs):
-        sizes.append(len(requests))
-        if any(request.prompt_ids == poison for request in requests):
-            raise RuntimeError("out of memory")
-        return generate(requests, *args, **kwargs)
+    def failing(input_ids, *args, **kwargs):
+        if input_ids.shape[1] > 1:  # a prompt's forward
+            sizes.append(len(input_ids))
+            if any(row[-len(poison) :] == poison for row in input_ids.tolist()):
+                raise RuntimeError("out of memory")
+        return forward(input_ids, *args, **kwargs)
 
-    engine.generate = failing
+    runner.forward = failing
     prompts = ["poison", *PROMPTS[:3]]
 
     async def send(url: str) -> list:
@@ -570,10 +687,9 @@ def test_a_failing_request_fails_alone_and_the_server_lives_on(tokenizer, expect
             bodies = [{"model": TENANTS[i], "prompt": p, "max_tokens": 8} for i, p in enumerate(prompts)]
             return await asyncio.gather(*(client.post("/v1/completions", json=body) for body in bodies))
 
-    with running(create_app(engine, batch_window_ms=200)) as url:
+    with running(create_app(engine)) as url:
         responses = asyncio.run(send(url))
         assert httpx.get(f"{url}/health").status_code == 200
-    assert sizes[0] == 4  # one batch failed; then each request ran alone
     assert responses[0].status_code == 500 and "out of memory" in responses[0].json()["error"]["message"]
     for tenant, (prompt, response) in enumerate(zip(prompts[1:], responses[1:], strict=True), start=1):
         assert response.json()["choices"][0]["text"] == decode(tokenizer, expected("completion", tenant, prompt)[:8])

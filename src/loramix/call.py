@@ -3,8 +3,8 @@ values they compute once per prompt and reuse at every decoding step of the call
 
 from __future__ import annotations
 
-from collections.abc import Callable
-from dataclasses import dataclass, field
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field, fields, is_dataclass, replace
 
 import torch
 from torch import Tensor
@@ -25,6 +25,8 @@ class CallState:
     generating: bool = False
     prompt_values: dict[object, Tensor] = field(default_factory=dict)
 
+    row_fields = ("task_ids", "prompt_values")  # what a call keeps per batch row between its forwards
+
     def start_call(self, task_ids: Tensor | None, prompt_mask: Tensor | None, generating: bool) -> None:
         """Set the inputs of a forward or `generate` call and forget what the previous call computed."""
         self.task_ids, self.prompt_mask, self.generating = task_ids, prompt_mask, generating
@@ -39,10 +41,17 @@ class CallState:
     def select_rows(self, rows: Tensor) -> None:
         """Continue this call on the batch rows `rows` (repeats allowed): the task ids and the values computed
         once per prompt follow their rows, as when several continuations of one prompt are scored."""
-        if self.task_ids is not None:
-            self.task_ids = self.task_ids[rows.to(self.task_ids.device)]
-        for key, value in self.prompt_values.items():
-            self.prompt_values[key] = value[rows.to(value.device)]
+        self.resume(self.row_state().select(rows))
+
+    def row_state(self) -> RowState:
+        """What this call keeps per batch row (task ids, values computed once per prompt), to resume it later."""
+        return RowState({name: _copied(getattr(self, name)) for name in self.row_fields})
+
+    def resume(self, state: RowState) -> None:
+        """Continue, in this call, the rows whose state is `state` (from `row_state`, possibly joined or selected):
+        the next forward continues them through their key-value cache."""
+        for name, value in state.values.items():
+            setattr(self, name, _copied(value))
 
     def once_per_prompt(self, key: object, compute: Callable[[], Tensor]) -> Tensor:
         """`compute()`, or, while generating, the value it gave on the prompt (the call's first forward)."""
@@ -98,3 +107,51 @@ def current_tokens(mask: Tensor) -> Tensor | None:
     attended = (mask if mask.dtype == torch.bool else mask == 0).any(-2).any(1)  # (B, K)
     end = int(attended.nonzero()[:, 1].max()) + 1 if attended.any() else mask.shape[-1]
     return attended[:, max(end - queries, 0) : end]
+
+
+@dataclass
+class RowState:
+    """The per-row values of a call (`CallState.row_fields`, each a tensor with the batch first, a dict of them or a
+    dataclass of them): what a sequence takes with it when it joins or leaves a running batch of a server."""
+
+    values: dict[str, object]
+
+    def select(self, rows: Tensor) -> RowState:
+        """The state of batch rows `rows` (repeats allowed)."""
+        return RowState({name: _map_rows(lambda t: t[rows.to(t.device)], value) for name, value in self.values.items()})
+
+    @staticmethod
+    def join(states: Sequence[RowState]) -> RowState:
+        """The rows of `states` one after the other, as one batch."""
+        first = states[0].values
+        return RowState({name: _join([state.values[name] for state in states]) for name in first})
+
+
+def _map_rows(function: Callable[[Tensor], Tensor], value):
+    if isinstance(value, Tensor):
+        return function(value)
+    if isinstance(value, dict):
+        return {key: _map_rows(function, item) for key, item in value.items()}
+    if is_dataclass(value):
+        return replace(value, **{f.name: _map_rows(function, getattr(value, f.name)) for f in fields(value)})
+    return value
+
+
+def _join(values: list):
+    first = values[0]
+    if isinstance(first, Tensor):
+        return torch.cat(values)
+    if isinstance(first, dict):
+        if any(set(value) != set(first) for value in values):
+            raise ValueError("rows of different adapters cannot join one batch: their per-prompt values differ")
+        return {key: _join([value[key] for value in values]) for key in first}
+    if is_dataclass(first):
+        return replace(first, **{f.name: _join([getattr(value, f.name) for value in values]) for f in fields(first)})
+    if first is None and any(value is not None for value in values):
+        raise ValueError("rows with and without task ids cannot join one batch")
+    return first
+
+
+def _copied(value):
+    """A shallow copy of a dict (so that resuming a state never lets a call change the state it came from)."""
+    return dict(value) if isinstance(value, dict) else value

@@ -8,6 +8,9 @@ from typing import Annotated
 
 import typer
 from rich.console import Console
+from rich.markup import escape
+
+from loramix.extras import MissingExtra, requires
 
 app = typer.Typer(
     help="Mixture-of-LoRA-experts fine-tuning for Hugging Face causal LMs.",
@@ -19,14 +22,15 @@ errors = Console(stderr=True)
 
 
 def _user_errors() -> tuple[type[Exception], ...]:
-    """Errors that mean a wrong input (bad recipe, missing data or run folder): one line, no traceback."""
+    """Errors that mean a wrong input (bad recipe, missing data or run folder) or a missing extra: one line, no
+    traceback."""
     from loramix.train import TrainingError
 
-    return ValueError, FileNotFoundError, FileExistsError, TrainingError
+    return ValueError, FileNotFoundError, FileExistsError, TrainingError, MissingExtra
 
 
 def _fail(error: Exception) -> typer.Exit:
-    errors.print(f"[bold red]error:[/] {error}", highlight=False, soft_wrap=True)
+    errors.print(f"[bold red]error:[/] {escape(str(error))}", highlight=False, soft_wrap=True)
     return typer.Exit(code=1)
 
 
@@ -60,7 +64,7 @@ def train(
     except _user_errors() as error:
         raise _fail(error) from None
     except KeyboardInterrupt:
-        errors.print(f"interrupted: continue with `loramix train --run {run} --resume`")
+        errors.print(f"interrupted: continue with `loramix train --run {run} --resume`", markup=False)
         raise typer.Exit(code=130) from None
     finally:
         _leave_process_group()
@@ -124,7 +128,7 @@ def export(
         written = export_run(run, task, out)
     except _user_errors() as error:
         raise _fail(error) from None
-    console.print(f"wrote the peft adapter of task {task} to {written}", highlight=False)
+    console.print(f"wrote the peft adapter of task {task} to {written}", highlight=False, markup=False)
 
 
 @app.command()
@@ -145,42 +149,71 @@ def compose(
     except _user_errors() as error:
         raise _fail(error) from None
     weights = ", ".join(f"{path.name} {weight:+.3f}" for path, weight in zip(upstream, result.weights, strict=True))
-    console.print(f"weights: {weights}; loss {result.loss:.4f}; wrote {out}", highlight=False)
+    console.print(f"weights: {weights}; loss {result.loss:.4f}; wrote {out}", highlight=False, markup=False)
 
 
 @app.command()
 def serve(
-    run: Annotated[Path, typer.Option(help="run folder written by `loramix train`")],
+    run: Annotated[Path | None, typer.Option(help="run folder written by `loramix train`")] = None,
+    adapter: Annotated[
+        list[str] | None,
+        typer.Option(help="NAME=PATH: also serve a peft LoRA or loramix run folder as NAME (repeatable)"),
+    ] = None,
+    max_adapters: Annotated[
+        int | None, typer.Option(help="adapters kept loaded; the least recently used are reloaded on demand")
+    ] = None,
+    model: Annotated[str | None, typer.Option(help="base model when no --run is given (default: SmolLM2)")] = None,
     host: Annotated[str, typer.Option(help="address to listen on")] = "127.0.0.1",
     port: Annotated[int, typer.Option(help="port to listen on")] = 8000,
     device: Annotated[str | None, typer.Option(help="torch device (default: cuda if available, else cpu)")] = None,
-    max_batch_size: Annotated[int, typer.Option(help="most requests decoded together")] = 16,
-    batch_window_ms: Annotated[float, typer.Option(help="how long a batch waits for more requests")] = 5.0,
+    max_batch_size: Annotated[int, typer.Option(help="most requests decoding together (the others wait)")] = 16,
     max_new_tokens: Annotated[int, typer.Option(help="largest max_tokens a request may ask for")] = 256,
     max_prompt_tokens: Annotated[
         int | None, typer.Option(help="longest prompt accepted (default: the model's context)")
     ] = None,
     merged_tasks: Annotated[int, typer.Option(help="`task` router: merged task updates kept cached")] = 0,
+    dtype: Annotated[str, typer.Option(help="float32, bfloat16, float16 or float64 (unquantized bases)")] = "float32",
+    api_key: Annotated[
+        str | None,
+        typer.Option(envvar="LORAMIX_API_KEY", help="require `Authorization: Bearer KEY` on every /v1 route"),
+    ] = None,
+    drain_timeout: Annotated[
+        float, typer.Option(help="seconds that running requests get to finish after SIGTERM or Ctrl-C")
+    ] = 60.0,
 ) -> None:
-    """Serve the run's tasks over an OpenAI-compatible HTTP API (`model` = task name) until interrupted."""
+    """Serve a run's tasks and adapters by name over an OpenAI-compatible HTTP API until interrupted.
+
+    `model` is a task of the run, an adapter's NAME or NAME/TASK. Requests join the running batch at the next decoding step (continuous batching). GET /metrics gives
+    Prometheus metrics. SIGTERM drains: running requests finish, new ones get 503, then the server exits."""
+    from loramix.serve import serve_run
+
     try:
-        from loramix.serve import serve_run
-    except ImportError as error:
-        raise _fail(ImportError(f"{error}: install the server with `pip install 'loramix[serve]'`")) from None
-    try:
+        adapters = dict(_name_and_path(item) for item in adapter or [])
         serve_run(
             run,
             host,
             port,
             device=device,
             max_batch_size=max_batch_size,
-            batch_window_ms=batch_window_ms,
             max_new_tokens=max_new_tokens,
             max_prompt_tokens=max_prompt_tokens,
             merged_tasks=merged_tasks,
+            dtype=dtype,
+            adapters=adapters,
+            max_adapters=max_adapters,
+            model=model,
+            api_key=api_key,
+            drain_timeout_s=drain_timeout,
         )
     except _user_errors() as error:
         raise _fail(error) from None
+
+
+def _name_and_path(item: str) -> tuple[str, str]:
+    name, separator, path = item.partition("=")
+    if not separator or not name or not path:
+        raise ValueError(f"--adapter {item!r}: expected NAME=PATH")
+    return name, path
 
 
 SUMMARY_WIDTH = 130  # the score table's width even in a narrower terminal: intervals need the room
@@ -200,13 +233,12 @@ def lm_eval(ctx: typer.Context) -> None:
     import sys
 
     try:
-        from lm_eval.__main__ import cli_evaluate
+        with requires("harness", "loramix lm-eval"):
+            from lm_eval.__main__ import cli_evaluate
 
-        import loramix.harness  # noqa: F401  (registers the "loramix" model)
-    except ImportError as error:
-        raise _fail(
-            ImportError(f"loramix lm-eval needs lm-evaluation-harness: pip install 'loramix[harness]' ({error})")
-        ) from None
+            import loramix.harness  # noqa: F401  (registers the "loramix" model)
+    except MissingExtra as error:
+        raise _fail(error) from None
     sys.argv = ["lm_eval", *ctx.args]
     cli_evaluate()
 
@@ -225,6 +257,7 @@ def _print_summary(run: Path) -> None:
             f"trained {summary['steps']} steps in {summary['seconds'] / 60:.1f} min; "
             f"inputs truncated to {summary['max_length']} tokens: {truncated}",
             highlight=False,
+            markup=False,
         )
 
 

@@ -19,7 +19,6 @@ from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 
-import nevergrad as ng
 import numpy as np
 import torch
 import torch.nn.functional as F
@@ -31,6 +30,7 @@ from torch import Tensor, nn
 
 from loramix.data import Example, collate, encode_example
 from loramix.export import PEFT_CONFIG_NAME, PEFT_PREFIX, PEFT_WEIGHTS_NAME, save_peft_adapter
+from loramix.extras import requires
 
 WEIGHT_BOUND = 1.5
 START_SPREAD = 0.5  # seeds other than 0 start from a uniform draw in [-0.5, 0.5]^N
@@ -275,8 +275,17 @@ def search_start(dimension: int, seed: int) -> np.ndarray:
     return np.random.default_rng(seed).uniform(-START_SPREAD, START_SPREAD, dimension)
 
 
+def _nevergrad():
+    """nevergrad, LoRAHub's optimizer: the `compose` extra, which the core install lacks."""
+    with requires("compose", "LoRAHub composition"):
+        import nevergrad
+
+    return nevergrad
+
+
 def nevergrad_search(objective: Callable[[np.ndarray], float], start: np.ndarray, budget: int, seed: int) -> None:
     """Minimise `objective` over [-1.5, 1.5]^dimension from `start` with NGOpt, `budget` evaluations, seeded."""
+    ng = _nevergrad()
     parametrization = ng.p.Array(init=start, lower=-WEIGHT_BOUND, upper=WEIGHT_BOUND)
     parametrization.random_state = np.random.RandomState(seed)
     optimizer = ng.optimizers.NGOpt(parametrization=parametrization, budget=budget)
@@ -392,6 +401,7 @@ def compose_command(
     """
     from loramix.models import load_model
 
+    _nevergrad()  # a missing extra fails before the model loads
     adapters = load_upstream(upstream)
     read_examples(examples)  # fail on a bad file before loading the model
     model = model or adapters.config.base_model_name_or_path

@@ -2,9 +2,11 @@
 
 from __future__ import annotations
 
+import dataclasses
 import hashlib
 import inspect
 import json
+import math
 import time
 from collections.abc import Callable, Sequence
 from contextlib import AbstractContextManager, nullcontext
@@ -255,6 +257,49 @@ def _score_chunk(
     return results
 
 
+# ---- perplexity ---------------------------------------------------------------------------------------------
+def answer_perplexity(
+    model: nn.Module,
+    tokenizer,
+    examples: Sequence[Example],
+    *,
+    task_id: int | None = None,
+    batch_size: int = 16,
+    max_prompt_length: int = DEFAULT_MAX_PROMPT_LENGTH,
+    bf16: bool = False,
+    system_prompt: str | None = None,
+) -> float:
+    """The perplexity of the reference answers given their prompts: exp of the mean cross-entropy over every
+    answer token with its end of turn, encoded as training encodes them (a conversation's last answer alone)."""
+    if not examples:
+        return math.nan
+    pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else _eos_token_ids(model, tokenizer)[0]
+    device = next(model.parameters()).device
+    rows = [
+        encode_example(dataclasses.replace(e, train_on="last"), tokenizer, max_prompt_length, True, system_prompt)
+        for e in examples
+    ]
+    rows.sort(key=lambda row: -len(row["input_ids"]))  # less padding
+    total, count = 0.0, 0
+    was_training = model.training
+    model.eval()
+    try:
+        with without_grad(model), torch.autocast(device.type, dtype=torch.bfloat16, enabled=bf16):
+            for start in range(0, len(rows), batch_size):
+                batch = collate(rows[start : start + batch_size], pad)
+                inputs = {key: batch[key].to(device) for key in ("input_ids", "attention_mask")}
+                task_ids = _task_ids(task_id, len(batch["input_ids"]), device)
+                logits = model(**inputs, **({} if task_ids is None else {"task_ids": task_ids})).logits
+                labels = batch["labels"][:, 1:].to(device)
+                loss = nn.functional.cross_entropy(
+                    logits[:, :-1].flatten(0, 1).float(), labels.flatten(), reduction="sum"
+                )
+                total, count = total + float(loss), count + int((labels != -100).sum())
+    finally:
+        model.train(was_training)
+    return math.exp(total / count)
+
+
 # ---- metrics ------------------------------------------------------------------------------------------------
 BOOTSTRAP_RESAMPLES = 1000
 EVAL_BATCH_SIZE = 32  # prompts per forward in the evaluation of a run (48 was 25% faster than 16 on 24 choices)
@@ -313,18 +358,28 @@ def evaluate_model(
     max_new_tokens: int | None = None,
     bf16: bool = False,
     system_prompt: str | None = None,
+    perplexity: bool = True,
 ) -> dict[str, dict]:
-    """Per task: {"mode", "metrics", "predictions"} and, by mode, "predictions_norm" and "scores" (the choices'
-    log-likelihoods, `score_choices`) or "outputs" (the generated texts, `generate_answers`).
+    """Per task: {"mode", "metrics", "predictions"}, by mode "predictions_norm" and "scores" (the choices'
+    log-likelihoods, `score_choices`) or "outputs" (the generated texts, `generate_answers`), and with
+    `perplexity` the reference answers' (`answer_perplexity`).
 
     mode "choices" scores tasks whose examples all have choices by log-likelihood and generates answers for
     the others (free text); "generate" generates for every task and parses the answers. `task_ids` maps task
     names to the ids a loramix model routes by (tasks missing from it get none); `max_new_tokens` overrides
     each task's own; `bf16` and `system_prompt` as in generate_answers. Compiled blocks run eagerly here."""
     with eager_if_compiled(model):
-        return _evaluate_model(
+        results = _evaluate_model(
             model, tokenizer, tasks, task_ids, mode, batch_size, max_prompt_length, max_new_tokens, bf16, system_prompt
         )
+        if perplexity:
+            options = dict(batch_size=batch_size, max_prompt_length=max_prompt_length, bf16=bf16)
+            for name, examples in tasks.items():
+                task_id = (task_ids or {}).get(name)
+                results[name]["perplexity"] = answer_perplexity(
+                    model, tokenizer, examples, task_id=task_id, system_prompt=system_prompt, **options
+                )
+        return results
 
 
 def _evaluate_model(
@@ -487,8 +542,8 @@ def weights_digest(model: nn.Module) -> str:
 
 
 def examples_digest(examples: Sequence[Example]) -> str:
-    """A digest of the examples' ids, prompts, answers and choices."""
-    rows = [[e.id, e.prompt, e.answer, list(e.choices or ())] for e in examples]
+    """A digest of the examples' ids, prompts, answers, choices and earlier turns (where they have some)."""
+    rows = [[e.id, e.prompt, e.answer, list(e.choices or ())] + ([e.context] if e.context else []) for e in examples]
     return hashlib.sha256(json.dumps(rows).encode()).hexdigest()[:16]
 
 
@@ -519,7 +574,9 @@ def _zero_shot(
             continue
         started = time.perf_counter()
         result = evaluate_model(model, tokenizer, {name: test}, None, **settings)[name]
-        kept = {key: result[key] for key in ("metrics", "predictions", "predictions_norm") if key in result}
+        kept = {
+            key: result[key] for key in ("metrics", "predictions", "predictions_norm", "perplexity") if key in result
+        }
         cache[keys[name]] = scored[shared_keys[name]] = kept | {"seconds": time.perf_counter() - started}
     atomic_write_text(cache_path, json.dumps(cache))
     if scored:  # read again just before writing: another run may have added scores meanwhile
@@ -585,6 +642,10 @@ def evaluate_run(
             "majority": task_metrics(task, test, **columns["majority"]),
             "intervals": comparison["intervals"],
             "differences": comparison["differences"],
+            "perplexity": {
+                "model": (results.get(name) or {}).get("perplexity"),
+                "zero_shot": (cache.get(keys[name]) or {}).get("perplexity") if zero_shot else None,
+            },
             "mode": "choices" if uses_choices(mode, test) else "generate",
             "n": len(test),
         }

@@ -69,11 +69,9 @@ def _require_task_router(router: str) -> None:
 
 
 @torch.no_grad()
-def export_peft(model: MixLoraModel, directory: str | Path, task_id: int) -> Path:
-    """Write task `task_id`'s update of a `task`-router model as a peft LoRA adapter of rank n * r.
-
-    `peft.PeftModel.from_pretrained(base, directory)` then computes what `model` computes with that task id.
-    """
+def task_factors(model: MixLoraModel, task_id: int) -> tuple[dict[str, tuple[Tensor, Tensor]], float]:
+    """Task `task_id`'s update of a `task`-router model as LoRA factors: ({module: (A (n r, d_in), B (d_out, n r))},
+    scale), so that the update of each module is scale * B A."""
     _require_task_router(model.mixlora_config.router)
     weights = model.task_weights(task_id)  # validates task_id
     factors = {}
@@ -85,6 +83,16 @@ def export_peft(model: MixLoraModel, directory: str | Path, task_id: int) -> Pat
         factors[name] = (a, b)
         scales.add(layer.router.expert_scale)
     (scale,) = scales  # every task router of a model has alpha / (n r)
+    return factors, scale
+
+
+@torch.no_grad()
+def export_peft(model: MixLoraModel, directory: str | Path, task_id: int) -> Path:
+    """Write task `task_id`'s update of a `task`-router model as a peft LoRA adapter of rank n * r.
+
+    `peft.PeftModel.from_pretrained(base, directory)` then computes what `model` computes with that task id.
+    """
+    factors, scale = task_factors(model, task_id)
     rank = model.mixlora_config.num_experts * model.mixlora_config.expert_rank
     conv1d = any(isinstance(layer.base_layer, Conv1D) for layer in model.layers.values())
     config = LoraConfig(

@@ -23,9 +23,13 @@ from contextlib import nullcontext
 from pathlib import Path
 
 import torch
-from lm_eval.api.registry import register_model
-from lm_eval.models.huggingface import HFLM
 from tqdm.auto import tqdm
+
+from loramix.extras import requires
+
+with requires("harness", "loramix.harness"):
+    from lm_eval.api.registry import register_model
+    from lm_eval.models.huggingface import HFLM
 
 from loramix.methods import AdaptedModel
 from loramix.precision import use_bf16

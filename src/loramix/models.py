@@ -114,6 +114,11 @@ def bits_and_bytes(quantization: str, dtype: torch.dtype):
     """The transformers BitsAndBytesConfig of "8bit" or "4bit" (NF4, computing in `dtype`)."""
     from transformers import BitsAndBytesConfig
 
+    from loramix.extras import requires
+
+    with requires("quant", f"quantization={quantization!r}"):
+        import bitsandbytes  # noqa: F401  (transformers' own error would name no extra)
+
     if quantization == "8bit":
         return BitsAndBytesConfig(load_in_8bit=True)
     return BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_quant_type="nf4", bnb_4bit_compute_dtype=dtype)
@@ -135,7 +140,7 @@ def load_model(
     mask, since for SmolLM2 the pad token also ends a turn). Its `padding_side` is the model's default ("right" for
     SmolLM2) and may be set by the caller; a loaded tokenizer that states no `model_max_length` gets the model's
     number of positions. `quantization` "8bit" or "4bit" (NF4, computing in `dtype`) loads the linear layers
-    quantized by bitsandbytes (`pip install bitsandbytes`; not the tiny models).
+    quantized by bitsandbytes (`pip install 'loramix[quant]'`; not the tiny models).
     """
     if quantization not in QUANTIZATIONS:
         raise ValueError(f"quantization={quantization!r} is invalid; allowed: {', '.join(map(str, QUANTIZATIONS))}")

@@ -14,6 +14,8 @@ import yaml
 from loramix.compilation import BACKENDS
 from loramix.config import MixLoraConfig
 from loramix.data import get_task, load_jsonl_tasks
+from loramix.data.jsonl import SPLITS
+from loramix.data.sources import FIELDS, FORMATS, SOURCES, TRAIN_ON, load_data_tasks, source_of
 from loramix.methods import METHODS, MethodConfig
 from loramix.models import DEFAULT_MODEL, QUANTIZATIONS
 from loramix.precision import BF16_SETTINGS
@@ -24,6 +26,7 @@ SCHEDULES = ("cosine", "linear", "constant")
 SHARDINGS = ("none", "fsdp")  # fsdp: loramix.sharding
 EVAL_MODES = ("choices", "generate")  # closed-label tasks by choice log-likelihood, or every task by generation
 LORA_DEFAULTS = {"r": 8, "lora_alpha": 16, "lora_dropout": 0.0, "target_modules": "all-linear"}
+REPORTERS = ("tensorboard", "wandb")  # training.report_to: loramix.tracking
 LORA_RESERVED = ("task_type", "peft_type", "base_model_name_or_path", "revision", "inference_mode")
 
 
@@ -114,6 +117,8 @@ class Training:
     # true (inductor) or a backend name: compile each decoder block (loramix.compilation); where the backend
     # cannot compile here, the run warns and trains eagerly
     compile: bool | str = False
+    # where the figures of history.jsonl and learning_curve.jsonl also go while the run trains (loramix.tracking)
+    report_to: list[str] = field(default_factory=list)
 
     def __post_init__(self) -> None:
         _check_types(self, "training.")
@@ -138,6 +143,49 @@ class Training:
             f"allowed: true, false or a backend: {', '.join(BACKENDS)}",
         )
         _check(self.sharding in SHARDINGS, "training.sharding", self.sharding, f"allowed: {list(SHARDINGS)}")
+        for name in self.report_to:
+            _check(name in REPORTERS, "training.report_to", name, f"allowed: {list(REPORTERS)}")
+        _check(len(set(self.report_to)) == len(self.report_to), "training.report_to", self.report_to, "list each once")
+
+
+@dataclass
+class DataEntry:
+    """One `data:` entry of a recipe: a file or dataset, its format, and (but for `rows`) the task it holds."""
+
+    path: str  # a JSONL, parquet, CSV or JSON file, or a folder saved by `datasets` (save_to_disk)
+    format: str = "rows"  # rows (today's task_files rows), chat (OpenAI's messages), alpaca, columns
+    task: str | None = None  # the task's name (rows name their own)
+    columns: dict | None = None  # the format's field -> the source's column, for fields named otherwise
+    source: str | None = None  # default: by the path's suffix (.jsonl: read by loramix; a folder: disk)
+    split: str | None = None  # the split of a `datasets` source to read (default: train; slices like train[:80%])
+    use_as: str | None = None  # train, validation or test: every row's split (default: the rows', else 80/20)
+    train_on: str = "all"  # chat: the loss on every assistant turn (all) or on the last one (last)
+
+
+def _data_entry(values: object, where: str) -> DataEntry:
+    """A `data:` entry, checked field by field (errors name `data[i].key`)."""
+    entry = _build(DataEntry, values, where)
+    _check_types(entry, where)
+    _check(entry.format in FORMATS, f"{where}format", entry.format, f"allowed: {list(FORMATS)}")
+    if entry.format == "rows":
+        _check(entry.task is None, f"{where}task", entry.task, "rows name their own task; give none with format rows")
+    else:
+        _check(bool(entry.task), f"{where}task", entry.task, f"format {entry.format} needs the task's name")
+    for key, column in (entry.columns or {}).items():
+        _check(key in FIELDS[entry.format], f"{where}columns.{key}", column, f"allowed: {list(FIELDS[entry.format])}")
+        _check(isinstance(column, str) and bool(column), f"{where}columns.{key}", column, "expected a column name")
+    source = source_of(entry)
+    suffixes = "by default from the path: .jsonl, .parquet, .csv, .json or a saved dataset's folder"
+    _check(source in SOURCES, f"{where}source", entry.source or entry.path, f"allowed: {list(SOURCES)} ({suffixes})")
+    _check(
+        entry.split is None or source != "jsonl",
+        f"{where}split",
+        entry.split,
+        "a JSONL file read by loramix has no splits (use_as: puts its rows in one; source: json reads it by datasets)",
+    )
+    _check(entry.use_as in (None, *SPLITS), f"{where}use_as", entry.use_as, f"allowed: {list(SPLITS)}")
+    _check(entry.train_on in TRAIN_ON, f"{where}train_on", entry.train_on, f"allowed: {list(TRAIN_ON)}")
+    return entry
 
 
 @dataclass
@@ -152,6 +200,7 @@ class Recipe:
     quantization: str | None = None  # "8bit" or "4bit": the base's linear layers by bitsandbytes (loramix.models)
     evaluation: list[str] = field(default_factory=list)
     task_files: list[str] = field(default_factory=list)
+    data: list[dict] = field(default_factory=list)  # users' data in other shapes and sources (DataEntry)
     data_dir: str | None = None
     sampling: str = "temperature"
     sampling_temperature: float = 2.0
@@ -173,8 +222,12 @@ class Recipe:
         if isinstance(self.training, dict):
             self.training = _build(Training, self.training, "training.")
         _check_types(self, "")
+        from_files = set()
         for path in self.task_files:
-            load_jsonl_tasks(path)  # registers the file's tasks; raises on a bad file
+            from_files |= set(load_jsonl_tasks(path))  # registers the file's tasks; raises on a bad file
+        entries = [_data_entry(entry, f"data[{i}].") for i, entry in enumerate(self.data)]
+        for name in load_data_tasks(entries):
+            _check(name not in from_files, "data", name, "a task of `data:` is also one of `task_files:`; rename one")
         _check(bool(self.tasks), "tasks", self.tasks, "list at least one task")
         _check(len(set(self.tasks)) == len(self.tasks), "tasks", self.tasks, "list each task once")
         for key, names in (("tasks", self.tasks), ("evaluation", self.evaluation)):

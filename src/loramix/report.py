@@ -12,6 +12,7 @@ import matplotlib
 matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402  (the backend must be chosen first)
 import yaml  # noqa: E402
+from rich.markup import escape  # noqa: E402
 from rich.table import Table  # noqa: E402
 from safetensors import safe_open  # noqa: E402
 
@@ -116,7 +117,10 @@ def summary_table(run_dir: str | Path) -> Table:
     metrics = _read_json(run_dir / "metrics.json")
     if metrics is None:
         raise FileNotFoundError(f"{run_dir / 'metrics.json'} is missing: run `loramix eval --run {run_dir}` first")
-    table = Table(title=f"{run_dir.name}: test scores [95% interval]; ✓ = beats the baseline (paired bootstrap)")
+    # names are the user's: escaped, so that rich prints a bracketed part instead of reading it as markup
+    table = Table(
+        title=f"{escape(run_dir.name)}: test scores [95% interval]; ✓ = beats the baseline (paired bootstrap)"
+    )
     table.add_column("task")
     table.add_column("metric")
     for column in COLUMNS:
@@ -131,7 +135,7 @@ def summary_table(run_dir: str | Path) -> Table:
         result = metrics["tasks"].get(task, {})
         n = "" if last or task == previous else str(result.get("n", ""))
         table.add_row(
-            "" if task == previous else task,
+            "" if task == previous else escape(task),
             name,
             *(_with_interval(result, column, name, values[column], "\n") for column in COLUMNS),
             *(_difference(result, column, name, "\n") for column in DIFFERENCE_LABELS),
@@ -292,7 +296,13 @@ def _load_panels(routing: dict[str, dict]) -> list[tuple[str, Rows, str]]:
 
 
 def plot_expert_load(routing: dict[str, dict], path: Path, top_k: int | None = None) -> Path | None:
-    """Heatmap of each adapted module's (or layer's) share of routed tokens per expert."""
+    """Heatmap of each adapted module's (or layer's) share of routed tokens per expert at the end of training."""
+    figure = expert_load_figure(routing, top_k)
+    return None if figure is None else _save(figure, path)
+
+
+def expert_load_figure(routing: dict[str, dict], top_k: int | None = None, when: str = "at the end of training"):
+    """The figure of `plot_expert_load` (None without routing), `when` in its title."""
     panels = [panel for panel in _load_panels(routing) if panel[1]]
     if not panels:
         return None
@@ -321,8 +331,9 @@ def plot_expert_load(routing: dict[str, dict], path: Path, top_k: int | None = N
                         axis.text(c, r, f"{value:.2f}", ha="center", va="center", fontsize=7, color=colour)
         figure.colorbar(image, ax=axis, label="share of routed tokens")
     reference = f"uniform = {1 / width:.2f}" + (f", k = {top_k}" if top_k else "")
-    figure.suptitle(f"expert load at the end of training ({reference})")
-    return _save(figure, path)
+    figure.suptitle(f"expert load {when} ({reference})")
+    figure.tight_layout()
+    return figure
 
 
 def plot_ess(history: list[dict], path: Path, top_k: int | None = None, num_experts: int | None = None) -> Path | None:
@@ -433,6 +444,10 @@ def _training_section(history: list[dict], training: dict, top_k: int | None) ->
             encoded = training.get("encoded", {})
             counts = ", ".join(f"{task} {n}/{encoded.get(task, '?')}" for task, n in truncated.items())
             lines.append(f"- inputs truncated to {training.get('max_length')} tokens: {counts}")
+        dropped = {task: n for task, n in (training.get("dropped_turns") or {}).items() if n}
+        if dropped:
+            turns = ", ".join(f"{task} {n}" for task, n in dropped.items())
+            lines.append(f"- earliest conversation turns dropped to fit: {turns}")
     return lines
 
 

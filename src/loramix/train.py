@@ -34,12 +34,14 @@ from loramix.models import load_model
 from loramix.precision import use_bf16
 from loramix.recipe import Recipe, Training, parse_duration
 from loramix.sharding import full, gradient_sync, is_sharded, like, shard
+from loramix.tracking import Trackers, tracker_module
 
 CALIBRATION_STEPS = 10  # steps timed to plan a run with a time limit
 DEV_MAX_NEW_TOKENS = 32  # the most tokens a dev answer of a free-text task is given (the curve stays cheap)
 # Keys a resumed run may change: they do not alter what the finished steps computed.
 RESUMABLE_CHANGES = {
     "training.compile",
+    "training.report_to",
     "training.steps",
     "training.log_every",
     "training.save_every",
@@ -92,7 +94,8 @@ class TaskSampler:
 
 class Encoder:
     """Encodes training examples on first use (answer-only labels, context-side truncation) and counts,
-    per task, the distinct examples drawn ("encoded") and how many of them lost context ("truncated")."""
+    per task, the distinct examples drawn ("encoded"), how many of them lost context ("truncated") and the
+    earliest conversation turns dropped to fit ("dropped_turns")."""
 
     def __init__(
         self, tokenizer, max_length: int, examples: list[list[Example]], system_prompt: str | None = None
@@ -101,7 +104,7 @@ class Encoder:
         self.system_prompt = system_prompt
         self.cache: dict[tuple[int, int], dict] = {}
         names = [group[0].task if group else "" for group in examples]
-        self.counts = {"encoded": dict.fromkeys(names, 0), "truncated": dict.fromkeys(names, 0)}
+        self.counts = {key: dict.fromkeys(names, 0) for key in ("encoded", "truncated", "dropped_turns")}
 
     def batch(self, picks: list[tuple[int, int]]) -> dict[str, torch.Tensor]:
         rows = []
@@ -111,6 +114,7 @@ class Encoder:
                 row = encode_example(example, self.tokenizer, self.max_length, system_prompt=self.system_prompt)
                 self.counts["encoded"][example.task] += 1
                 self.counts["truncated"][example.task] += int(row["truncated"])
+                self.counts["dropped_turns"][example.task] += row["dropped_turns"]
                 self.cache[task, index] = row
             rows.append({**self.cache[task, index], "task_id": task})
         return collate(rows, self.tokenizer.pad_token_id)
@@ -440,6 +444,7 @@ def check_resumable(recipe: Recipe, run_dir: Path) -> None:
 
     saved, given = _flatten(yaml.safe_load((run_dir / "recipe.yaml").read_text())), _flatten(recipe.to_dict())
     defaults = _flatten({f.name: f.default for f in fields(Recipe) if f.default is not MISSING})
+    defaults |= {f.name: f.default_factory() for f in fields(Recipe) if f.default_factory is list}
     defaults |= _flatten({"training": asdict(Training())})
     changed = sorted(k for k in saved.keys() | given.keys() if saved.get(k, defaults.get(k)) != given.get(k))
     changed = [k for k in changed if k not in RESUMABLE_CHANGES]
@@ -504,10 +509,17 @@ class LearningCurve:
     score the same examples alongside it."""
 
     def __init__(
-        self, path: Path, recipe: Recipe, dev_sets: dict[str, list[Example]], bf16: bool, rank: int, world: int
+        self,
+        path: Path,
+        recipe: Recipe,
+        dev_sets: dict[str, list[Example]],
+        bf16: bool,
+        rank: int,
+        world: int,
+        trackers: Trackers | None = None,
     ) -> None:
         self.path, self.recipe, self.dev_sets, self.bf16 = path, recipe, dev_sets, bf16
-        self.rank, self.world = rank, world
+        self.rank, self.world, self.trackers = rank, world, trackers
 
     def scores(self, model: nn.Module, tokenizer) -> dict[str, dict[str, float]]:
         """Per task, the metrics of its dev examples by `evaluate_model` in the recipe's eval_mode (free-text
@@ -527,6 +539,7 @@ class LearningCurve:
                     max_new_tokens=min(get_task(name).max_new_tokens, DEV_MAX_NEW_TOKENS),
                     bf16=self.bf16,
                     system_prompt=self.recipe.system_prompt,
+                    perplexity=False,
                 )
                 scores[name] = result[name]["metrics"]
         return scores
@@ -542,6 +555,10 @@ class LearningCurve:
             line = {"step": step, "seconds": round(seconds, 2), "dev_seconds": round(time.perf_counter() - started, 2)}
             with self.path.open("a") as curve:
                 curve.write(json.dumps(line | {"tasks": tasks}) + "\n")
+            if self.trackers is not None:  # the load since the last logged step, as history.jsonl will show it
+                self.trackers.log(line | {"tasks": tasks}, "dev/")
+                routing = model.routing_stats() if isinstance(model, loramix.MixLoraModel) else {}
+                self.trackers.expert_load(routing, step)
         return slowest(time.perf_counter() - started, self.world)
 
 
@@ -586,6 +603,8 @@ def train(recipe: Recipe, run_dir: str | Path, resume: bool = False, evaluate: b
         check_resumable(recipe, run_dir)
     elif (run_dir / "recipe.yaml").exists():
         raise FileExistsError(f"{run_dir} already holds a run: pass --resume to continue it, or choose another --run")
+    for name in recipe.training.report_to:  # before the model loads
+        tracker_module(name)
     if world > 1:  # every rank has checked the folder before rank 0 writes to it
         dist.barrier()
     _train_steps(recipe, run_dir, resume, rank, world, device)
@@ -638,7 +657,7 @@ def _train_steps(recipe: Recipe, run_dir: Path, resume: bool, rank: int, world: 
         step, elapsed = meta["step"], meta["seconds"]
         if plan.limit is not None and "plan" in meta:  # without a limit `training.steps` (maybe changed) rules
             plan.restore(meta["plan"])
-        encoder.counts = meta["counts"]
+        encoder.counts |= meta["counts"]  # checkpoints of earlier versions have no dropped_turns
         restore_rank_state(meta["ranks"][rank], sampler)
         if rank == 0:
             trim_history(run_dir / "history.jsonl", step)
@@ -653,12 +672,16 @@ def _train_steps(recipe: Recipe, run_dir: Path, resume: bool, rank: int, world: 
         recipe.to_yaml(run_dir / "recipe.yaml")  # a resumed run may have changed the step count
     bf16 = use_bf16(settings.bf16, device)
     autocast = torch.autocast(device.type, dtype=torch.bfloat16, enabled=bf16)
-    curve = LearningCurve(run_dir / "learning_curve.jsonl", recipe, dev_sets, bf16, rank, world) if dev_sets else None
+    trackers = Trackers(settings.report_to, run_dir, recipe, step) if rank == 0 and settings.report_to else None
+    curve_path = run_dir / "learning_curve.jsonl"
+    curve = LearningCurve(curve_path, recipe, dev_sets, bf16, rank, world, trackers) if dev_sets else None
     progress = tqdm(total=plan.steps, initial=step, desc=recipe.name, disable=rank != 0, dynamic_ncols=True)
     tally, routing, started = Tally(), {}, time.perf_counter() - elapsed
     out_of_time = False
     if curve is not None and step == 0:  # the zero-shot point; its time is in the plan's
         plan.after_dev(curve.add(model, tokenizer, 0, time.perf_counter() - started))
+    examples_per_step = settings.batch_size * settings.grad_accumulation * world
+    logged = (step, time.perf_counter() - started, plan.dev_seconds)  # for the examples per second
     while step < plan.steps and not out_of_time:
         losses: dict[str, float] = {}
         for micro in range(settings.grad_accumulation):
@@ -703,18 +726,25 @@ def _train_steps(recipe: Recipe, run_dir: Path, resume: bool, rank: int, world: 
         if step % settings.log_every == 0 or last:
             means = tally.means()
             routing = routing_summary(model)
+            now = time.perf_counter() - started
+            examples = (step - logged[0]) * examples_per_step
+            examples_per_second = examples / max(now - logged[1] - (plan.dev_seconds - logged[2]), 1e-9)
+            logged = (step, now, plan.dev_seconds)
             record = {
                 "step": step,
                 "loss": means["loss"],
                 "ce": means.get("ce", means["loss"]),
                 "aux": {k: v for k, v in means.items() if k not in ("loss", "ce")},
                 "lr": rate,
-                "seconds": round(time.perf_counter() - started, 2),
+                "seconds": round(now, 2),
+                "examples_per_second": round(examples_per_second, 2),
                 **routing,
             }
             if rank == 0:
                 with (run_dir / "history.jsonl").open("a") as history:
                     history.write(json.dumps(record) + "\n")
+                if trackers is not None:
+                    trackers.log(record, "train/")
             shown = {"loss": f"{record['loss']:.3f}", "aux": f"{record['loss'] - record['ce']:+.3f}"}
             progress.set_postfix(shown | ({"ess": f"{routing['ess']:.2f}"} if routing else {}))
         if step % settings.save_every == 0 or last:
@@ -728,6 +758,8 @@ def _train_steps(recipe: Recipe, run_dir: Path, resume: bool, rank: int, world: 
             }
             save_checkpoint(run_dir / "checkpoint", model, optimizer, scheduler, meta, is_main_process=rank == 0)
     progress.close()
+    if trackers is not None:
+        trackers.close()
 
     save_adapter(model, run_dir / "adapter", is_main_process=rank == 0)
     if rank == 0:

@@ -24,6 +24,7 @@ import torch
 from transformers import Trainer, TrainerCallback
 
 from loramix.data import collate
+from loramix.extras import requires
 from loramix.methods import AdaptedModel
 from loramix.model import WEIGHTS_NAME, read_adapter
 
@@ -127,11 +128,9 @@ class MixLoraTrainer(MixLoraCheckpoints, Trainer):
 
 @functools.cache
 def sft_trainer_class() -> type:
-    """TRL's SFTTrainer with loramix adapter checkpoints and routing statistics (needs `pip install trl`)."""
-    try:
+    """TRL's SFTTrainer with loramix adapter checkpoints and routing statistics (the `trainer` extra)."""
+    with requires("trainer", "sft_trainer_class()"):
         from trl import SFTTrainer
-    except ImportError as error:
-        raise ImportError("sft_trainer_class() needs TRL: pip install 'loramix[trainer]'") from error
 
     class MixLoraSFTTrainer(MixLoraCheckpoints, SFTTrainer):
         __doc__ = "trl.SFTTrainer with loramix's loss and adapter checkpoints and routing statistics in its logs."

@@ -8,7 +8,7 @@ from collections import Counter
 from dataclasses import dataclass
 from pathlib import Path
 
-from loramix.data.metrics import accuracy, macro_f1
+from loramix.data.metrics import accuracy, macro_f1, token_f1
 from loramix.data.paths import resolve_data_dir
 
 SPLIT_SEED = 0  # the seed of every split made in code (recorded in a run's splits.json)
@@ -16,13 +16,20 @@ SPLIT_SEED = 0  # the seed of every split made in code (recorded in a run's spli
 
 @dataclass(frozen=True)
 class Example:
-    """One prompt (the user's message) and the exact answer the model should give; `id` names it in its source."""
+    """One prompt (the user's message) and the exact answer the model should give; `id` names it in its source.
+
+    A conversation's earlier turns are `context`: (role, content) pairs before the prompt, an optional system turn
+    (which replaces the recipe's system prompt) then user and assistant turns in turn. `train_on` "all" puts the
+    loss on the earlier assistant turns too, "last" on the answer alone.
+    """
 
     task: str
     prompt: str
     answer: str
     choices: tuple[str, ...] | None = None
     id: str = ""
+    context: tuple[tuple[str, str], ...] = ()
+    train_on: str = "all"
 
 
 def normalise(text: str) -> str:
@@ -46,7 +53,7 @@ class Task(ABC):
 
     Subclasses set `name`, implement `read`, and set `choices` for classification (the allowed answers; the
     default `parse` maps generated text to the first choice it names). `metrics` names what `score` reports;
-    the default `score` knows "accuracy" and "macro_f1" (the latter only with choices).
+    the default `score` knows "accuracy", "macro_f1" (only with choices) and "token_f1" (SQuAD's, for free text).
     """
 
     name: str = ""
@@ -80,6 +87,8 @@ class Task(ABC):
         scores = {"accuracy": accuracy(predicted, gold)}
         if "macro_f1" in self.metrics and self.choices:
             scores["macro_f1"] = macro_f1(predicted, gold, tuple(normalise(c) for c in self.choices))
+        if "token_f1" in self.metrics:
+            scores["token_f1"] = sum(map(token_f1, predicted, gold)) / max(len(gold), 1)
         return scores
 
     def majority_answer(self, train: list[Example]) -> str:

@@ -50,20 +50,38 @@ def encode_example(
     example: Example, tokenizer, max_length: int, with_answer: bool = True, system_prompt: str | None = None
 ) -> dict:
     """input_ids, attention_mask and labels (-100 except on the answer and its end of turn) of an example, at most
-    max_length tokens, and `truncated`. with_answer=False gives the generation prompt alone (for evaluation).
-    `system_prompt` as in `chat_messages`.
+    max_length tokens, `truncated` and `dropped_turns`. with_answer=False gives the generation prompt alone (for
+    evaluation). `system_prompt` as in `chat_messages`; an example's own system turn (first in its `context`)
+    replaces it.
 
-    Too long an input loses prompt tokens, never template or answer ones: from the prompt's start, or when at
-    least MIDDLE_CUT_FROM prompt tokens fit, from its middle (a quarter of what is kept comes from the start, the
-    rest from the end, where questions and instructions are; " ... " marks the cut).
+    A conversation's earlier turns come before the prompt, their assistant turns labelled when its `train_on` is
+    "all". Too long a conversation loses its earliest user and assistant turns first (counted in `dropped_turns`),
+    then prompt tokens, never template or answer ones: from the prompt's start, or when at least MIDDLE_CUT_FROM
+    prompt tokens fit, from its middle (a quarter of what is kept comes from the start, the rest from the end,
+    where questions and instructions are; " ... " marks the cut).
     """
+    context = list(example.context)
+    if context and context[0][0] == "system":
+        system_prompt = context.pop(0)[1]
+    dropped = 0
+    while context:  # user and assistant turns in turn
+        row = _encode_conversation(example, context, tokenizer, with_answer, system_prompt)
+        if len(row["input_ids"]) <= max_length:
+            return row | {"truncated": dropped > 0, "dropped_turns": dropped}
+        context, dropped = context[2:], dropped + 2
+    row = _encode_single(example, tokenizer, max_length, with_answer, system_prompt)
+    return row | {"truncated": row["truncated"] or dropped > 0, "dropped_turns": dropped}
+
+
+def _token_ids(tokenizer, text: str) -> list[int]:
+    return list(tokenizer(text, add_special_tokens=False)["input_ids"]) if text else []
+
+
+def _encode_single(example: Example, tokenizer, max_length: int, with_answer: bool, system_prompt: str | None) -> dict:
+    """One user turn and the answer (see encode_example)."""
     before, after, lead, end = template_parts(tokenizer, system_prompt)
-
-    def ids(text: str) -> list[int]:
-        return list(tokenizer(text, add_special_tokens=False)["input_ids"]) if text else []
-
-    head, body, tail = ids(before), ids(example.prompt), ids(after)
-    target = ids(lead + example.answer + end) if with_answer else []
+    head, body, tail = (_token_ids(tokenizer, text) for text in (before, example.prompt, after))
+    target = _token_ids(tokenizer, lead + example.answer + end) if with_answer else []
     room = max_length - len(head) - len(tail) - len(target)
     if room < 1:
         raise ValueError(
@@ -72,13 +90,66 @@ def encode_example(
         )
     truncated = len(body) > room
     if truncated:
-        elision = ids(ELISION) if room >= MIDDLE_CUT_FROM else []
+        elision = _token_ids(tokenizer, ELISION) if room >= MIDDLE_CUT_FROM else []
         kept = room - len(elision)
         start = int(kept * KEPT_FROM_START) if elision else 0
         body = body[:start] + elision + body[len(body) - (kept - start) :]
     input_ids = head + body + tail + target
     labels = [-100] * (len(input_ids) - len(target)) + target
     return {"input_ids": input_ids, "attention_mask": [1] * len(input_ids), "labels": labels, "truncated": truncated}
+
+
+def _encode_conversation(
+    example: Example, turns: list[tuple[str, str]], tokenizer, with_answer: bool, system_prompt: str | None
+) -> dict:
+    """Earlier user and assistant `turns`, the prompt and (with_answer) the answer, whole (see encode_example)."""
+    messages = chat_messages(example.prompt, system_prompt)
+    messages[-1:-1] = [{"role": role, "content": content} for role, content in turns]
+    if with_answer:
+        messages.append({"role": "assistant", "content": example.answer})
+    last = len(messages) - 1
+    labelled = {
+        i for i, m in enumerate(messages) if m["role"] == "assistant" and (example.train_on == "all" or i == last)
+    }
+    input_ids, labels = [], []
+    for text, scored in conversation_pieces(tokenizer, messages, labelled):
+        ids = _token_ids(tokenizer, text)
+        input_ids += ids
+        labels += ids if scored else [-100] * len(ids)
+    return {"input_ids": input_ids, "attention_mask": [1] * len(input_ids), "labels": labels}
+
+
+def conversation_pieces(tokenizer, messages: list[dict[str, str]], labelled: set[int]) -> list[tuple[str, bool]]:
+    """The chat template's text of `messages` as (text, labelled) pieces, the generation prompt last when the last
+    message is not the assistant's. The assistant messages at the indices `labelled` are labelled from their
+    content to their end of turn (without trailing white space; the eos token when the template ends a turn with
+    nothing), as `template_parts` labels an answer."""
+    if not getattr(tokenizer, "chat_template", None):
+        raise ValueError("a conversation with earlier turns needs a tokenizer with a chat template")
+
+    def render(part: list[dict[str, str]], generation: bool) -> str:
+        return tokenizer.apply_chat_template(part, tokenize=False, add_generation_prompt=generation)
+
+    pieces, done = [], ""
+    for index, message in enumerate(messages):
+        if message["role"] != "assistant":
+            continue
+        prompt, whole = render(messages[:index], True), render(messages[: index + 1], False)
+        if not (prompt.startswith(done) and whole.startswith(prompt)):
+            raise ValueError(
+                "the tokenizer's chat template renders a conversation's earlier turns differently once later turns "
+                f"follow; conversation so far {whole!r}"
+            )
+        turn = whole[len(prompt) :].rstrip()
+        end = (tokenizer.eos_token or "") if turn.endswith(message["content"].rstrip()) else ""
+        pieces += [(prompt[len(done) :], False), (turn + end, index in labelled)]
+        done = prompt + turn
+    if messages[-1]["role"] != "assistant":
+        prompt = render(messages, True)
+        if not prompt.startswith(done):
+            raise ValueError(f"the tokenizer's chat template renders the generation prompt {prompt!r} unlike the turns")
+        pieces.append((prompt[len(done) :], False))
+    return pieces
 
 
 def collate(rows: list[dict], pad_token_id: int, padding_side: str = "right") -> dict[str, torch.Tensor]:

@@ -1,15 +1,29 @@
-"""Metrics: accuracy, macro-F1 over a label set, micro precision / recall / F1 over sets of items, and the
+"""Metrics: accuracy, token F1, macro-F1 over a label set, micro precision / recall / F1 over sets of items, and the
 bootstrap that puts intervals on them."""
 
 from __future__ import annotations
 
 import random
+import re
+from collections import Counter
 from collections.abc import Callable, Hashable
 
 
 def accuracy(predictions: list[str], golds: list[str]) -> float:
     """The share of predictions equal to their gold answer (0 for no examples)."""
     return sum(p == g for p, g in zip(predictions, golds, strict=True)) / max(len(golds), 1)
+
+
+def token_f1(prediction: str, gold: str) -> float:
+    """SQuAD's token F1 of a prediction against its gold answer, over lower-case word tokens (1 when both have none)."""
+    predicted, reference = re.findall(r"\w+", prediction.lower()), re.findall(r"\w+", gold.lower())
+    if not predicted or not reference:
+        return float(predicted == reference)
+    common = sum((Counter(predicted) & Counter(reference)).values())
+    if not common:
+        return 0.0
+    precision, recall = common / len(predicted), common / len(reference)
+    return 2 * precision * recall / (precision + recall)
 
 
 def macro_f1(predictions: list[str], golds: list[str], labels: tuple[str, ...]) -> float:

@@ -9,7 +9,7 @@ from typing import TYPE_CHECKING
 import torch
 from torch import Tensor, nn
 
-from loramix.call import CallState
+from loramix.call import CallState, RowState
 from loramix.losses import selection_log_prob
 
 if TYPE_CHECKING:
@@ -144,7 +144,8 @@ def capture_block_input(block: nn.Module, args: tuple, kwargs: dict) -> None:
 class RoutingContext(CallState):
     """State shared by the routers of one wrapped model during one forward (or one `generate`) call."""
 
-    sequence_routes: dict[str, Routing] = field(default_factory=dict)
+    row_fields = (*CallState.row_fields, "sequence_routes")
+    sequence_routes: dict[str, Routing] = field(default_factory=dict)  # routes taken once per sequence
     layer_cache: dict[nn.Module, tuple] = field(default_factory=dict)  # per layer, for one `generate` call
     records: list[RoutingRecord] = field(default_factory=list)  # this forward's, collected when it ends
     expert_samples: list[ExpertSample] = field(default_factory=list)
@@ -182,13 +183,9 @@ class RoutingContext(CallState):
         self.sequence_routes.clear()
         self.layer_cache.clear()
 
-    def select_rows(self, rows: Tensor) -> None:
-        super().select_rows(rows)
-        for key, routing in self.sequence_routes.items():
-            values = {f.name: getattr(routing, f.name) for f in fields(Routing)}
-            picked = {k: v[rows.to(v.device)] if isinstance(v, Tensor) else v for k, v in values.items()}
-            self.sequence_routes[key] = Routing(**picked)
-        self.layer_cache.clear()
+    def resume(self, state: RowState) -> None:
+        super().resume(state)
+        self.layer_cache.clear()  # the gates kept for the previous rows
 
     def stacked_records(self, records: list[RoutingRecord], *names: str) -> list[StackedRecords]:
         """The Routing fields `names` and the masks of `records`, stacked per group of equal shapes, so that

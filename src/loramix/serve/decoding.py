@@ -1,26 +1,27 @@
-"""Hooks into Hugging Face `generate` that let each row of a batch decode on its own terms.
-
-`RowTracker` (a stopping criterion) follows every row as its tokens arrive: text, stop strings, the row's own
-`max_tokens`, cancellation; it reports text pieces and finished rows at once. `RowSampler` (a logits
-processor) samples the rows that asked for a temperature and leaves greedy rows untouched.
-"""
+"""One request while it decodes: `GenerationRequest` (what was asked), `Sequence` (its text, stop conditions,
+sampler and listeners while it runs), `Completion` (what it gave), and `next_tokens`, the choice of every row's
+next token from a step's logits (greedy, or sampled from the row's own seeded generator)."""
 
 from __future__ import annotations
 
 import random
-from collections.abc import Callable, Sequence
-from dataclasses import dataclass
+import time
+from collections.abc import Callable, Hashable
+from collections.abc import Sequence as Rows
+from dataclasses import dataclass, field
 
 import torch
 from torch import Tensor
-from transformers import LogitsProcessor, StoppingCriteria
 
 from loramix.serve.text import TextStream
+
+MAX_TOP_LOGPROBS = 20
 
 
 @dataclass
 class GenerationRequest:
-    """One sequence to generate. `task` is the index of its tenant in the engine's task list."""
+    """One sequence to generate. `task` is the index of its tenant in the engine's task list; `logprobs` None
+    for none, else how many of the most likely tokens to report beside each chosen one (0: the chosen alone)."""
 
     task: int
     prompt_ids: list[int]
@@ -29,7 +30,19 @@ class GenerationRequest:
     top_p: float = 1.0
     stop: tuple[str, ...] = ()
     seed: int | None = None
+    logprobs: int | None = None
+    runner: Hashable | None = None  # the runner of an adapter served by name (None: the run's own)
     cancelled: bool = False  # set from another thread to stop generating this row
+
+
+@dataclass
+class TokenLogprob:
+    """A generated token's log-probability under the model (before temperature and top-p), and the `top` most
+    likely tokens of that step with theirs."""
+
+    token: int
+    logprob: float
+    top: list[tuple[int, float]] = field(default_factory=list)
 
 
 @dataclass
@@ -41,88 +54,109 @@ class Completion:
     token_ids: list[int]
     finish_reason: str
     prompt_tokens: int
+    logprobs: list[TokenLogprob] | None = None
 
 
-TextListener = Callable[[int, str], None]
-DoneListener = Callable[[int, Completion], None]
+TextListener = Callable[[str, list[TokenLogprob]], None]  # a text piece, and the logprobs of its new tokens
+DoneListener = Callable[[Completion], None]
+ErrorListener = Callable[[Exception], None]
 
 
-class RowTracker(StoppingCriteria):
-    """Stops each row at its end of turn, stop string, token limit or cancellation, and reports its text."""
+class Sequence:
+    """A request while it runs: its text so far (with stop strings), its sampler, the times of its tokens, and the
+    listeners that receive its text pieces, its completion or its failure, as soon as each is known."""
 
     def __init__(
         self,
-        requests: Sequence[GenerationRequest],
+        request: GenerationRequest,
         tokenizer,
-        eos_token_ids: Sequence[int],
+        eos_token_ids: Rows[int],
+        device: torch.device,
         on_text: TextListener | None = None,
         on_done: DoneListener | None = None,
+        on_error: ErrorListener | None = None,
     ) -> None:
-        self.requests = requests
+        self.request = request
         self.eos = set(eos_token_ids)
-        self.streams = [TextStream(tokenizer, request.stop) for request in requests]
-        self.completions: list[Completion | None] = [None] * len(requests)
-        self.on_text, self.on_done = on_text, on_done
+        self.stream = TextStream(tokenizer, request.stop)
+        self.on_text, self.on_done, self.on_error = on_text, on_done, on_error
+        self.generator = None
+        if request.temperature > 0:
+            seed = request.seed if request.seed is not None else random.getrandbits(63)
+            self.generator = torch.Generator(device).manual_seed(seed)
+        self.logprobs: list[TokenLogprob] | None = [] if request.logprobs is not None else None
+        self._reported = 0  # logprobs handed out with text pieces
+        self.arrived = time.monotonic()
+        self.token_times: list[float] = []
+        self.completion: Completion | None = None
 
-    def __call__(self, input_ids: Tensor, scores, **kwargs) -> Tensor:
-        for row, token in enumerate(input_ids[:, -1].tolist()):
-            if self.completions[row] is None:
-                self._advance(row, token)
-        return torch.tensor([c is not None for c in self.completions], device=input_ids.device)
+    @property
+    def finished(self) -> bool:
+        return self.completion is not None
 
-    def _advance(self, row: int, token: int) -> None:
-        request, stream = self.requests[row], self.streams[row]
-        if request.cancelled:
-            reason = "cancelled"
-        elif token in self.eos:
-            reason = "stop"
-        else:
-            self._emit(row, stream.push(token))
-            reason = "stop" if stream.stopped else "length" if len(stream.tokens) >= request.max_tokens else None
-        if reason is not None:
-            self._finish(row, reason)
+    def advance(self, token: int, logprob: TokenLogprob | None = None) -> None:
+        """Take the next generated token; finishes the sequence at its end of turn, stop string or token limit."""
+        self.token_times.append(time.monotonic())
+        if token in self.eos:
+            self.finish("stop")
+            return
+        if self.logprobs is not None:
+            self.logprobs.append(logprob)
+        self._emit(self.stream.push(token))
+        if self.stream.stopped:
+            self.finish("stop")
+        elif len(self.stream.tokens) >= self.request.max_tokens:
+            self.finish("length")
 
-    def _emit(self, row: int, piece: str) -> None:
-        if piece and self.on_text is not None:
-            self.on_text(row, piece)
-
-    def _finish(self, row: int, reason: str) -> None:
-        stream = self.streams[row]
-        self._emit(row, stream.finish())
-        completion = Completion(stream.text, stream.tokens, reason, len(self.requests[row].prompt_ids))
-        self.completions[row] = completion
+    def finish(self, reason: str) -> None:
+        """End the sequence ("stop", "length" or "cancelled") and hand out the rest of its text and its completion."""
+        if self.finished:
+            return
+        self._emit(self.stream.finish(), final=True)
+        logprobs = None if self.logprobs is None else list(self.logprobs)
+        self.completion = Completion(
+            self.stream.text, self.stream.tokens, reason, len(self.request.prompt_ids), logprobs
+        )
         if self.on_done is not None:
-            self.on_done(row, completion)
+            self.on_done(self.completion)
 
-    def finish_all(self) -> list[Completion]:
-        """Close the rows `generate` ended without a decision (none normally) and return every completion."""
-        for row, completion in enumerate(self.completions):
-            if completion is None:
-                self._finish(row, "length")
-        return self.completions
+    def fail(self, error: Exception) -> None:
+        """End the sequence with an error (its listeners get it instead of a completion)."""
+        self.completion = Completion(self.stream.text, self.stream.tokens, "error", len(self.request.prompt_ids))
+        if self.on_error is not None:
+            self.on_error(error)
+
+    def _emit(self, piece: str, final: bool = False) -> None:
+        logprobs = []
+        if self.logprobs is not None and (piece or final):
+            logprobs, self._reported = self.logprobs[self._reported :], len(self.logprobs)
+        if (piece or logprobs) and self.on_text is not None:
+            self.on_text(piece, logprobs)
 
 
-class RowSampler(LogitsProcessor):
-    """Samples the rows with temperature > 0 (with top-p, from the row's seed) by leaving only the sampled token
-    possible, so that `generate`'s greedy choice picks it; greedy rows keep their scores."""
-
-    def __init__(self, requests: Sequence[GenerationRequest], device: torch.device) -> None:
-        self.rows = [row for row, request in enumerate(requests) if request.temperature > 0]
-        self.requests = requests
-        self.generators = {
-            row: torch.Generator(device).manual_seed(
-                requests[row].seed if requests[row].seed is not None else random.getrandbits(63)
-            )
-            for row in self.rows
-        }
-
-    def __call__(self, input_ids: Tensor, scores: Tensor) -> Tensor:
-        for row in self.rows:
-            request = self.requests[row]
-            probs = (scores[row] / request.temperature).softmax(-1)
+def next_tokens(logits: Tensor, sequences: Rows[Sequence]) -> tuple[list[int], list[TokenLogprob | None]]:
+    """The next token of each row of `logits` (B, V): the greedy choice, or a sample (temperature, top-p) from
+    the row's own generator; and each row's log-probabilities where its request asked for them."""
+    tokens = logits.argmax(-1)
+    for row, sequence in enumerate(sequences):
+        request = sequence.request
+        if request.temperature > 0:
+            probs = (logits[row].float() / request.temperature).softmax(-1)
             ordered, order = probs.sort(descending=True)
             ordered[ordered.cumsum(0) - ordered >= request.top_p] = 0  # keep the smallest set reaching top_p
-            token = order[torch.multinomial(ordered, 1, generator=self.generators[row])]
-            scores[row] = float("-inf")
-            scores[row, token] = 0.0
-        return scores
+            tokens[row] = order[torch.multinomial(ordered, 1, generator=sequence.generator)]
+    chosen = tokens.tolist()
+    logprobs: list[TokenLogprob | None] = [None] * len(sequences)
+    wanted = [row for row, sequence in enumerate(sequences) if sequence.request.logprobs is not None]
+    if wanted:
+        rows = torch.tensor(wanted, device=logits.device)
+        table = logits[rows].float().log_softmax(-1)
+        top = max(sequences[row].request.logprobs for row in wanted)
+        top_values, top_ids = table.topk(top, dim=-1) if top else (table[:, :0], table[:, :0].long())
+        own = table.gather(1, tokens[rows].unsqueeze(1)).squeeze(1).tolist()
+        top_values, top_ids = top_values.tolist(), top_ids.tolist()
+        for index, row in enumerate(wanted):
+            count = sequences[row].request.logprobs
+            pairs = list(zip(top_ids[index][:count], top_values[index][:count], strict=True))
+            logprobs[row] = TokenLogprob(chosen[row], own[index], pairs)
+    return chosen, logprobs

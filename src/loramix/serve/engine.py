@@ -1,20 +1,34 @@
-"""Engine: batched generation for the tenants (tasks) of one backbone, each row of a batch with its own adapter."""
+"""Engine: continuous batching for the tenants (tasks) of one backbone, each row of a batch with its own adapter."""
 
 from __future__ import annotations
 
+import logging
 import threading
-from collections.abc import Iterator, Sequence
-from contextlib import contextmanager
+from collections.abc import Callable, Hashable
+from collections.abc import Sequence as Sequence_
+from pathlib import Path
 
 import torch
 from jinja2 import TemplateError
-from torch import Tensor, nn
-from transformers import LogitsProcessorList, StoppingCriteriaList
+from torch import nn
 
 from loramix.methods import AdaptedModel
 from loramix.model import MixLoraModel
-from loramix.serve.decoding import Completion, DoneListener, GenerationRequest, RowSampler, RowTracker, TextListener
+from loramix.serve.adapters import LORA_RUNNER, AdapterSet, ServedAdapter
+from loramix.serve.batch import RunningBatch
+from loramix.serve.decoding import (
+    MAX_TOP_LOGPROBS,
+    Completion,
+    DoneListener,
+    ErrorListener,
+    GenerationRequest,
+    Sequence,
+    TextListener,
+)
 from loramix.serve.rows import TaskRows
+from loramix.serve.runners import AdaptedRunner, PlainRunner, Runner, TaskRowsRunner
+
+logger = logging.getLogger(__name__)
 
 DEFAULT_MAX_PROMPT_TOKENS = 1024
 CHARACTERS_PER_TOKEN = 100  # a text longer than this many characters per allowed token is refused untokenized
@@ -49,34 +63,37 @@ def backbone(model: nn.Module) -> nn.Module:
 
 
 class Engine:
-    """Generates for batches of requests whose rows may belong to different tasks, in one `generate` call.
+    """Decodes requests whose rows may belong to different tasks with continuous (iteration-level) batching:
+    `admit` processes new prompts and adds them to the running batch, `step` runs one decoding step for every
+    running row, and a row leaves as soon as it ends (`generate` does both until all requests are done).
 
-    How a batch runs depends on the adapter:
-    - task router: a batch of one task that has a merged copy (`merged_tasks`) runs on that copy, at the base
-      model's speed; any other batch runs once with per-row task adapters (`TaskRows`).
-    - other loramix routers and methods: on the model, with each row's task id; what is computed once per
-      prompt (routes of `prompt` and sequence-level routers, PEDRO's vectors, IAPT's soft tokens) is computed
-      on the prompt and reused at every decoding step, each row from its own prompt.
-    - a plain or peft model: as it is; every task shares it.
+    Which running batch (runner) a request joins depends on the adapter:
+    - task router: a task with a merged copy (`merged_tasks`) decodes in a batch of its own on that copy, at the
+      base model's speed; every other task shares one batch with per-row task adapters (`TaskRows`).
+    - other loramix routers and methods: one batch on the model, with each row's task id; what is computed once
+      per prompt (routes of `prompt` and sequence-level routers, PEDRO's vectors, IAPT's soft tokens) is computed
+      on the prompt and travels with the row (a RowState) for every decoding step.
+    - a plain or peft model: one batch on the model as it is; every task shares it.
 
     `tasks` names the tenants: task id = position (as in a run's recipe). `system_prompt` is put before chats
     that bring no system message (a run's recipe.system_prompt: the format it was trained in; None leaves the
-    chat template's default). One batch runs at a time; the engine owns the model (the per-row path swaps its
-    layers during a batch).
+    chat template's default). The engine owns the model (the per-row path swaps its layers during a forward);
+    call `admit` and `step` from one thread.
     """
 
     def __init__(
         self,
         model: nn.Module,
         tokenizer,
-        tasks: Sequence[str],
+        tasks: Sequence_[str],
         *,
         max_new_tokens: int = 256,
         max_prompt_tokens: int | None = None,
         merged_tasks: int = 0,
         system_prompt: str | None = None,
+        adapters: AdapterSet | None = None,
     ) -> None:
-        if not tasks or len(set(tasks)) != len(tasks):
+        if (not tasks and adapters is None) or len(set(tasks)) != len(tasks):
             raise ValueError(f"tasks must name each tenant once, got {list(tasks)}")
         self.model = model.eval()
         self.tokenizer = tokenizer
@@ -106,7 +123,24 @@ class Engine:
             self.merged = {task: model.merge_task(task).eval() for task in range(merged_tasks)}
         elif merged_tasks:
             raise ValueError(f"merged_tasks={merged_tasks}: only a loramix adapter with router='task' merges by task")
+        self.config = backbone(model).config
+        self.runners: dict[Hashable, Runner] = {"model": self._model_runner()}
+        self.runners |= {("merged", task): PlainRunner(copy) for task, copy in self.merged.items()}
+        self.adapters = adapters
+        if adapters is not None:
+            self.runners[LORA_RUNNER] = adapters.lora
+            for served in adapters.served.values():
+                self._add_runner(served)
+        self.batches = {key: RunningBatch(runner) for key, runner in self.runners.items()}
+        self._retiring: set[Hashable] = set()  # runners of unloaded adapters, dropped once their rows are done
         self._lock = threading.Lock()
+
+    def _model_runner(self) -> Runner:
+        if self.rows is not None:
+            return TaskRowsRunner(self.rows)
+        if isinstance(self.model, AdaptedModel):
+            return AdaptedRunner(self.model)
+        return PlainRunner(backbone(self.model))
 
     def _default_prompt_limit(self) -> int:
         config = backbone(self.model).config
@@ -116,16 +150,101 @@ class Engine:
         return min(DEFAULT_MAX_PROMPT_TOKENS, context - self.max_new_tokens)
 
     # ---- requests -------------------------------------------------------------------------------------------
+    @property
+    def model_ids(self) -> list[str]:
+        """Every model id a request may name: the run's tasks, then the adapters' (NAME or NAME/TASK)."""
+        return self.tasks + (self.adapters.model_ids() if self.adapters is not None else [])
+
     def task_id(self, name: str) -> int:
-        """The id of a task (tenant) by name; RequestError (404) if the engine serves no such task."""
+        """The id of a task of the run (tenant) by name; RequestError (404) if the run has no such task."""
         if name not in self.tasks:
-            raise RequestError(
-                f"The model {name!r} does not exist; this server has {self.tasks}",
-                param="model",
-                status=404,
-                code="model_not_found",
-            )
+            raise self._not_found(name)
         return self.tasks.index(name)
+
+    def _not_found(self, name: str) -> RequestError:
+        return RequestError(
+            f"The model {name!r} does not exist; this server has {self.model_ids}",
+            param="model",
+            status=404,
+            code="model_not_found",
+        )
+
+    def _resolve(self, model: str) -> tuple[Hashable | None, int]:
+        """(the runner of requests to `model`, None for the run's own; their task id) or a RequestError."""
+        if model in self.tasks or self.adapters is None:
+            return None, self.task_id(model)
+        try:
+            found = self.adapters.resolve(model)
+        except ValueError as error:
+            raise RequestError(str(error), param="model") from None
+        if found is None or found[0] not in self.adapters.served:
+            raise self._not_found(model)
+        name, task = found
+        served = self.adapters.served[name]
+        self.adapters.touch(name)
+        return served.runner, served.task_ids[task or 0]
+
+    # ---- adapters by name ---------------------------------------------------------------------------------------
+    def load_adapter(self, name: str, path: str | Path) -> list[str]:
+        """Serve the adapter in folder `path` as `name` (a peft LoRA or a loramix run folder), beside the others;
+        returns its model ids. RequestError (400) names what is wrong; the folder is read before taking the lock."""
+        adapters = self._adapter_set()
+        if name in adapters.served:
+            raise RequestError(f"an adapter named {name!r} is already loaded: unload it first", param="lora_name")
+        try:
+            served, runner = adapters.prepare(name, path)
+        except (ValueError, FileNotFoundError) as error:
+            raise RequestError(str(error), param="lora_path") from None
+        with self._lock:
+            if runner is not None:
+                self.runners[served.runner] = runner
+                self.batches[served.runner] = RunningBatch(runner)
+            for evicted in adapters.add(served):
+                self._retire(evicted)
+        return served.model_ids()
+
+    def unload_adapter(self, name: str) -> None:
+        """Stop serving adapter `name`: new requests to it get 404; rows decoding with it finish first."""
+        adapters = self._adapter_set()
+        if name not in adapters.known:
+            raise RequestError(f"no adapter named {name!r} is loaded", param="lora_name", status=404)
+        with self._lock:
+            served = adapters.forget(name)
+            if served is not None:
+                self._retire(served)
+
+    def ensure_resident(self, model: str) -> None:
+        """Load again the adapter `model` names if it was dropped to keep --max-adapters resident (slow: call it
+        off the event loop); a no-op for anything else."""
+        if self.adapters is None or model in self.tasks:
+            return
+        name = model.partition("/")[0]
+        path = self.adapters.known.get(name)
+        if path is not None and name not in self.adapters.served:
+            self.load_adapter(name, path)
+
+    def _still_served(self, key: Hashable, request: GenerationRequest) -> bool:
+        if key not in self.runners:
+            return False
+        return key != LORA_RUNNER or request.task in self.adapters.lora.tenants
+
+    def _adapter_set(self) -> AdapterSet:
+        if self.adapters is None:
+            raise RequestError("this server loads no adapters by name (start it with --adapter)", status=400)
+        return self.adapters
+
+    def _add_runner(self, served: ServedAdapter) -> None:
+        if served.runner != LORA_RUNNER:
+            self.runners[served.runner] = AdaptedRunner(served.model)
+
+    def _retire(self, served: ServedAdapter) -> None:
+        if served.runner != LORA_RUNNER:
+            self._retiring.add(served.runner)
+
+    def _drop_retired(self) -> None:
+        for key in [key for key in self._retiring if not self.batches[key].sequences]:
+            self._retiring.discard(key)
+            del self.runners[key], self.batches[key]
 
     def encode_prompt(self, text: str) -> list[int]:
         """Token ids of a raw completion prompt (with the tokenizer's special tokens, as a plain call adds)."""
@@ -163,12 +282,14 @@ class Engine:
         max_tokens: int | None = None,
         temperature: float = 0.0,
         top_p: float = 1.0,
-        stop: Sequence[str] = (),
+        stop: Sequence_[str] = (),
         seed: int | None = None,
+        logprobs: int | None = None,
         prompt_param: str = "prompt",
     ) -> GenerationRequest:
-        """A validated GenerationRequest for task `model`; RequestError names the field at fault."""
-        task = self.task_id(model)
+        """A validated GenerationRequest for `model` (a task of the run, or an adapter's model id); RequestError
+        names the field at fault."""
+        runner, task = self._resolve(model)
         if not prompt_ids:
             raise RequestError("the prompt is empty", param=prompt_param)
         if not all(0 <= token < self.vocab_size for token in prompt_ids):
@@ -191,59 +312,105 @@ class Engine:
             raise RequestError(f"seed={seed} must lie in [0, 2**63)", param="seed")
         if any(len(text) > MAX_STOP_LENGTH for text in stop):
             raise RequestError(f"stop strings may have at most {MAX_STOP_LENGTH} characters", param="stop")
-        return GenerationRequest(task, list(prompt_ids), max_tokens, temperature, top_p, tuple(stop), seed)
+        if logprobs is not None and not 0 <= logprobs <= MAX_TOP_LOGPROBS:
+            raise RequestError(f"top logprobs={logprobs} must lie in [0, {MAX_TOP_LOGPROBS}]", param="logprobs")
+        return GenerationRequest(
+            task, list(prompt_ids), max_tokens, temperature, top_p, tuple(stop), seed, logprobs, runner=runner
+        )
 
     # ---- generation -----------------------------------------------------------------------------------------
-    def generate(
+    def sequence(
         self,
-        requests: Sequence[GenerationRequest],
+        request: GenerationRequest,
         on_text: TextListener | None = None,
         on_done: DoneListener | None = None,
+        on_error: ErrorListener | None = None,
+    ) -> Sequence:
+        """A Sequence for `request`, to `admit`; its listeners receive its text, completion or failure."""
+        return Sequence(request, self.tokenizer, self.eos_token_ids, self.device, on_text, on_done, on_error)
+
+    @property
+    def running(self) -> int:
+        """How many sequences are decoding."""
+        return sum(len(batch) for batch in self.batches.values())
+
+    def admit(self, sequences: Sequence_[Sequence]) -> None:
+        """Process the prompts of new sequences (one forward per runner, new prompts only) and let those that go
+        on join their runner's running batch, to decode in its next `step`. If a forward fails, each of its
+        sequences is tried alone, so that only a request at fault fails."""
+        groups: dict[Hashable, list[Sequence]] = {}
+        for sequence in sequences:
+            groups.setdefault(self._runner_key(sequence.request), []).append(sequence)
+        for key, group in groups.items():
+            gone = [sequence for sequence in group if not self._still_served(key, sequence.request)]
+            for sequence in gone:  # its adapter was unloaded (or dropped for --max-adapters) while it waited
+                sequence.fail(RequestError("the adapter was unloaded before this request started: retry", status=503))
+            group = [sequence for sequence in group if sequence not in gone]
+            if not group:
+                continue
+            try:
+                with self._lock, torch.inference_mode():
+                    new = RunningBatch.prefill(self.runners[key], group, self.pad_token_id, self.device, self.config)
+            except Exception as error:
+                if len(group) > 1:
+                    for sequence in group:
+                        self.admit([sequence])
+                    continue
+                logger.exception("a prompt of %d tokens failed", len(group[0].request.prompt_ids))
+                group[0].fail(error)
+                continue
+            self.batches[key].join(new)
+
+    def step(self) -> None:
+        """One decoding step of every running batch (one forward each); finished and cancelled rows leave. A
+        failed forward fails the rows of its batch."""
+        for batch in list(self.batches.values()):
+            if not batch.sequences:
+                continue
+            try:
+                with self._lock, torch.inference_mode():
+                    batch.step()
+            except Exception as error:
+                logger.exception("a decoding step of %d rows failed", len(batch))
+                batch.fail(error)
+        if self._retiring:
+            with self._lock:
+                self._drop_retired()
+
+    def generate(
+        self,
+        requests: Sequence_[GenerationRequest],
+        on_text: Callable[[int, str], None] | None = None,
+        on_done: Callable[[int, Completion], None] | None = None,
     ) -> list[Completion]:
-        """Generate for all requests in one batch (left-padded prompts, one `generate` call).
+        """Generate for all requests, admitted together, until every one has finished (raises the first error).
 
         `on_text(row, piece)` receives each row's text as it becomes final; `on_done(row, completion)` a row's
         completion as soon as it ends, before the rest of the batch.
         """
-        if not requests:
-            return []
-        length = max(len(request.prompt_ids) for request in requests)
-        input_ids = torch.full((len(requests), length), self.pad_token_id, dtype=torch.long)
-        attention_mask = torch.zeros_like(input_ids)
-        for row, request in enumerate(requests):
-            input_ids[row, length - len(request.prompt_ids) :] = torch.tensor(request.prompt_ids)
-            attention_mask[row, length - len(request.prompt_ids) :] = 1
-        tracker = RowTracker(requests, self.tokenizer, self.eos_token_ids, on_text, on_done)
-        samplers = [RowSampler(requests, self.device)] if any(r.temperature > 0 for r in requests) else []
-        task_ids = torch.tensor([request.task for request in requests], device=self.device)
-        with self._lock, torch.inference_mode(), self._batch_model(task_ids) as model:
-            adapter_inputs = {"task_ids": task_ids} if model is self.model and isinstance(model, AdaptedModel) else {}
-            model.generate(
-                **adapter_inputs,
-                input_ids=input_ids.to(self.device),
-                attention_mask=attention_mask.to(self.device),
-                max_new_tokens=max(request.max_tokens for request in requests),
-                do_sample=False,
-                num_beams=1,
-                eos_token_id=self.eos_token_ids,
-                pad_token_id=self.pad_token_id,
-                stopping_criteria=StoppingCriteriaList([tracker]),
-                logits_processor=LogitsProcessorList(samplers),
+        errors: list[Exception] = []
+        sequences = [
+            self.sequence(
+                request,
+                on_text and (lambda piece, _, row=row: piece and on_text(row, piece)),
+                on_done and (lambda completion, row=row: on_done(row, completion)),
+                errors.append,
             )
-        return tracker.finish_all()
+            for row, request in enumerate(requests)
+        ]
+        self.admit(sequences)
+        while self.running:
+            self.step()
+        if errors:
+            raise errors[0]
+        return [sequence.completion for sequence in sequences]
 
-    @contextmanager
-    def _batch_model(self, task_ids: Tensor) -> Iterator[nn.Module]:
-        """The model whose `generate` runs a batch with these task ids (see the class docstring)."""
-        if self.rows is None:
-            yield self.model
-            return
-        first = int(task_ids[0])
-        if first in self.merged and bool((task_ids == first).all()):
-            yield self.merged[first]
-            return
-        with self.rows.select(task_ids) as model:
-            yield model
+    def _runner_key(self, request: GenerationRequest) -> Hashable:
+        """Which runner decodes a request: its adapter's, or for the run's tasks their merged copy if there is one,
+        else the run's model."""
+        if request.runner is not None:
+            return request.runner
+        return ("merged", request.task) if request.task in self.merged else "model"
 
 
 def _eos_token_ids(model: nn.Module, tokenizer) -> list[int]:

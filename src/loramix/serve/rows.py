@@ -62,6 +62,7 @@ class TaskRows:
             name: TaskRowLinear(layer, torch.stack([weights[name] for weights in per_task]))
             for name, layer in model.layers.items()
         }
+        self._selected: Tensor | None = None  # the task ids whose gates the layers hold
 
     @contextmanager
     def select(self, task_ids: Tensor) -> Iterator[nn.Module]:
@@ -69,15 +70,15 @@ class TaskRows:
 
         The model's MixLoraLinear layers are swapped out meanwhile: run nothing else on the model then.
         """
-        for layer in self.layers.values():
-            layer.row_gates = layer.task_gates[task_ids.to(layer.task_gates.device)].unsqueeze(1)
+        if task_ids is not self._selected:  # a running batch keeps its task ids until its rows change
+            for layer in self.layers.values():
+                layer.row_gates = layer.task_gates[task_ids.to(layer.task_gates.device)].unsqueeze(1)
+            self._selected = task_ids
         self._install(self.layers)
         try:
             yield self.model.base_model
         finally:
             self._install(self.model.layers)
-            for layer in self.layers.values():
-                layer.row_gates = None
 
     def _install(self, layers: dict[str, nn.Module]) -> None:
         base = self.model.base_model
