@@ -8,7 +8,9 @@ Upstream: each `task`-router run gives one exported peft LoRA per trained task; 
 task gives its adapter. None of them may have seen the target task. A fixed draw (--examples-seed) of --shots
 examples from the target's training split is the composition's data (--resample-examples: each seed draws its
 own). Reported on the first --max-test test examples: zero-shot, the uniform average (w_i = 1/N on A and B,
-LoRAHub's combination rule) and LoRAHub over the seeds (mean, sd, min-max). Writes results.json, the table and
+LoRAHub's combination rule) and LoRAHub over the seeds (mean, sd, min-max; seed 0 searches from w = 0, the
+others from their own random start), and per seed its gain over the uniform average and over zero-shot with a
+95% paired-bootstrap interval (the same resampled test examples for both). Writes results.json, the tables and
 each composed adapter (with its search curve) under --out.
 """
 
@@ -26,7 +28,7 @@ from peft import PeftModel
 
 from loramix.compose import Upstream, compose, load_upstream
 from loramix.data import Example, get_task
-from loramix.evaluate import evaluate_model
+from loramix.evaluate import compare, evaluate_model
 from loramix.export import export_peft
 from loramix.model import load
 from loramix.models import load_model
@@ -67,21 +69,28 @@ def draw_shots(train: list[Example], shots: int, seed: int) -> list[Example]:
     return random.Random(seed).sample(train, shots)
 
 
-def score(model, tokenizer, test: list[Example], max_length: int, adapter: Path | None = None) -> dict[str, float]:
-    """The target task's metrics of the base model, or of the base model with a peft adapter (then removed)."""
+def score(model, tokenizer, test: list[Example], max_length: int, adapter: Path | None = None) -> dict:
+    """The target task's metrics and predictions of the base model, or of the base model with a peft adapter
+    (then removed)."""
     scored = PeftModel.from_pretrained(model, adapter) if adapter is not None else model
     try:
         results = evaluate_model(scored, tokenizer, {test[0].task: test}, max_prompt_length=max_length)
     finally:
         if adapter is not None:
             scored.unload()
-    return results[test[0].task]["metrics"]
+    return results[test[0].task]
 
 
-def summary(values: list[float]) -> str:
-    if len(values) == 1:
-        return f"{values[0]:.3f}"
+def summary(runs: list[dict], metric: str) -> str:
+    """One search's value, or, over searches that differ, mean ± sd (min-max)."""
+    values = [run["metrics"][metric] for run in runs]
+    if len({tuple(run["weights"].values()) for run in runs}) == 1:
+        return f"{values[0]:.3f}" + (f" (the {len(runs)} seeds gave one search)" if len(runs) > 1 else "")
     return f"{statistics.mean(values):.3f} ± {statistics.stdev(values):.3f} ({min(values):.3f}-{max(values):.3f})"
+
+
+def gain(difference: dict) -> str:
+    return f"{difference['difference']:+.3f} [{difference['low']:+.3f}, {difference['high']:+.3f}]"
 
 
 def markdown_table(results: dict) -> str:
@@ -94,9 +103,20 @@ def markdown_table(results: dict) -> str:
         + " | ".join(f"{results['uniform'][m]:.3f}" for m in metrics)
         + " |",
         f"| LoRAHub ({len(results['lorahub'])} seeds) | "
-        + " | ".join(summary([run["metrics"][m] for run in results["lorahub"]]) for m in metrics)
+        + " | ".join(summary(results["lorahub"], m) for m in metrics)
         + " |",
+        "",
+        "| LoRAHub seed | weights | gain over the uniform average | gain over zero-shot |",
+        "|---|---|---|---|",
     ]
+    for run in results["lorahub"]:
+        weights = ", ".join(f"{w:+.2f}" for w in run["weights"].values())
+        differences = run["differences"]
+        rows.append(
+            f"| {run['seed']} | {weights} | {gain(differences['uniform'])} | {gain(differences['zero_shot'])} |"
+        )
+    metric = results["lorahub"][0]["differences"]["uniform"]["metric"]
+    rows.append(f"\nGains: {metric}, with 95% paired-bootstrap intervals over the {results['n_test']} test examples.")
     return "\n".join(rows)
 
 
@@ -116,12 +136,14 @@ def run(args: argparse.Namespace) -> dict:
         "settings": {k: v for k, v in vars(args).items() if k not in ("runs", "out", "data_dir")},
         "n_test": len(test),
         "max_length": max_length,
-        "zero_shot": score(model, tokenizer, test, max_length),
     }
-    uniform = upstream.save(args.out / "uniform", [1 / len(upstream)] * len(upstream))
-    results["uniform"] = score(model, tokenizer, test, max_length, uniform)
-    results["lorahub"] = []
-    scores_by_weights: dict[tuple, dict] = {}  # NGOpt often picks deterministic Cobyla: equal weights, equal scores
+    zero_shot = score(model, tokenizer, test, max_length)
+    uniform = score(
+        model, tokenizer, test, max_length, upstream.save(args.out / "uniform", [1 / len(upstream)] * len(upstream))
+    )
+    results["zero_shot"], results["uniform"], results["lorahub"] = zero_shot["metrics"], uniform["metrics"], []
+    task = get_task(args.target)
+    scores_by_weights: dict[tuple, dict] = {}  # equal weights (a repeated search), equal scores
     for seed in args.seeds:
         shots = draw_shots(splits["train"], args.shots, seed if args.resample_examples else args.examples_seed)
         result = compose(model, upstream, shots, args.budget, args.l1, seed, tokenizer=tokenizer, max_length=max_length)
@@ -129,8 +151,11 @@ def run(args: argparse.Namespace) -> dict:
         key = (tuple(result.weights), tuple(e.id for e in shots))
         if key not in scores_by_weights:
             scores_by_weights[key] = score(model, tokenizer, test, max_length, adapter)
+        columns = {"lorahub": scores_by_weights[key], "uniform": uniform, "zero_shot": zero_shot}
+        differences = compare(task, test, columns, against="lorahub")["differences"]
         entry = {"seed": seed, "weights": dict(zip(labels, result.weights, strict=True)), "loss": result.loss}
-        results["lorahub"].append({**entry, "ce": result.ce, "metrics": scores_by_weights[key]})
+        metrics = scores_by_weights[key]["metrics"]
+        results["lorahub"].append({**entry, "ce": result.ce, "metrics": metrics, "differences": differences})
         print(f"seed {seed}: loss {result.loss:.3f}, weights {[round(w, 3) for w in result.weights]}", file=sys.stderr)
     results["seconds"] = round(time.perf_counter() - started, 1)
     table = markdown_table(results)

@@ -245,3 +245,30 @@ def test_the_operator_floor_computes_the_routers_mixture(bench, router):
         torch.testing.assert_close(minimal.model.eval()(input_ids=input_ids).logits, expected)
     counts = operators.main(["--layers", "2", "--variants", f"minimal-{router},{router}"])
     assert counts["peft"] < counts[f"minimal-{router}"] < counts[router]
+
+
+def test_the_evaluation_floor_counts_a_forward_as_torch_does(bench):
+    import eval_floor
+    from torch.utils.flop_counter import FlopCounterMode
+
+    from loramix.models import tiny_llama
+
+    model, tokens = tiny_llama().eval(), 12
+    model.set_attn_implementation("eager")  # attention as matrix products, which torch counts
+    counter = FlopCounterMode(display=False)
+    with torch.no_grad(), counter:
+        model(input_ids=torch.randint(3, 99, (1, tokens)))
+    flops = eval_floor.Flops(model)
+    # torch counts attention over every key (causal masking aside): tokens x tokens per layer
+    expected = flops.sequence(0, tokens, tokens) - flops.attention * tokens * (tokens + 1) // 2
+    assert counter.get_total_flops() == expected + flops.attention * tokens * tokens
+
+
+def test_harness_speed_times_every_model_on_the_same_requests(bench):
+    import harness_speed
+
+    overrides = ["--set", "model=tiny-llama", "--set", "mixlora.layers_to_transform=null"]
+    results = harness_speed.run(harness_speed.parse_args(["--questions", "3", "--batch-size", "2", *overrides]))
+    assert set(results["ratio_to_hf"]) == {"hf", "mixture", "merged"} and results["ratio_to_hf"]["hf"] == 1
+    assert all(len(seconds) == 1 and seconds[0] > 0 for seconds in results["seconds"].values())
+    assert all(accuracy in (0, 1 / 3, 2 / 3, 1) for accuracy in results["accuracy"].values())

@@ -93,6 +93,27 @@ def test_search_finds_a_planted_combination(tmp_path):
     assert again.weights == result.weights
 
 
+def test_seeds_are_different_searches_each_reproducible(tmp_path):
+    tokenizer = tiny_tokenizer()
+    model = tiny_llama().eval()
+    paths = upstream_paths(tmp_path)
+    upstream = load_upstream(paths)
+    batch = encode_examples(read_examples(examples()), tokenizer, 64)
+    runs = {seed: compose(model, upstream, examples(), budget=10, seed=seed, tokenizer=tokenizer) for seed in (0, 1, 2)}
+    starts = {seed: run.history[0]["weights"] for seed, run in runs.items()}
+    assert starts[0] == [0.0, 0.0, 0.0]  # seed 0 starts where LoRAHub does
+    assert starts[1] != starts[2] and all(0 < abs(w) <= 0.5 for seed in (1, 2) for w in starts[seed])
+    with Composer(model, upstream) as composer:  # each history's losses are its weights' objective
+        for run in runs.values():
+            for h in run.history[:3]:
+                expected = composer.cross_entropy(h["weights"], batch) + 0.05 * sum(map(abs, h["weights"])) / 3
+                assert h["loss"] == pytest.approx(expected, abs=1e-6)
+    searched = {seed: [h["weights"] for h in run.history] for seed, run in runs.items()}
+    assert searched[0] != searched[1] != searched[2] != searched[0]
+    again = compose(model, upstream, examples(), budget=10, seed=1, tokenizer=tokenizer)
+    assert [h["weights"] for h in again.history] == searched[1]
+
+
 @pytest.mark.parametrize("architecture", BUILDERS)
 def test_saved_adapter_matches_the_in_place_combination(tmp_path, architecture):
     tokenizer = tiny_tokenizer()
@@ -219,6 +240,13 @@ def test_compose_unseen_benchmark_on_tiny_runs(tmp_path):
     assert "accuracy" in results["zero_shot"] and set(results["zero_shot"]) == set(results["uniform"])
     table = (tmp_path / "out" / "table.md").read_text()
     assert "| zero-shot |" in table and "| LoRAHub (2 seeds) |" in table
+    for run in results["lorahub"]:
+        for baseline in ("uniform", "zero_shot"):
+            difference = run["differences"][baseline]
+            assert difference["difference"] == pytest.approx(run["metrics"]["accuracy"] - results[baseline]["accuracy"])
+            assert difference["low"] <= difference["difference"] <= difference["high"]
+    assert results["lorahub"][0]["weights"] != results["lorahub"][1]["weights"]  # two searches
+    assert "gain over the uniform average" in table and "paired-bootstrap" in table
     assert (tmp_path / "out" / "lorahub-seed1" / "adapter_model.safetensors").is_file()
 
     Recipe(name="lora", model="tiny-llama", tasks=tasks, lora={"r": 8}).to_yaml(lora_run / "recipe.yaml")

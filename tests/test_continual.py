@@ -7,6 +7,7 @@ import torch
 from safetensors.torch import load_file
 
 import loramix
+from loramix.continual import trained_parameters
 from loramix.models import tiny_llama
 from loramix.recipe import Recipe
 from loramix.train import build_model, seed_everything, train
@@ -78,3 +79,138 @@ def test_a_continuing_recipe_names_what_is_wrong(tmp_path, task_file, first_run)
     )
     with pytest.raises(ValueError, match="tasks can be added to a `task`-router"):
         recipe_for(task_file, ["parity", "parity2"], continue_from=str(topk))
+
+
+# ---- continual.new_experts: experts that only the added tasks use ---------------------------------------------
+ADDED = ("added_A", "added_B", "added_gate.weight")
+
+
+@pytest.fixture
+def continued_run(tmp_path, task_file, first_run):
+    recipe = recipe_for(task_file, ["parity", "parity2"], continue_from=str(first_run), continual={"new_experts": 2})
+    return recipe, train(recipe, tmp_path / "second")
+
+
+def batch(task: int) -> dict:
+    input_ids = torch.randint(1, 128, (2, 9), generator=torch.Generator().manual_seed(task))
+    return {"input_ids": input_ids, "task_ids": torch.tensor([task, task])}
+
+
+def test_new_experts_learn_the_added_task_while_the_old_one_stays_bit_identical(first_run, continued_run):
+    recipe, second = continued_run
+    config = recipe.mixlora_config()
+    assert (config.num_experts, config.added_experts, config.added_from_task) == (4, 2, 1)
+    before = load_file(first_run / "adapter/adapter.safetensors")
+    after = load_file(second / "adapter/adapter.safetensors")
+    embedding = "shared_routers.task.embedding.weight"
+    added = {name for name in after if name.endswith(ADDED)}
+    assert set(after) - set(before) == added and len(added) == 2 * 4 + 1  # A, B in 2 layers x 2 blocks; one gate
+    assert all(torch.equal(before[name], after[name]) for name in before if name != embedding)
+    assert torch.equal(after[embedding][:1], before[embedding])
+    assert all(after[name].shape[0] == 2 for name in added if "added_gate" not in name)
+    assert all(after[name].abs().sum() > 0 for name in added if name.endswith("added_B"))  # they trained (B from 0)
+
+    old, new = loramix.load(tiny_llama(), first_run / "adapter"), loramix.load(tiny_llama(), second / "adapter")
+    weights = new.task_weights(0), new.task_weights(1)
+    for name, layer in new.layers.items():
+        assert layer.added_experts == 2 and layer.added_A.shape == (2, 2, layer.in_features)
+        assert torch.equal(weights[0][name][4:], torch.zeros(2))  # the old task gives the added experts 0.0
+        assert torch.equal(weights[0][name][:4], old.task_weights(0)[name])
+        assert (weights[1][name] > 0).all() and torch.isclose(weights[1][name].sum(), torch.tensor(1.0))
+    with torch.no_grad():
+        assert torch.equal(new(**batch(0)).logits, old(**batch(0)).logits)
+        assert not torch.allclose(new(**batch(1)).logits, old(**batch(0)).logits, atol=1e-3)
+    scores = [json.loads((run / "metrics.json").read_text())["tasks"]["parity"]["model"] for run in (first_run, second)]
+    assert scores[0] == scores[1]
+
+
+def test_only_the_added_tasks_rows_reach_the_new_experts(task_file, first_run):
+    recipe = recipe_for(task_file, ["parity", "parity2"], continue_from=str(first_run), continual={"new_experts": 2})
+    model, _ = build_model(recipe, torch.device("cpu"))
+    trained = {id(p) for p in trained_parameters(model, old_tasks=1)}
+    names = {name for name, p in model.named_parameters() if id(p) in trained}
+    assert {name.rsplit(".", 1)[-1] for name in names} == {"added_A", "added_B", "weight"}
+    assert {name for name in names if name.endswith("weight")} == {
+        "shared_routers.task.embedding.weight",
+        "shared_routers.task.added_gate.weight",
+    }
+    added = [p for name, p in model.named_parameters() if name.endswith(ADDED)]
+    with torch.no_grad():
+        for layer in model.layers.values():
+            layer.added_B.normal_(0, 0.1)  # so that added_A gets a gradient too
+    for task, reaches in ((0, False), (1, True)):
+        model.zero_grad(set_to_none=True)
+        model(**batch(task)).logits.square().mean().backward()
+        grads = [p.grad for p in added]
+        assert all(g is not None and bool(g.abs().sum() > 0) == reaches for g in grads), task
+        embedding_grad = model.shared_routers["task"].embedding.weight.grad
+        assert torch.equal(embedding_grad[0], torch.zeros_like(embedding_grad[0]))  # the old row never moves
+
+
+def test_new_experts_save_load_merge_export_and_serve_every_task(tmp_path, first_run, continued_run):
+    from peft import PeftModel
+
+    from loramix.export import export_peft
+    from loramix.serve import TaskRows
+
+    _, second = continued_run
+    old, new = loramix.load(tiny_llama(), first_run / "adapter"), loramix.load(tiny_llama(), second / "adapter")
+    new.save_pretrained(tmp_path / "again")
+    again = loramix.load(tiny_llama(), tmp_path / "again")
+    with torch.no_grad():
+        expected = {task: new(**batch(task)).logits for task in (0, 1)}
+        for task in (0, 1):
+            assert torch.equal(again(**batch(task)).logits, expected[task])
+
+        # merge_task: the old task merges exactly as before; the new one computes what the mixture computes
+        merged = {task: new.merge_task(task) for task in (0, 1)}
+        inputs = {task: {"input_ids": batch(task)["input_ids"]} for task in (0, 1)}
+        assert torch.equal(merged[0](**inputs[0]).logits, old.merge_task(0)(**inputs[0]).logits)
+        torch.testing.assert_close(merged[1](**inputs[1]).logits, expected[1], atol=1e-5, rtol=0)
+
+        # generate (gates and B kept across decoding steps) decodes as the merged model does, for both tasks
+        settings = {"max_new_tokens": 4, "do_sample": False, "pad_token_id": 0}
+        for task in (0, 1):
+            decoded = new.generate(**inputs[task], task_ids=batch(task)["task_ids"], **settings)
+            assert torch.equal(decoded, merged[task].generate(**inputs[task], **settings))
+
+    # export: the old task's adapter is the one it had (rank 4 x 2), the new one's has its 6 experts
+    for task, run, model in ((0, "old", old), (0, "new", new), (1, "new", new)):
+        export_peft(model, tmp_path / f"{run}{task}", task_id=task)
+    ranks = {key: json.loads((tmp_path / key / "adapter_config.json").read_text())["r"] for key in ("new0", "new1")}
+    assert ranks == {"new0": 8, "new1": 12}
+    files = [load_file(tmp_path / key / "adapter_model.safetensors") for key in ("old0", "new0")]
+    assert files[0].keys() == files[1].keys() and all(torch.equal(files[0][k], files[1][k]) for k in files[0])
+    for task in (0, 1):
+        peft_model = PeftModel.from_pretrained(tiny_llama().eval(), tmp_path / f"new{task}")
+        with torch.no_grad():
+            torch.testing.assert_close(peft_model(**inputs[task]).logits, expected[task], atol=1e-5, rtol=0)
+
+    # serving: one batch with rows of both tasks, each as its task alone
+    input_ids = torch.cat([batch(0)["input_ids"], batch(1)["input_ids"]])
+    with torch.inference_mode(), TaskRows(new).select(torch.tensor([0, 0, 1, 1])) as base:
+        served = base(input_ids=input_ids).logits
+    torch.testing.assert_close(served, torch.cat([expected[0], expected[1]]), atol=1e-5, rtol=0)
+
+
+def test_new_experts_name_what_is_wrong(tmp_path, task_file, first_run, continued_run):
+    with pytest.raises(ValueError, match=r"continual.new_experts=2 is invalid: .*set continue_from"):
+        recipe_for(task_file, ["parity"], mixlora=MIXLORA, continual={"new_experts": 2})
+    with pytest.raises(ValueError, match=r"continual.new_experts=-1 is invalid: expected a number >= 0"):
+        recipe_for(task_file, ["parity", "parity2"], continue_from=str(first_run), continual={"new_experts": -1})
+    _, second = continued_run
+    third = tmp_path / "parity3.jsonl"
+    third.write_text(json.dumps({"task": "parity3", "prompt": "1?", "answer": "odd", "choices": ["even", "odd"]}))
+    with pytest.raises(ValueError, match=r"continual.new_experts=1 is invalid: .* already added 2 experts"):
+        Recipe(
+            name="tiny",
+            model="tiny-llama",
+            tasks=["parity", "parity2", "parity3"],
+            task_files=[str(task_file), str(third)],
+            continue_from=str(second),
+            continual={"new_experts": 1},
+        )
+    with pytest.raises(ValueError, match=r"MixLoraConfig.added_experts=2 is invalid: .*'task'-router runs only"):
+        loramix.MixLoraConfig(["q_proj"], router="soft", added_experts=2, added_from_task=1, num_tasks=2)
+    with pytest.raises(ValueError, match=r"MixLoraConfig.added_from_task=2 is invalid: .* from 1 to num_tasks - 1 = 1"):
+        loramix.MixLoraConfig(["q_proj"], router="task", added_experts=2, added_from_task=2, num_tasks=2)

@@ -101,6 +101,80 @@ def test_harness_accuracy_equals_loramix_choice_scoring(tmp_path, task_file, rou
     assert results["results"]["loramix_parity"]["acc,none"] == pytest.approx(sum(ours_right) / len(examples))
 
 
+def per_request_scores(model, requests, task_id: int, max_length: int) -> list[tuple[float, bool]]:
+    """The reference: one forward per request over its context and continuation (left-truncated to
+    `max_length`), sequence-level routes pooled over the context and the white space that starts the
+    continuation."""
+    scores = []
+    for _, context, continuation in requests:
+        row = (context + continuation)[-(max_length + 1) :][:-1]
+        lead = next(i for i, token in enumerate(continuation) if token not in WHITE_SPACE or i == len(continuation) - 1)
+        prompt = torch.arange(len(row))[None] < len(row) - len(continuation) + 1 + lead
+        with torch.no_grad():
+            logits = model(input_ids=torch.tensor([row]), task_ids=torch.tensor([task_id]), prompt_mask=prompt).logits
+        log_probs = logits[0, len(row) - len(continuation) :].float().log_softmax(-1)
+        targets = torch.tensor(continuation)
+        scores.append(
+            (float(log_probs[torch.arange(len(targets)), targets].sum()), bool((log_probs.argmax(-1) == targets).all()))
+        )
+    return scores
+
+
+WHITE_SPACE = (3, 4)  # "\n" and " " in tiny_tokenizer()
+
+
+def grouped_requests() -> list:
+    """Requests over a few contexts, as multiple-choice tasks give them: one-token and longer continuations,
+    continuations that start with white space, a context too long for the model, a repeated request."""
+    generator = torch.Generator().manual_seed(3)
+
+    def tokens(count: int) -> list[int]:
+        return torch.randint(5, 99, (count,), generator=generator).tolist()  # no white space, every id a character
+
+    requests = []
+    for length in (6, 9, 40):
+        context = tokens(length)
+        continuations = [[token] for token in tokens(4)] + [tokens(n) for n in (2, 3, 5)]
+        continuations += [[3, *tokens(1)], [3, 4, *tokens(3)]]
+        requests += [(("context", str(i)), context, continuation) for i, continuation in enumerate(continuations)]
+    requests.append(requests[1])
+    order = torch.randperm(len(requests), generator=generator).tolist()
+    return [requests[i] for i in order]
+
+
+@pytest.mark.parametrize("router", ROUTERS)
+def test_requests_sharing_a_context_score_as_one_forward_each(tmp_path, task_file, router):
+    model = write_run(tmp_path / "run", task_file, router)
+    lm = LoramixLM(run=str(tmp_path / "run"), task="parity2", batch_size=2, bf16=False, max_length=24)
+    requests = grouped_requests()
+    got = lm._loglikelihood_tokens(requests)
+    expected = per_request_scores(model, requests, task_id=1, max_length=24)
+    assert [total for total, _ in got] == pytest.approx([total for total, _ in expected], abs=1e-4)
+    assert [greedy for _, greedy in got] == [greedy for _, greedy in expected]
+
+    shapes = []  # each forward's input: the context once, then one row per continuation longer than a token
+    hook = lm._model.base_model.model.embed_tokens.register_forward_hook(lambda m, i, o: shapes.append(i[0].shape))
+    context = requests[0][1][:5]
+    lm._loglikelihood_tokens([(None, context, [token]) for token in (7, 8, 9)] + [(None, context, [7, 8, 9])])
+    hook.remove()
+    assert shapes == [(1, 5), (4, 2)]
+
+
+def test_a_merged_task_scores_as_the_adapter(tmp_path, task_file):
+    model = write_run(tmp_path / "run", task_file, "task")
+    lm = LoramixLM(run=str(tmp_path / "run"), task="parity2", batch_size=4, bf16=False, max_length=24, merge="true")
+    assert not isinstance(lm._model, loramix.MixLoraModel)
+    requests = grouped_requests()
+    got = lm._loglikelihood_tokens(requests)
+    expected = per_request_scores(model, requests, task_id=1, max_length=24)
+    assert [total for total, _ in got] == pytest.approx([total for total, _ in expected], abs=1e-4)
+    with pytest.raises(ValueError, match="give true or false"):
+        LoramixLM(run=str(tmp_path / "run"), task="parity2", merge="yes")
+    write_run(tmp_path / "topk", task_file, "sequence-topk")
+    with pytest.raises(ValueError, match="merging by task needs router='task'"):
+        LoramixLM(run=str(tmp_path / "topk"), task="parity2", merge=True)
+
+
 def test_rolling_loglikelihood_and_generation_follow_the_run(tmp_path, task_file):
     model = write_run(tmp_path / "run", task_file, "task")
     lm = LoramixLM(run=str(tmp_path / "run"), task="parity2", batch_size=2, bf16=False)

@@ -2,7 +2,8 @@
 
 Given N peft LoRA adapters of the same shapes and a few examples of a new task, find weights w (N) with
 A_hat = sum_i w_i A_i and B_hat = sum_i w_i B_i (the factors are combined separately, not Delta W) that minimise
-the mean cross-entropy of the examples' answer tokens + l1 * mean_i |w_i|, with nevergrad's NGOpt.
+the mean cross-entropy of the examples' answer tokens + l1 * mean_i |w_i|, with nevergrad's NGOpt (seed 0 from
+w = 0 as LoRAHub, other seeds from their own random start).
 Each adapter's scaling (lora_alpha / r, rslora, alpha_pattern) is folded into its B first, so adapters trained
 with different alphas combine correctly; with equal scalings this is exactly LoRAHub's combination.
 """
@@ -32,6 +33,7 @@ from loramix.export import PEFT_CONFIG_NAME, PEFT_PREFIX, PEFT_WEIGHTS_NAME, sav
 from loramix.extras import requires
 
 WEIGHT_BOUND = 1.5
+START_SPREAD = 0.5  # seeds other than 0 start from a uniform draw in [-0.5, 0.5]^N
 
 
 # ---- upstream adapters ----------------------------------------------------------------------------------------
@@ -264,6 +266,15 @@ class Composer:
 
 
 # ---- search ---------------------------------------------------------------------------------------------------
+def search_start(dimension: int, seed: int) -> np.ndarray:
+    """Where the search of `seed` starts: w = 0 (LoRAHub's start) for seed 0, else a uniform draw from
+    [-START_SPREAD, START_SPREAD]^dimension. At LoRAHub's budgets NGOpt picks Cobyla, which is deterministic: the
+    start is what makes seeds different searches."""
+    if seed == 0:
+        return np.zeros(dimension)
+    return np.random.default_rng(seed).uniform(-START_SPREAD, START_SPREAD, dimension)
+
+
 def _nevergrad():
     """nevergrad, LoRAHub's optimizer: the `compose` extra, which the core install lacks."""
     with requires("compose", "LoRAHub composition"):
@@ -272,10 +283,10 @@ def _nevergrad():
     return nevergrad
 
 
-def nevergrad_search(objective: Callable[[np.ndarray], float], dimension: int, budget: int, seed: int) -> None:
-    """Minimise `objective` over [-1.5, 1.5]^dimension from 0 with NGOpt, `budget` evaluations, seeded."""
+def nevergrad_search(objective: Callable[[np.ndarray], float], start: np.ndarray, budget: int, seed: int) -> None:
+    """Minimise `objective` over [-1.5, 1.5]^dimension from `start` with NGOpt, `budget` evaluations, seeded."""
     ng = _nevergrad()
-    parametrization = ng.p.Array(init=np.zeros(dimension), lower=-WEIGHT_BOUND, upper=WEIGHT_BOUND)
+    parametrization = ng.p.Array(init=start, lower=-WEIGHT_BOUND, upper=WEIGHT_BOUND)
     parametrization.random_state = np.random.RandomState(seed)
     optimizer = ng.optimizers.NGOpt(parametrization=parametrization, budget=budget)
     try:
@@ -350,8 +361,9 @@ def compose(
     """LoRAHub: weights for the `upstream` peft LoRA adapters (folders, or `load_upstream`'s result) that fit
     `examples` (a JSONL file or a list of Example / {"prompt", "answer"}) on the base causal LM `model`.
 
-    Minimises the mean answer-token cross-entropy + l1 * mean |w| with NGOpt over `budget` evaluations from
-    w = 0 within [-1.5, 1.5]. `model` is left as it was; `result.save(dir)` writes the composed adapter.
+    Minimises the mean answer-token cross-entropy + l1 * mean |w| with NGOpt over `budget` evaluations within
+    [-1.5, 1.5], from w = 0 for seed 0 and from a random point of the seed otherwise (`search_start`). `model` is
+    left as it was; `result.save(dir)` writes the composed adapter.
     """
     if not isinstance(budget, int) or budget < 1:
         raise ValueError(f"budget must be an integer >= 1, got {budget!r}")
@@ -368,7 +380,7 @@ def compose(
             history.append({"evaluation": len(history) + 1, "loss": loss, "ce": ce, "weights": weights.tolist()})
             return loss
 
-        nevergrad_search(objective, len(adapters), budget, seed)
+        nevergrad_search(objective, search_start(len(adapters), seed), budget, seed)
     best = min(history, key=lambda h: h["loss"])
     settings = {"budget": budget, "l1": l1, "seed": seed, "examples": len(batch["input_ids"])}
     return CompositionResult(adapters, best["weights"], best["loss"], best["ce"], history, settings)

@@ -43,6 +43,13 @@ class MixLoraConfig(MethodConfig):
     contrastive_temperature: float = field(default=0.07, metadata={"help": "InfoNCE temperature."})
     memory_queue_size: int = field(default=256, metadata={"help": "Per-expert FIFO queue of negatives."})
     prompt_pooling: str = field(default="attention", metadata={"help": "Prompt pooling: attention, mean, last."})
+    added_experts: int = field(
+        default=0,
+        metadata={"help": "'task': experts per layer added by a continuing run, used by tasks >= added_from_task."},
+    )
+    added_from_task: int | None = field(
+        default=None, metadata={"help": "'task': the first task id that may use the added experts."}
+    )
 
     def __post_init__(self) -> None:
         # Imported here: the registry module imports the routers, which import this module.
@@ -83,6 +90,20 @@ class MixLoraConfig(MethodConfig):
                 "the contrastive loss needs a sparse expert router: topk or remix",
             )
         self._check_choice("prompt_pooling", PROMPT_POOLINGS)
+        self._check_added_experts()
+
+    def _check_added_experts(self) -> None:
+        self._check_integers(("added_experts",), minimum=0)
+        if self.added_experts and self.router != "task":
+            self._fail("added_experts", self.added_experts, "experts are added to 'task'-router runs only: use 0")
+        if self.added_experts and not (
+            isinstance(self.added_from_task, int) and 1 <= self.added_from_task < (self.num_tasks or 0)
+        ):
+            self._fail(
+                "added_from_task",
+                self.added_from_task,
+                f"with added_experts > 0 expected a task id from 1 to num_tasks - 1 = {(self.num_tasks or 1) - 1}",
+            )
 
     def card_details(self) -> tuple[tuple[str, str], dict[str, str]]:
         from loramix.card import mixture_details, mixture_method

@@ -3,9 +3,11 @@
 A MOELoRA adapter routes by task id alone: task -> embedding row -> gate -> expert weights. A new task needs
 only a new embedding row; the experts, the gate and every old task's row stay frozen, so each old task's
 update, and so its outputs, stay bit-identical, while the new task learns which mix of the trained experts
-serves it. The continued run trains the new tasks only (its sampler never draws an old one) and saves an
-ordinary task-router adapter with `num_tasks` = old + new tasks: it loads, evaluates, merges, exports and
-serves like any other.
+serves it. With `continual.new_experts: m` the run also adds m LoRA experts per adapted layer and their gate,
+used by the new tasks only (an old task's weights for them are exactly 0.0: `TaskRouter`, `MixLoraLinear`),
+so that a new task can learn what the frozen experts cannot express. The continued run trains the new tasks
+only (its sampler never draws an old one) and saves an ordinary task-router adapter with `num_tasks` = old +
+new tasks: it loads, evaluates, merges, exports and serves like any other.
 """
 
 from __future__ import annotations
@@ -17,6 +19,8 @@ from torch import nn
 
 from loramix.model import MixLoraModel, read_adapter
 from loramix.routing.task import TaskRouter
+
+ADDED = ("added_A", "added_B", "added_gate.weight")  # the names of the tensors that `continual.new_experts` adds
 
 
 def previous_run(recipe) -> tuple[Path, object]:
@@ -51,34 +55,55 @@ def previous_run(recipe) -> tuple[Path, object]:
 
 
 def continued_mixlora(recipe) -> dict:
-    """The `mixlora:` section of a continuing recipe: the previous run's, with a task id for every task."""
-    _, previous = previous_run(recipe)
-    return previous.mixlora | {"num_tasks": len(recipe.tasks)}
+    """The `mixlora:` section of a continuing recipe: the previous run's, with a task id for every task and the
+    experts that `continual.new_experts` adds for the new tasks."""
+    run, previous = previous_run(recipe)
+    section = previous.mixlora | {"num_tasks": len(recipe.tasks)}
+    new_experts = recipe.continual.new_experts
+    if not new_experts:
+        return section
+    if section.get("added_experts"):
+        raise ValueError(
+            f"recipe key continual.new_experts={new_experts} is invalid: {run} already added "
+            f"{section['added_experts']} experts (for its tasks from id {section['added_from_task']}); experts are "
+            "added once: continue it with new_experts: 0 (the new tasks may use every expert it has)"
+        )
+    return section | {"added_experts": new_experts, "added_from_task": len(previous.tasks)}
 
 
 def continue_tasks(model: MixLoraModel, run: Path) -> int:
-    """Load the previous run's adapter into `model` (wrapped with more task ids) and freeze it: the gradient
-    of every old task's embedding row is zeroed, and only the task embeddings are left to train (see
-    `trained_parameters`). Returns the number of old tasks."""
+    """Load the previous run's adapter into `model` (wrapped with more task ids, and the experts the run adds)
+    and freeze it: the gradient of every old task's embedding row is zeroed, and only the task embeddings and
+    the added experts are left to train (see `trained_parameters`). Returns the number of old tasks."""
     _, state = read_adapter(run / "adapter")
     routers = task_routers(model)
     names = {f"{name}.embedding.weight" for name in routers}
     own = model.adapter_state_dict()
     old_tasks = next(iter(state[name] for name in names)).shape[0]
+    adds_experts = model.mixlora_config.added_from_task == old_tasks
     merged = {}
     for name, tensor in own.items():
-        if name not in state:
+        if name in names:
+            merged[name] = torch.cat([state[name], tensor[old_tasks:]])
+        elif name in state:
+            merged[name] = state[name]
+        elif adds_experts and name.endswith(ADDED):
+            merged[name] = tensor  # an expert (or its gate) that this run adds: freshly initialised
+        else:
             raise ValueError(f"{run / 'adapter'} lacks {name}: it is not the adapter this run continues")
-        merged[name] = torch.cat([state[name], tensor[old_tasks:]]) if name in names else state[name]
     model.load_adapter_state_dict(merged, source=str(run / "adapter"))
     for router in routers.values():
         router.embedding.weight.register_hook(lambda grad: _without_rows(grad, old_tasks))
     return old_tasks
 
 
-def trained_parameters(model: nn.Module) -> list[nn.Parameter]:
-    """What a continuing run's optimizer updates: the task embeddings (their old rows get no gradient)."""
-    return [router.embedding.weight for router in task_routers(model).values()]
+def trained_parameters(model: MixLoraModel, old_tasks: int) -> list[nn.Parameter]:
+    """What a continuing run's optimizer updates: the task embeddings (their old rows get no gradient), and the
+    experts and gate this run adds, if it adds any."""
+    parameters = [router.embedding.weight for router in task_routers(model).values()]
+    if model.mixlora_config.added_from_task == old_tasks:
+        parameters += [parameter for name, parameter in model.named_parameters() if name.endswith(ADDED)]
+    return parameters
 
 
 def task_routers(model: MixLoraModel) -> dict[str, TaskRouter]:

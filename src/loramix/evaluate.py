@@ -184,7 +184,7 @@ def score_choices(
                 with routing:
                     results = _score_chunk(model, [prompts[i] for i in chunk], continuations, pad, device)
                 for index, result in zip(chunk, results, strict=True):
-                    scores[index] = result
+                    scores[index] = [(total, count) for total, count, _ in result]
     finally:
         model.train(was_training)
     return scores
@@ -195,49 +195,65 @@ def _task_ids(task_id: int | None, rows: int, device: torch.device) -> Tensor | 
 
 
 def _score_chunk(
-    model: nn.Module, prompts: list[dict], choices: list[list[list[int]]], pad: int, device: torch.device
-) -> list[list[tuple[float, int]]]:
-    """Log-likelihoods of every choice of a few prompts: one forward over the prompts, one over the choices."""
+    model: nn.Module,
+    prompts: list[dict],
+    choices: list[list[list[int]]],
+    pad: int,
+    device: torch.device,
+    tails: list[int] | None = None,
+) -> list[list[tuple[float, int, bool]]]:
+    """Per prompt, per choice: (log-likelihood, token count, whether greedy decoding gives the choice). One
+    forward over the prompts reads every choice's first token from its prompt's last position; one more, through
+    the prompts' key-value cache, scores the choices' later tokens (none if every choice is one token).
+
+    `tails[i]`: how many of prompt i's last tokens are also scored, as the start of each of its choices (the white
+    space that lm-evaluation-harness moves from a context into its continuations, which routes as prompt)."""
+    tails = tails or [0] * len(prompts)
     batch = collate(prompts, pad, padding_side="left")
-    mask = batch["attention_mask"].to(device)
+    input_ids, mask = batch["input_ids"].to(device), batch["attention_mask"].to(device)
     positions = (mask.cumsum(-1) - 1).clamp_min(0)
     hf_model = _hf_model(model)
     parameters = inspect.signature(hf_model.forward).parameters
-    last_only = {"logits_to_keep": 1} if "logits_to_keep" in parameters else {}
+    kept = max(tails) + 1  # the positions whose logits are read: the tails' and the last
+    last_only = {"logits_to_keep": kept} if "logits_to_keep" in parameters else {}
     cache_key = "cache" if "cache" in parameters else "past_key_values"  # transformers 5.2x renamed it
-    prompt = hf_model(
-        input_ids=batch["input_ids"].to(device),
-        attention_mask=mask,
-        position_ids=positions,
-        use_cache=True,
-        **last_only,
-    )
-    first = prompt.logits[:, -1].float().log_softmax(-1)  # the distribution of every choice's first token
     owners = [row for row, options in enumerate(choices) for _ in options]
     continuations = [ids for options in choices for ids in options]
-    rows = torch.tensor(owners, device=device)
-    if isinstance(model, AdaptedModel):
-        model.select_rows(rows)
-    cache = prompt[cache_key]
-    cache.batch_select_indices(rows)
     width = max(len(ids) for ids in continuations)
+    prompt = hf_model(
+        input_ids=input_ids, attention_mask=mask, position_ids=positions, use_cache=width > 1, **last_only
+    )
+    scores = prompt.logits[:, -kept:].float().log_softmax(-1)
+    # each prompt's tail: its last tails[i] tokens, each predicted at the position before it
+    tail_tokens = input_ids[:, input_ids.shape[1] - kept + 1 :]
+    in_tail = torch.arange(kept - 1, device=device) >= kept - 1 - torch.tensor(tails, device=device)[:, None]
+    tail_log_prob = (scores[:, :-1].gather(2, tail_tokens[..., None])[..., 0] * in_tail).sum(-1)
+    tail_greedy = ((scores[:, :-1].argmax(-1) == tail_tokens) | ~in_tail).all(-1)
+    rows = torch.tensor(owners, device=device)
+    first = scores[rows, -1]  # the distribution of every choice's first token
     tokens = torch.tensor([ids + [pad] * (width - len(ids)) for ids in continuations], device=device)
-    real = torch.tensor([[1] * len(ids) + [0] * (width - len(ids)) for ids in continuations], device=device)
-    log_probs = first[rows].gather(1, tokens[:, :1])
+    real = torch.tensor([[True] * len(ids) + [False] * (width - len(ids)) for ids in continuations], device=device)
+    log_probs, greedy = first.gather(1, tokens[:, :1]), first.argmax(-1, keepdim=True) == tokens[:, :1]
     if width > 1:  # token j + 1 of a choice is predicted at its position j
+        if isinstance(model, AdaptedModel):
+            model.select_rows(rows)
+        cache = prompt[cache_key]
+        cache.batch_select_indices(rows)
         following = hf_model(
             input_ids=tokens[:, :-1],
-            attention_mask=torch.cat([mask[rows], real[:, :-1]], dim=1),
+            attention_mask=torch.cat([mask[rows], real[:, :-1].long()], dim=1),
             position_ids=mask.sum(-1)[rows, None] + torch.arange(width - 1, device=device),
             use_cache=True,
             **{cache_key: cache},
         )
-        later = following.logits.float().log_softmax(-1).gather(2, tokens[:, 1:, None])[..., 0]
-        log_probs = torch.cat([log_probs, later], dim=1)
-    totals = (log_probs * real).sum(-1).tolist()
-    results: list[list[tuple[float, int]]] = [[] for _ in choices]
-    for owner, total, ids in zip(owners, totals, continuations, strict=True):
-        results[owner].append((total, len(ids)))
+        later = following.logits.float().log_softmax(-1)
+        log_probs = torch.cat([log_probs, later.gather(2, tokens[:, 1:, None])[..., 0]], dim=1)
+        greedy = torch.cat([greedy, later.argmax(-1) == tokens[:, 1:]], dim=1)
+    totals = ((log_probs * real).sum(-1) + tail_log_prob[rows]).tolist()
+    exact = ((greedy | ~real).all(-1) & tail_greedy[rows]).tolist()
+    results: list[list[tuple[float, int, bool]]] = [[] for _ in choices]
+    for owner, total, ids, is_greedy in zip(owners, totals, continuations, exact, strict=True):
+        results[owner].append((total, len(ids), is_greedy))
     return results
 
 

@@ -74,26 +74,37 @@ def task_factors(model: MixLoraModel, task_id: int) -> tuple[dict[str, tuple[Ten
     scale), so that the update of each module is scale * B A."""
     _require_task_router(model.mixlora_config.router)
     weights = model.task_weights(task_id)  # validates task_id
+    used = task_experts(model, task_id)
     factors = {}
     scales = set()
     for name, layer in model.layers.items():
-        gates = weights[name].to(layer.lora_B.dtype).view(-1, 1, 1)
-        a = layer.lora_A.flatten(0, 1)  # (n r, d_in): [A_1; ...; A_n]
-        b = (layer.lora_B * gates).transpose(0, 1).flatten(1)  # (d_out, n r): [w_1 B_1 ... w_n B_n]
+        lora_A, lora_B = (tensor[:used] for tensor in layer.stacked_experts())
+        gates = weights[name][:used].to(lora_B.dtype).view(-1, 1, 1)
+        a = lora_A.flatten(0, 1)  # (n r, d_in): [A_1; ...; A_n]
+        b = (lora_B * gates).transpose(0, 1).flatten(1)  # (d_out, n r): [w_1 B_1 ... w_n B_n]
         factors[name] = (a, b)
         scales.add(layer.router.expert_scale)
     (scale,) = scales  # every task router of a model has alpha / (n r)
     return factors, scale
 
 
+def task_experts(model: MixLoraModel, task_id: int) -> int:
+    """How many experts per layer task `task_id` uses: the run's own, and those a continuing run added when the
+    task is not older than them."""
+    config = model.mixlora_config
+    added = config.added_experts if config.added_experts and task_id >= config.added_from_task else 0
+    return config.num_experts + added
+
+
 @torch.no_grad()
 def export_peft(model: MixLoraModel, directory: str | Path, task_id: int) -> Path:
-    """Write task `task_id`'s update of a `task`-router model as a peft LoRA adapter of rank n * r.
+    """Write task `task_id`'s update of a `task`-router model as a peft LoRA adapter of rank n * r (n: the
+    experts the task uses, `task_experts`).
 
     `peft.PeftModel.from_pretrained(base, directory)` then computes what `model` computes with that task id.
     """
     factors, scale = task_factors(model, task_id)
-    rank = model.mixlora_config.num_experts * model.mixlora_config.expert_rank
+    rank = task_experts(model, task_id) * model.mixlora_config.expert_rank
     conv1d = any(isinstance(layer.base_layer, Conv1D) for layer in model.layers.values())
     config = LoraConfig(
         r=rank,
@@ -140,7 +151,7 @@ def export_run(run_dir: str | Path, task: str, out_dir: str | Path) -> Path:
     exported = export_peft(load(base, adapter), out_dir, task_id)
     metrics = run_dir / "metrics.json"
     scores = run_card_scores(json.loads(metrics.read_text())) if metrics.is_file() else {}
-    rank = recipe.mixlora_config().num_experts * recipe.mixlora_config().expert_rank
+    rank = json.loads((exported / PEFT_CONFIG_NAME).read_text())["r"]
     card = exported_card(hub_id(recipe.model), task_id, rank, task, {task: scores[task]} if task in scores else None)
     write_card(exported, card)
     return exported

@@ -8,7 +8,10 @@ or, from Python, `lm_eval.simple_evaluate(model=LoramixLM(run="runs/demo", task=
 run's adapted model in place of the Hugging Face one: every forward and `generate` gets the task id of
 `task` (its index in the run's recipe; needed by the `task` router, optional otherwise), and a
 log-likelihood request routes sequence-level routers on its context alone (with the white space the harness
-moves from the context's end into the continuation), as `loramix eval` does. The
+moves from the context's end into the continuation), as `loramix eval` does. Log-likelihood requests that
+share a context share its forward, as HFLM's one-token continuations do, longer continuations too (through the
+context's key-value cache). `merge=true` merges a `task`-router run's task into the base model's weights, which
+then runs at the base model's speed. The
 harness's own CLI has no plugin hook for models, so `loramix lm-eval` registers "loramix" and hands the rest
 of its arguments to `lm_eval`.
 """
@@ -16,10 +19,10 @@ of its arguments to `lm_eval`.
 from __future__ import annotations
 
 import logging
+from contextlib import nullcontext
 from pathlib import Path
 
 import torch
-import torch.nn.functional as F
 from tqdm.auto import tqdm
 
 from loramix.extras import requires
@@ -47,6 +50,7 @@ class LoramixLM(HFLM):
         device: str = "cpu",
         bf16: bool | str = "auto",
         max_length: int | None = None,
+        merge: bool | str = False,
         **kwargs,
     ) -> None:
         from loramix.evaluate import _load_adapter  # evaluate imports the models; keep `lm_eval --help` light
@@ -63,6 +67,17 @@ class LoramixLM(HFLM):
             device = "cpu"
         base, tokenizer = load_model(recipe.model, device=device, quantization=recipe.quantization)
         model = _load_adapter(base, run_dir / "adapter").eval()
+        task_id = None if task is None else recipe.tasks.index(task)
+        if isinstance(model, AdaptedModel) and model.needs_task_ids and task_id is None:
+            raise ValueError(f"the run {run_dir} uses the task router: name its task, e.g. task={recipe.tasks[0]}")
+        if str(merge).lower() not in ("true", "false"):
+            raise ValueError(f"merge={merge!r}: give true or false")
+        if str(merge).lower() == "true":
+            if task_id is None or not hasattr(model, "merge_task"):
+                raise ValueError(
+                    f"merge=true merges a task of a `task`-router run into the base: {run_dir} with {task=}"
+                )
+            model = model.merge_task(task_id).eval()
         bf16 = bf16 if isinstance(bf16, bool) else {"true": True, "false": False}.get(str(bf16).lower(), bf16)
         precision = torch.bfloat16 if use_bf16(bf16, device) else None
         super().__init__(
@@ -73,11 +88,9 @@ class LoramixLM(HFLM):
             mixed_precision_dtype=precision,
             **kwargs,
         )
-        self._model = model  # every call goes through the adapter's wrapper, which routes
+        self._model = model  # every call goes through the adapter's wrapper, which routes (or the merged model)
         self._texts: dict[int, str] = {}  # token id -> its text
-        self.task_id = None if task is None else recipe.tasks.index(task)
-        if isinstance(model, AdaptedModel) and model.needs_task_ids and self.task_id is None:
-            raise ValueError(f"the run {run_dir} uses the task router: name its task, e.g. task={recipe.tasks[0]}")
+        self.task_id = task_id
 
     def _routing(self, rows: int) -> dict[str, torch.Tensor]:
         """The task ids of a batch of `rows` rows, for a loramix model with a task."""
@@ -112,38 +125,43 @@ class LoramixLM(HFLM):
 
     def _loglikelihood_tokens(self, requests, disable_tqdm: bool = False, override_bs: int | None = None):
         """(log-likelihood of the continuation, whether greedy decoding gives it) per (key, context, continuation)
-        request: batches of right-padded rows, the longest first, each routed on its context tokens."""
-        order = sorted(range(len(requests)), key=lambda i: -len(requests[i][1] + requests[i][2]))
+        request, scored as `loramix eval` scores choices: requests that share a prompt (the context and the white
+        space that starts the continuation, cut on the left to fit the model's length) share one forward over it,
+        which routes them; a continuation's first token after that white space is read from the prompt's last
+        position and its later ones are scored through the prompt's key-value cache. Longest prompts first."""
+        from loramix.evaluate import _prompt_chunks, _score_chunk
+
+        prompts: dict[tuple[tuple[int, ...], int], list[int]] = {}  # (prompt, its white-space tail) -> requests
+        rests = []  # per request: its continuation after the prompt
+        for index, (_, context, continuation) in enumerate(requests):
+            if not 0 < len(continuation) <= self.max_length:
+                raise ValueError(f"a continuation of {len(continuation)} tokens; at most {self.max_length} score")
+            lead = self._leading_space(continuation)
+            rests.append(continuation[lead:])
+            prompt = (context + continuation[:lead])[-(self.max_length + 1 - len(rests[-1])) :]
+            prompts.setdefault((tuple(prompt), lead), []).append(index)
+        order = sorted(prompts, key=lambda key: (-len(key[0]) - max(len(rests[i]) for i in prompts[key]), key))
         size = override_bs or self.batch_size
+        longer = [sum(len(rests[index]) > 1 for index in prompts[key]) for key in order]  # rows of the 2nd forward
+        chunks = _prompt_chunks(list(range(len(order))), longer, size)
+        pad = self.tokenizer.pad_token_id if self.tokenizer.pad_token_id is not None else self.eot_token_id
+        adapted = isinstance(self._model, AdaptedModel)
         results: list[tuple[float, bool] | None] = [None] * len(requests)
-        for start in tqdm(range(0, len(order), size), disable=disable_tqdm, desc="loramix loglikelihood"):
-            chunk = order[start : start + size]
-            rows, context_lengths = [], []
-            for index in chunk:
-                _, context, continuation = requests[index]
-                row = (context + continuation)[-(self.max_length + 1) :][:-1]
-                rows.append(row)
-                context_lengths.append(len(row) - len(continuation) + 1 + self._leading_space(continuation))
-            length = max(len(row) for row in rows)
-            ids = torch.zeros(len(rows), length, dtype=torch.long, device=self.device)
-            mask = torch.zeros_like(ids)
-            for number, row in enumerate(rows):
-                ids[number, : len(row)] = torch.tensor(row, device=self.device)
-                mask[number, : len(row)] = 1
-            positions = torch.arange(length, device=self.device)
-            prompt = (positions < torch.tensor(context_lengths, device=self.device)[:, None]) & mask.bool()
-            routing = self._routing(len(rows))
-            if isinstance(self._model, AdaptedModel):
-                routing["prompt_mask"] = prompt
-            with torch.no_grad(), self._autocast():
-                logits = self._model(input_ids=ids, attention_mask=mask, **routing).logits
-            for number, index in enumerate(chunk):
-                key, _, continuation = requests[index]
-                end = len(rows[number])
-                scores = F.log_softmax(logits[number, end - len(continuation) : end].float(), dim=-1)
-                targets = torch.tensor(continuation, device=self.device)
-                answer = (float(scores.gather(1, targets[:, None]).sum()), bool((scores.argmax(-1) == targets).all()))
-                results[index] = answer
-                if key is not None:
-                    self.cache_hook.add_partial("loglikelihood", key, answer)
+        for chunk in tqdm(chunks, disable=disable_tqdm, desc="loramix loglikelihood"):
+            keys = [order[number] for number in chunk]
+            routing = self._model.prompt_routing(self._routing(len(keys)).get("task_ids")) if adapted else nullcontext()
+            with torch.no_grad(), self._autocast(), routing:
+                scored = _score_chunk(
+                    self._model,
+                    [{"input_ids": list(prompt), "attention_mask": [1] * len(prompt)} for prompt, _ in keys],
+                    [[rests[index] for index in prompts[key]] for key in keys],
+                    pad,
+                    self.device,
+                    tails=[lead for _, lead in keys],
+                )
+            for key, choices in zip(keys, scored, strict=True):
+                for index, (total, _, greedy) in zip(prompts[key], choices, strict=True):
+                    results[index] = (total, greedy)
+                    if requests[index][0] is not None:
+                        self.cache_hook.add_partial("loglikelihood", requests[index][0], results[index])
         return results

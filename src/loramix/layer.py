@@ -29,6 +29,10 @@ class MixLoraLinear(nn.Module):
     The experts are stored stacked, A: (n, r, d_in) and B: (n, d_out, r), so that all of them are applied by
     two matrix products over the flattened (n r) rank dimension: no loop over experts or tokens. B starts at
     zero: a freshly wrapped layer computes exactly what the base layer does.
+
+    `added_experts` m > 0 (a continuing run, `loramix.continual`) stacks m more experts apart, added_A and
+    added_B, weighted by the router's last m weights and applied by their own two products after the others:
+    a row whose weights for them are 0.0 gets exactly 0.0 from them, so it computes what it did before.
     """
 
     def __init__(
@@ -41,6 +45,7 @@ class MixLoraLinear(nn.Module):
         context: RoutingContext,
         owns_router: bool = True,
         slot: int | None = None,
+        added_experts: int = 0,
     ) -> None:
         super().__init__()
         self.base_layer = base_layer
@@ -50,6 +55,11 @@ class MixLoraLinear(nn.Module):
         self.lora_A = nn.Parameter(torch.empty(num_experts, rank, self.in_features, device=weight.device))
         self.lora_B = nn.Parameter(torch.zeros(num_experts, self.out_features, rank, device=weight.device))
         nn.init.kaiming_uniform_(self.lora_A.view(-1, self.in_features), a=math.sqrt(5))
+        self.added_experts = added_experts
+        if added_experts:
+            self.added_A = nn.Parameter(torch.empty(added_experts, rank, self.in_features, device=weight.device))
+            self.added_B = nn.Parameter(torch.zeros(added_experts, self.out_features, rank, device=weight.device))
+            nn.init.kaiming_uniform_(self.added_A.view(-1, self.in_features), a=math.sqrt(5))
         self.dropout = nn.Dropout(dropout) if dropout > 0 else nn.Identity()
         self.context = context
         if owns_router:
@@ -64,26 +74,36 @@ class MixLoraLinear(nn.Module):
     def forward(self, x: Tensor) -> Tensor:
         result = self.base_layer(x)
         routing = self.router.route(x, self.context)
-        hidden = F.linear(self.dropout(x), self.lora_A.flatten(0, 1)).unflatten(-1, (self.num_experts, self.rank))
-        gates, up = self._gates_and_up(routing, hidden.dtype)
+        dropped = self.dropout(x)
+        hidden = F.linear(dropped, self.lora_A.flatten(0, 1)).unflatten(-1, (self.num_experts, self.rank))
+        gates, up, added_up = self._gates_and_up(routing, hidden.dtype)
         if self.samples_for_contrast and self.training:
             self._sample_for_contrast(hidden, routing.indices, up)
-        update = F.linear((hidden * gates).flatten(-2), up)
+        if added_up is None:
+            update = F.linear((hidden * gates).flatten(-2), up)
+        else:
+            update = F.linear((hidden * gates[..., : self.num_experts, :]).flatten(-2), up)
+            added = F.linear(dropped, self.added_A.flatten(0, 1)).unflatten(-1, (self.added_experts, self.rank))
+            update = update + F.linear((added * gates[..., self.num_experts :, :]).flatten(-2), added_up)
         return result + update.to(result.dtype)
 
-    def _gates_and_up(self, routing: Routing, dtype: torch.dtype) -> tuple[Tensor, Tensor]:
-        """(the experts' gates (B, T', n, 1), B as one (d_out, n r) matrix). During `generate` both are kept
-        for the call: B does not change, and a route computed once per prompt keeps its gates, so decoding
-        steps only run the two products."""
+    def _gates_and_up(self, routing: Routing, dtype: torch.dtype) -> tuple[Tensor, Tensor, Tensor | None]:
+        """(the experts' gates (B, T', n (+ m), 1), B as one (d_out, n r) matrix, added_B as one (d_out, m r)
+        matrix or None). During `generate` they are kept for the call: B does not change, and a route computed
+        once per prompt keeps its gates, so decoding steps only run the products."""
         cached = self.context.layer_cache.get(self) if self.context.generating else None
         if cached is not None and cached[0] is routing.weights:
-            return cached[1], cached[2]
-        up = cached[2] if cached is not None else self.lora_B.transpose(0, 1).flatten(1)
+            return cached[1:]
+        if cached is not None:
+            up, added_up = cached[2:]
+        else:
+            up = self.lora_B.transpose(0, 1).flatten(1)
+            added_up = self.added_B.transpose(0, 1).flatten(1) if self.added_experts else None
         weights = routing.weights if self.slot is None else routing.weights[..., self.slot : self.slot + 1]
         gates = (weights * self.router.expert_scale).unsqueeze(-1).to(dtype)
         if self.context.generating:
-            self.context.layer_cache[self] = (routing.weights, gates, up)
-        return gates, up
+            self.context.layer_cache[self] = (routing.weights, gates, up, added_up)
+        return gates, up, added_up
 
     def _sample_for_contrast(self, hidden: Tensor, indices: Tensor, up: Tensor) -> None:
         """Keep the expert activations of this forward's sampled tokens, and B as this forward used it, for the
@@ -92,10 +112,20 @@ class MixLoraLinear(nn.Module):
         active = indices.expand(*hidden.shape[:2], -1).flatten(0, 1)[picks]
         self.contrast_sample = ExpertSample(self, hidden.flatten(0, 1)[picks], active, up)
 
+    def stacked_experts(self) -> tuple[Tensor, Tensor]:
+        """(A (n, r, d_in), B (n, d_out, r)) of every expert, the added ones last."""
+        if not self.added_experts:
+            return self.lora_A, self.lora_B
+        return torch.cat([self.lora_A, self.added_A]), torch.cat([self.lora_B, self.added_B])
+
     def delta_weight(self, expert_weights: Tensor) -> Tensor:
-        """scale * sum_i w_i B_i A_i as a (d_out, d_in) matrix, for expert weights w: (n,)."""
+        """scale * sum_i w_i B_i A_i as a (d_out, d_in) matrix, for expert weights w: (n (+ m),)."""
         gates = (expert_weights * self.router.expert_scale).repeat_interleave(self.rank).to(self.lora_B.dtype)
-        return (self.lora_B.transpose(0, 1).flatten(1) * gates) @ self.lora_A.flatten(0, 1)
+        own = self.num_experts * self.rank
+        delta = (self.lora_B.transpose(0, 1).flatten(1) * gates[:own]) @ self.lora_A.flatten(0, 1)
+        if self.added_experts:  # exactly 0.0 for a task that does not use them
+            delta = delta + (self.added_B.transpose(0, 1).flatten(1) * gates[own:]) @ self.added_A.flatten(0, 1)
+        return delta
 
     @torch.no_grad()
     def merge_into_base(self, expert_weights: Tensor) -> nn.Module:
@@ -106,7 +136,8 @@ class MixLoraLinear(nn.Module):
         return self.base_layer
 
     def extra_repr(self) -> str:
-        return f"experts={self.num_experts}, rank={self.rank}, in={self.in_features}, out={self.out_features}"
+        added = f", added_experts={self.added_experts}" if self.added_experts else ""
+        return f"experts={self.num_experts}{added}, rank={self.rank}, in={self.in_features}, out={self.out_features}"
 
 
 def active_expert_outputs(up: Tensor, hidden: Tensor, active: Tensor) -> Tensor:

@@ -124,8 +124,9 @@ class MixLoraModel(AdaptedModel):
     def _new_layer(self, name: str, router: Router, owns_router: bool, num_experts: int, slot=None):
         config = self.mixlora_config
         base = self.base_model.get_submodule(name)
+        added = config.added_experts if config.router == "task" else 0
         layer = MixLoraLinear(
-            base, num_experts, config.expert_rank, config.dropout, router, self.context, owns_router, slot
+            base, num_experts, config.expert_rank, config.dropout, router, self.context, owns_router, slot, added
         )
         self._replace(name, layer)
         if all(router is not known for known in self.context.routers):  # a shared router records once
@@ -321,7 +322,7 @@ class MixLoraModel(AdaptedModel):
             if layer.slot is not None:  # prompt routing: k of the m modules of a decoder layer are active
                 active += per_expert * router.top_k / router.num_experts
             elif router.name in ("soft", "task"):
-                active += per_expert * layer.num_experts
+                active += per_expert * (layer.num_experts + layer.added_experts)
             else:
                 active += per_expert * router.top_k
         return {"trainable": trainable, "active_per_token": round(active)}
@@ -335,13 +336,14 @@ class MixLoraModel(AdaptedModel):
 
     # ---- merging ------------------------------------------------------------------------------------------
     def task_weights(self, task_id: int) -> dict[str, Tensor]:
-        """Each adapted module's expert weights (n,) for a task (task router only)."""
+        """Each adapted module's expert weights (n (+ added experts),) for a task (task router only)."""
         if self.mixlora_config.router != "task":
             raise ValueError(f"merging by task needs router='task', this model uses {self.mixlora_config.router!r}")
         self._check_task_ids(torch.tensor([task_id]))
         ids = torch.tensor([task_id], device=next(self.parameters()).device)
         with torch.no_grad():
-            return {name: layer.router.task_logits(ids)[0].softmax(-1) for name, layer in self.layers.items()}
+            routers = {name: layer.router for name, layer in self.layers.items()}
+            return {name: router.task_probs(ids, router.task_logits(ids))[0] for name, router in routers.items()}
 
     @torch.no_grad()
     def merge_task(self, task_id: int) -> nn.Module:

@@ -149,6 +149,17 @@ class Training:
 
 
 @dataclass
+class Continual:
+    """How a run that adds tasks to a `task`-router run (`continue_from`) adds them (loramix.continual)."""
+
+    new_experts: int = 0  # LoRA experts per adapted layer that only the added tasks use; 0: new gate rows only
+
+    def __post_init__(self) -> None:
+        _check_types(self, "continual.")
+        _at_least(self, "continual.", ("new_experts",), 0)
+
+
+@dataclass
 class DataEntry:
     """One `data:` entry of a recipe: a file or dataset, its format, and (but for `rows`) the task it holds."""
 
@@ -217,10 +228,13 @@ class Recipe:
     adapter: dict | None = None
     # a finished `task`-router run whose tasks begin `tasks`: this run adds the others (loramix.continual)
     continue_from: str | None = None
+    continual: Continual = field(default_factory=Continual)
 
     def __post_init__(self) -> None:
         if isinstance(self.training, dict):
             self.training = _build(Training, self.training, "training.")
+        if isinstance(self.continual, dict):
+            self.continual = _build(Continual, self.continual, "continual.")
         _check_types(self, "")
         from_files = set()
         for path in self.task_files:
@@ -245,6 +259,12 @@ class Recipe:
         _at_least(self, "", ("dev_examples",), 0)
         if self.continue_from is not None:
             self._continuing()
+        _check(
+            self.continue_from is not None or self.continual.new_experts == 0,
+            "continual.new_experts",
+            self.continual.new_experts,
+            "experts are added by a run that adds tasks: set continue_from, or use 0",
+        )
         sections = {"mixlora": self.mixlora, "lora": self.lora, "adapter": self.adapter}
         _check(
             sum(section is not None for section in sections.values()) == 1,

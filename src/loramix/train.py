@@ -640,7 +640,8 @@ def _train_steps(recipe: Recipe, run_dir: Path, resume: bool, rank: int, world: 
         shard(model, device, world)
     if settings.compile:
         compile_blocks(model, "inductor" if settings.compile is True else settings.compile)
-    parameters = trained_parameters(model) if continued else [p for p in model.parameters() if p.requires_grad]
+    trained = [p for p in model.parameters() if p.requires_grad]
+    parameters = trained_parameters(model, continued) if continued else trained
     optimizer = torch.optim.AdamW(parameters, lr=settings.lr, weight_decay=settings.weight_decay)
     plan = StepPlan(settings)
     scheduler = LambdaLR(optimizer, lambda step: learning_rate_factor(step, settings, plan.steps))

@@ -33,8 +33,9 @@ class TaskRowLinear(nn.Module):
         self.base_layer = layer.base_layer
         dtype = layer.base_layer.weight.dtype
         gates = (task_weights * layer.router.expert_scale).repeat_interleave(layer.rank, dim=-1)
-        self.register_buffer("lora_A", layer.lora_A.detach().flatten(0, 1).to(dtype), persistent=False)
-        lora_B = layer.lora_B.detach().transpose(0, 1).flatten(1).T.contiguous().to(dtype)
+        experts_A, experts_B = layer.stacked_experts()  # with the experts a continuing run added
+        self.register_buffer("lora_A", experts_A.detach().flatten(0, 1).to(dtype), persistent=False)
+        lora_B = experts_B.detach().transpose(0, 1).flatten(1).T.contiguous().to(dtype)
         self.register_buffer("lora_B", lora_B, persistent=False)  # (n r, d_out)
         self.register_buffer("task_gates", gates.to(dtype), persistent=False)  # (num_tasks, n r)
         self.row_gates: Tensor | None = None  # (batch, 1, n r), set by TaskRows.select
