@@ -43,6 +43,7 @@ bench: $(STAMP)
 	$(PY) benchmarks/remix_samples.py
 	$(PY) benchmarks/decode.py
 	$(PY) benchmarks/tenants.py
+	$(PY) benchmarks/serving.py --http
 
 bench-accuracy: $(STAMP)
 	$(PY) benchmarks/accuracy.py
