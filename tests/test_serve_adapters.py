@@ -237,3 +237,13 @@ def test_sixteen_adapters_in_one_server_process_with_loads_and_unloads(folders, 
             continue
         assert answer == expected(model, prompt, max_tokens), model
     assert late == tokenizer.decode(alone(folders, tokenizer, "late", None, PROMPTS[0], 8), skip_special_tokens=True)
+
+
+def test_a_request_waiting_for_an_unloaded_adapter_gets_a_clear_error(folders):
+    tokenizer = tiny_tokenizer()
+    engine = engine_for(folders, ["p4", "p8"])
+    errors = []
+    waiting = engine.sequence(engine.request("p4", tokenizer(PROMPTS[0])["input_ids"]), on_error=errors.append)
+    engine.unload_adapter("p4")  # after the request was accepted, before it was admitted
+    engine.admit([waiting])
+    assert [(e.status, "unloaded" in e.message) for e in errors] == [(503, True)] and not engine.running

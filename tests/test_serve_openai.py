@@ -175,7 +175,7 @@ def test_answers_and_logprobs_through_the_client(server, alone):
     assert "".join(piece.text for piece in pieces) == tokenizer.decode(
         alone(4, PROMPTS[1], 7), skip_special_tokens=True
     )
-    assert len(streamed) == len([t for t in alone(4, PROMPTS[1], 7)])
+    assert len(streamed) == len(alone(4, PROMPTS[1], 7))
 
 
 def test_short_requests_join_a_running_long_one_and_finish_first(server, alone):

@@ -118,7 +118,8 @@ class RowState:
 
     def select(self, rows: Tensor) -> RowState:
         """The state of batch rows `rows` (repeats allowed)."""
-        return RowState({name: _map_rows(lambda t: t[rows.to(t.device)], value) for name, value in self.values.items()})
+        selected = {name: _map_rows(lambda t: t[rows.to(t.device)], value) for name, value in self.values.items()}
+        return type(self)(selected)
 
     @staticmethod
     def join(states: Sequence[RowState]) -> RowState:

@@ -23,10 +23,10 @@ import torch.nn.functional as F
 import yaml
 from safetensors.torch import load_file
 from torch import Tensor, nn
-from transformers.pytorch_utils import Conv1D
 
 from loramix.call import RowState
 from loramix.export import task_factors
+from loramix.layer import linear_features
 from loramix.model import MixLoraModel, load
 from loramix.serve.runners import AdaptedRunner, Runner, last_logits
 
@@ -37,12 +37,6 @@ def shared_copy(model: nn.Module) -> nn.Module:
     """A copy of `model`'s modules that shares its parameters and buffers (no new weights)."""
     memo = {id(tensor): tensor for tensor in itertools.chain(model.parameters(), model.buffers())}
     return copy.deepcopy(model, memo)
-
-
-def _features(layer: nn.Module) -> tuple[int, int]:
-    if isinstance(layer, Conv1D):
-        return layer.weight.shape[0], layer.weight.shape[1]
-    return layer.in_features, layer.out_features
 
 
 @dataclass
@@ -98,9 +92,6 @@ class LoraRowState(RowState):
                 ups.append(F.pad(up, (0, 0, 0, rank - up.shape[1])))
             joined["down"][module], joined["up"][module] = torch.cat(downs), torch.cat(ups)
         return LoraRowState({"slots": slots, **joined})
-
-    def select(self, rows: Tensor) -> LoraRowState:
-        return LoraRowState(super().select(rows).values)
 
 
 class MultiLoraRunner(Runner):
@@ -181,7 +172,7 @@ def read_lora_factors(path: Path, backbone: nn.Module) -> LoraFactors:
             layer = backbone.get_submodule(module)
         except AttributeError:
             raise ValueError(f"{path}: base-model mismatch: this server's base model has no module {module}") from None
-        d_in, d_out = _features(layer)
+        d_in, d_out = linear_features(layer)
         if down.shape[1] != d_in or up.shape[0] != d_out:
             raise ValueError(
                 f"{path}: base-model mismatch: {module} is {d_in} -> {d_out} here, the adapter's factors are "
@@ -227,8 +218,7 @@ class AdapterSet:
         if not path.is_dir():
             raise ValueError(f"adapter {name}: {path} is not a folder")
         if (path / "adapter_config.json").is_file():
-            factors = read_lora_factors(path, self.template)
-            return ServedAdapter(name, path, [], LORA_RUNNER, [self._register(factors)]), None
+            return self._lora_adapter(name, path, path), None
         recipe_path = path / "recipe.yaml"
         if not recipe_path.is_file():
             raise ValueError(f"adapter {name}: {path} is neither a peft LoRA folder nor a loramix run folder")
@@ -242,8 +232,7 @@ class AdapterSet:
             )
         adapter_dir = path / "adapter"
         if (adapter_dir / "adapter_config.json").is_file():  # a peft LoRA run: one adapter for all its tasks
-            factors = read_lora_factors(adapter_dir, self.template)
-            return ServedAdapter(name, path, [], LORA_RUNNER, [self._register(factors)]), None
+            return self._lora_adapter(name, path, adapter_dir), None
         model = load(shared_copy(self.template), adapter_dir)
         model.to(next(self.template.parameters()).dtype).eval()
         if isinstance(model, MixLoraModel) and model.mixlora_config.router == "task":
@@ -261,6 +250,11 @@ class AdapterSet:
         key = ("adapter", name, next(self._slots))
         served = ServedAdapter(name, path, tasks if len(tasks) > 1 else [], key, list(range(len(tasks))), model)
         return served, AdaptedRunner(model)
+
+    def _lora_adapter(self, name: str, path: Path, lora_dir: Path) -> ServedAdapter:
+        """A peft LoRA folder (`lora_dir`) served as one LoRA-like tenant."""
+        slot = self._register(read_lora_factors(lora_dir, self.template))
+        return ServedAdapter(name, path, [], LORA_RUNNER, [slot])
 
     def _register(self, factors: LoraFactors) -> int:
         slot = next(self._slots)

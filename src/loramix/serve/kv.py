@@ -26,10 +26,6 @@ class RowCache:
         self.cache, self.mask = cache, mask
         self.lengths = mask.sum(-1)
 
-    @property
-    def rows(self) -> int:
-        return self.mask.shape[0]
-
     def step_inputs(self) -> tuple[Tensor, Tensor]:
         """(attention mask, position ids) of a decoding step that adds one token to every row."""
         self.mask = F.pad(self.mask, (0, 1), value=1)
