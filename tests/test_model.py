@@ -176,6 +176,27 @@ def test_remix_weights_are_constant_and_ess_is_k():
     assert scale == pytest.approx(16.0 / (3 * 2) ** 0.5)  # rsLoRA-type: alpha / sqrt(k r)
 
 
+@pytest.mark.parametrize("router", ["remix", "topk"])
+def test_probs_ess_is_that_of_the_routers_distribution_over_real_tokens(router):
+    """The imbalance curve's second measure: the ESS of softmax(logits) over all experts, averaged over the real
+    tokens, computed here independently from the records the forward left."""
+    wrapped = loramix.wrap(tiny_llama(), config_for(router)).train()
+    randomise_experts(wrapped)
+    with torch.no_grad():
+        for name, p in wrapped.named_parameters():
+            if "router" in name:
+                p.normal_(std=2.0)  # far from uniform, so that the ESS is not simply n
+    wrapped.reset_routing_stats()
+    wrapped.compute_loss(batch())
+    stats = wrapped.routing_stats()
+    for record in wrapped.context.records:
+        probs = record.routing.logits.float().softmax(-1)
+        expected = (1 / probs.square().sum(-1))[record.mask].mean()
+        name = next(n for n, layer in wrapped.layers.items() if layer.router is record.router)
+        assert stats[name]["probs_ess"] == pytest.approx(float(expected), rel=1e-4)
+        assert 1.0 <= stats[name]["probs_ess"] < record.routing.logits.shape[-1] - 0.5
+
+
 @pytest.mark.parametrize("level", ["token", "sequence"])
 def test_remix_rloo_estimate_trains_the_routers_alone(monkeypatch, level):
     """The experts get the gradient of the loss alone: without the RLOO surrogate (the same routes drawn) their

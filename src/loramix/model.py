@@ -191,7 +191,7 @@ class MixLoraModel(AdaptedModel):
         @torch.no_grad()
         def finish(module: nn.Module, args: tuple, kwargs: dict, output) -> None:
             context.collect()
-            for stacked in context.stacked_records(context.records, "weights", "indices"):
+            for stacked in context.stacked_records(context.records, "weights", "indices", "probs"):
                 stacked.add_to_router_stats()
 
         return finish
@@ -298,7 +298,8 @@ class MixLoraModel(AdaptedModel):
 
     def routing_stats(self) -> dict[str, dict]:
         """Per adapted module: {"load": share of routed real tokens per expert, "ess": mean effective support
-        size of the routing weights}, accumulated since `reset_routing_stats()`."""
+        size of the routing weights, "probs_ess": that of the router's distribution over all experts, where it
+        has one}, accumulated since `reset_routing_stats()`."""
         by_router: dict[int, dict] = {}
         stats = {}
         for name, router in self.routers().items():

@@ -483,6 +483,7 @@ def routing_summary(model: nn.Module) -> dict:
         "ess": sum(ess.values()) / max(len(ess), 1),
         "ess_per_layer": ess,
         "load_per_layer": {name: s["load"] for name, s in stats.items()},
+        "probs_ess_per_layer": {name: s["probs_ess"] for name, s in stats.items() if "probs_ess" in s},
     }
 
 

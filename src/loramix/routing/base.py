@@ -102,14 +102,18 @@ class StackedRecords:
 
     @torch.no_grad()
     def add_to_router_stats(self) -> None:
-        """Add this routing to each router's statistics (expert load, ESS, token count); needs the fields
-        weights and indices."""
+        """Add this routing to each router's statistics (expert load, ESS of the weights and of the router's
+        distribution, token count); needs the fields weights, indices and probs."""
         routing = Routing(self.tensors["weights"], indices=self.tensors["indices"])
         weight = self.mask.unsqueeze(-1).to(routing.weights.dtype)
         loads = (routing.expert_share() * weight).sum((1, 2)).float()
         ess = (effective_support_size(routing.weights) * weight[..., 0]).sum((1, 2)).float()
         counts = self.mask.sum((1, 2)).float()
-        for name, values in (("stat_load", loads), ("stat_ess", ess), ("stat_count", counts)):
+        added = [("stat_load", loads), ("stat_ess", ess), ("stat_count", counts)]
+        probs = self.tensors["probs"]
+        if probs is not None:
+            added.append(("stat_probs_ess", (effective_support_size(probs) * weight[..., 0]).sum((1, 2)).float()))
+        for name, values in added:
             torch._foreach_add_([getattr(router, name) for router in self.routers], list(values.unbind()))
 
 
@@ -256,6 +260,7 @@ class Router(nn.Module, ABC):
         self.register_buffer("stat_load", torch.zeros(num_experts), persistent=False)
         self.register_buffer("stat_ess", torch.zeros(()), persistent=False)
         self.register_buffer("stat_count", torch.zeros(()), persistent=False)
+        self.register_buffer("stat_probs_ess", torch.zeros(()), persistent=False)
 
     @abstractmethod
     def forward(self, x: Tensor, context: RoutingContext) -> Routing:
@@ -302,11 +307,17 @@ class Router(nn.Module, ABC):
         self.stat_load.zero_()
         self.stat_ess.zero_()
         self.stat_count.zero_()
+        self.stat_probs_ess.zero_()
 
     def stats(self) -> dict:
+        """{"load": share of routed tokens per expert, "ess": mean ESS of the routing weights, "probs_ess": mean
+        ESS of the router's distribution over all experts (routers that have one)}."""
         count = self.stat_count.clamp_min(1)
         total = self.stat_load.sum().clamp_min(1e-12)
-        return {"load": (self.stat_load / total).tolist(), "ess": float(self.stat_ess / count)}
+        stats = {"load": (self.stat_load / total).tolist(), "ess": float(self.stat_ess / count)}
+        if self.stat_probs_ess > 0:
+            stats["probs_ess"] = float(self.stat_probs_ess / count)
+        return stats
 
 
 def effective_support_size(weights: Tensor) -> Tensor:
