@@ -276,6 +276,7 @@ class Run:
     history: list[dict] = field(default_factory=list)
     device: str | None = None
     predictions: list[dict] = field(default_factory=list)
+    curve: list[dict] = field(default_factory=list)
 
     @classmethod
     def read(cls, out: Path, variant: str, seed: int) -> Run:
@@ -286,7 +287,9 @@ class Run:
         history = [json.loads(line) for line in lines if line.strip()]
         rows = folder / "predictions.jsonl"
         predictions = [json.loads(line) for line in rows.read_text().splitlines()] if rows.is_file() else []
-        return cls(variant, seed, metrics, history, training.get("device"), predictions)
+        points = folder / "learning_curve.jsonl"
+        curve = [json.loads(line) for line in points.read_text().splitlines() if line] if points.is_file() else []
+        return cls(variant, seed, metrics, history, training.get("device"), predictions, curve)
 
     def task_predictions(self, task: str) -> dict[str, dict]:
         """This run's prediction rows of a task, by example id."""
@@ -296,6 +299,11 @@ class Run:
         """Each task's main (first) metric in a metrics.json column: model, zero_shot or majority."""
         tasks = self.metrics.get("tasks", {})
         return {task: next(iter(r[column].values())) for task, r in tasks.items() if r.get(column)}
+
+    def interval(self, task: str) -> list[float] | None:
+        """The 95% bootstrap interval of a task's main metric for the adapter (metrics.json)."""
+        intervals = ((self.metrics.get("tasks") or {}).get(task) or {}).get("intervals", {}).get("model")
+        return next(iter(intervals.values())) if intervals else None
 
     def seconds_per_step(self) -> float | None:
         """The median over logged intervals of training seconds per step."""
@@ -314,11 +322,14 @@ def step_seconds(group: list[Run]) -> float | None:
     return min(rates) if rates else None
 
 
-def format_score(values: list[float]) -> str:
+def format_score(values: list[float], interval: list[float] | None = None) -> str:
+    """Mean ± std over seeds; one seed's score with its bootstrap interval where given."""
     if not values:
         return "—"
     mean, std = mean_std(values)
-    return f"{mean:.3f}" if std is None else f"{mean:.3f} ± {std:.3f}"
+    if std is None:
+        return f"{mean:.3f} [{interval[0]:.3f}, {interval[1]:.3f}]" if interval else f"{mean:.3f}"
+    return f"{mean:.3f} ± {std:.3f}"
 
 
 def average(scores: dict[str, float], tasks: list[str]) -> float | None:
@@ -336,20 +347,37 @@ def decoder_layer(module: str) -> int:
     return int(match.group(1)) if match else -1
 
 
-def ess_grid(runs: list[Run], load: bool) -> tuple[list[int], list[int], np.ndarray]:
-    """(steps, decoder layers, ESS array layers x steps) averaged over the modules of a layer and the seeds:
-    the token ESS of the routing weights (`load=False`) or the ESS of the experts' load (`load=True`)."""
+# what an ESS measures: the routing weights within the chosen experts (per token), the router's distribution over
+# all experts (per token), the experts' load over the tokens of the logged steps
+ESS_MEASURES = {
+    "weights": "token ESS of the routing weights",
+    "probs": "token ESS of the router's distribution",
+    "load": "ESS of the expert load",
+}
+
+
+def module_ess(record: dict, measure: str) -> dict[str, float]:
+    """One history record's ESS per adapted module for an ESS_MEASURES key."""
+    if measure == "load":
+        return {m: ess(v) for m, v in record.get("load_per_layer", {}).items()}
+    return record.get("probs_ess_per_layer" if measure == "probs" else "ess_per_layer", {})
+
+
+def ess_grid(runs: list[Run], measure: str) -> tuple[list[int], list[int], np.ndarray]:
+    """(steps, decoder layers, ESS array layers x steps) of an ESS_MEASURES key, averaged over the modules of a
+    layer and the seeds (NaN where the runs did not log it)."""
     steps = sorted({h["step"] for run in runs for h in run.history})
     layers = sorted({decoder_layer(m) for run in runs for h in run.history for m in h.get("ess_per_layer", {})})
     total, count = np.zeros((len(layers), len(steps))), np.zeros((len(layers), len(steps)))
     for run in runs:
         for h in run.history:
-            values = {m: ess(v) for m, v in h["load_per_layer"].items()} if load else h.get("ess_per_layer", {})
+            values = module_ess(h, measure)
             for module, value in values.items():
                 index = layers.index(decoder_layer(module)), steps.index(h["step"])
                 total[index] += value
                 count[index] += 1
-    return steps, layers, total / np.maximum(count, 1)
+    with np.errstate(invalid="ignore"):
+        return steps, layers, np.where(count > 0, total / np.maximum(count, 1), np.nan)
 
 
 # ---- the report ------------------------------------------------------------------------------------------------
@@ -365,7 +393,12 @@ def score_table(runs: dict[str, list[Run]], counts: dict[str, Counts], tasks: li
         c = counts[variant]
         rank = "—" if c.rank is None else c.rank
         ratio = f" ({c.active_experts / peft.active_experts:.3f}x)" if peft else ""
-        per_task = [format_score([r.scores()[t] for r in finished if t in r.scores()]) for t in tasks]
+        per_task = [
+            format_score(
+                [r.scores()[t] for r in finished if t in r.scores()], finished[0].interval(t) if finished else None
+            )
+            for t in tasks
+        ]
         averages = [a for r in finished if (a := average(r.scores(), tasks)) is not None]
         seconds = step_seconds(group)
         rate = f"{seconds:.2f}" if seconds is not None else "—"
@@ -401,19 +434,19 @@ def paired_difference(run: Run, reference: Run, task: str) -> dict | None:
     return compare(definition, examples, columns, against="run")["differences"]["ref"]
 
 
-def difference_table(runs: dict[str, list[Run]], tasks: list[str]) -> list[str]:
-    """Per method and seed, each task's main-metric difference from peft LoRA of the same seed, with its 95%
+def difference_table(runs: dict[str, list[Run]], tasks: list[str], reference: str = "lora") -> list[str]:
+    """Per method and seed, each task's main-metric difference from `reference` of the same seed, with its 95%
     paired-bootstrap interval: ✓ above zero, ✗ below, · neither (not beyond noise)."""
     lines = ["| method | seed | " + " | ".join(tasks) + " |", "|---|---|" + "---|" * len(tasks)]
-    references = {r.seed: r for r in runs.get("lora", []) if r.predictions}
+    references = {r.seed: r for r in runs.get(reference, []) if r.predictions}
     for variant, group in runs.items():
         for run in group:
-            reference = references.get(run.seed)
-            if variant == "lora" or reference is None or not run.predictions:
+            other = references.get(run.seed)
+            if variant == reference or other is None or not run.predictions:
                 continue
             cells = []
             for task in tasks:
-                difference = paired_difference(run, reference, task)
+                difference = paired_difference(run, other, task)
                 if difference is None:
                     cells.append("—")
                     continue
@@ -424,23 +457,35 @@ def difference_table(runs: dict[str, list[Run]], tasks: list[str]) -> list[str]:
     return lines if len(lines) > 2 else []
 
 
+def ess_ceiling(variant: str, measure: str, runs: list[Run]) -> int:
+    """The largest ESS a measure can take: k for the weights of a top-k router, n otherwise."""
+    experts = max((len(v) for r in runs for h in r.history for v in h.get("load_per_layer", {}).values()), default=8)
+    return 2 if measure == "weights" and variant != "soft" else experts
+
+
 def imbalance_table(runs: dict[str, list[Run]]) -> list[str]:
+    """Per router, at its first, middle and last logged step: each ESS measure's mean over modules (and the lowest
+    decoder layer's mean) against its ceiling."""
+    names = list(ESS_MEASURES)
     lines = [
-        "| router | max token ESS | step | token ESS: mean (lowest layer) | load ESS of 8: mean (lowest layer) |",
-        "|---|---|---|---|---|",
+        "| router | step | " + " | ".join(f"{ESS_MEASURES[m]}: mean (lowest layer) / max" for m in names) + " |",
+        "|---|---|" + "---|" * len(names),
     ]
     for variant in IMBALANCE:
         group = [r for r in runs.get(variant, []) if r.history]
         if not group:
             continue
-        steps, _, token = ess_grid(group, load=False)
-        _, _, load = ess_grid(group, load=True)
-        top = 8 if variant == "soft" else 2
-        for column in sorted({0, len(steps) - 1}):
-            lines.append(
-                f"| {LABELS[variant]} | {top} | {steps[column]} | {token[:, column].mean():.2f} "
-                f"({token[:, column].min():.2f}) | {load[:, column].mean():.2f} ({load[:, column].min():.2f}) |"
-            )
+        grids = {m: ess_grid(group, m) for m in names}
+        steps = grids["weights"][0]
+        for column in sorted({0, len(steps) // 2, len(steps) - 1}):
+            cells = []
+            for m in names:
+                values = grids[m][2][:, column]
+                ceiling = ess_ceiling(variant, m, group)
+                cells.append(
+                    "—" if np.isnan(values).all() else f"{np.nanmean(values):.2f} ({np.nanmin(values):.2f}) / {ceiling}"
+                )
+            lines.append(f"| {LABELS[variant]} | {steps[column]} | " + " | ".join(cells) + " |")
     return lines
 
 
@@ -489,26 +534,77 @@ def plot_scores(runs: dict[str, list[Run]], tasks: list[str], path: Path) -> Non
 
 
 def plot_imbalance(runs: dict[str, list[Run]], path: Path) -> bool:
+    """Heatmaps, decoder layer x step, of every ESS measure (rows) of every router (columns)."""
     routers = [v for v in IMBALANCE if any(r.history for r in runs.get(v, []))]
     if not routers:
         return False
-    figure, axes = plt.subplots(2, len(routers), figsize=(3.6 * len(routers), 6.5), squeeze=False)
+    figure, axes = plt.subplots(3, len(routers), figsize=(3.6 * len(routers), 9.5), squeeze=False)
     for column, variant in enumerate(routers):
         group = [r for r in runs[variant] if r.history]
-        for row, (load, title) in enumerate(
-            ((False, "token ESS of the routing weights"), (True, "ESS of expert load"))
-        ):
-            steps, layers, grid = ess_grid(group, load)
-            top = 8 if load or variant == "soft" else 2
+        for row, (measure, title) in enumerate(ESS_MEASURES.items()):
+            steps, layers, grid = ess_grid(group, measure)
+            top = ess_ceiling(variant, measure, group)
             axis = axes[row][column]
             image = axis.imshow(grid, aspect="auto", origin="lower", vmin=1, vmax=top, cmap="viridis")
             ticks = np.linspace(0, len(steps) - 1, min(5, len(steps))).astype(int)
             axis.set_xticks(ticks, [steps[t] for t in ticks])
-            axis.set_yticks(range(0, len(layers), max(1, len(layers) // 6)))
+            axis.set_yticks(
+                range(0, len(layers), max(1, len(layers) // 6)),
+                [layers[i] for i in range(0, len(layers), max(1, len(layers) // 6))],
+            )
             axis.set_title(f"{LABELS[variant]}\n{title} (1..{top})", fontsize=8)
             axis.set_xlabel("step", fontsize=8)
             axis.set_ylabel("decoder layer", fontsize=8)
             figure.colorbar(image, ax=axis)
+    save(figure, path)
+    return True
+
+
+def plot_ess_curves(runs: dict[str, list[Run]], path: Path) -> bool:
+    """The paper's imbalance figure: each ESS measure against steps, one line per router (its mean over decoder
+    layers, the band from its lowest to its highest layer); ReMix's weights ESS (k by construction) is the
+    reference."""
+    routers = [v for v in IMBALANCE if any(r.history for r in runs.get(v, []))]
+    if not routers:
+        return False
+    figure, axes = plt.subplots(1, len(ESS_MEASURES), figsize=(4.2 * len(ESS_MEASURES), 3.6))
+    for axis, (measure, title) in zip(axes, ESS_MEASURES.items(), strict=True):
+        for variant in routers:
+            steps, _, grid = ess_grid([r for r in runs[variant] if r.history], measure)
+            if np.isnan(grid).all():
+                continue
+            line = axis.plot(steps, np.nanmean(grid, 0), label=LABELS[variant])[0]
+            axis.fill_between(steps, np.nanmin(grid, 0), np.nanmax(grid, 0), color=line.get_color(), alpha=0.15)
+        axis.set(xlabel="step", ylabel="ESS", title=title)
+        axis.title.set_fontsize(9)
+        axis.legend(fontsize=7)
+    save(figure, path)
+    return True
+
+
+def plot_learning_curves(runs: dict[str, list[Run]], tasks: list[str], path: Path) -> bool:
+    """Each task's main metric on its dev examples against steps (learning_curve.jsonl), one line per method."""
+    if not any(r.curve for group in runs.values() for r in group):
+        return False
+    figure, axes = plt.subplots(1, len(tasks), figsize=(3.8 * len(tasks), 3.4), squeeze=False)
+    for axis, task in zip(axes[0], tasks, strict=True):
+        for variant, group in runs.items():
+            points = [
+                (p["step"], next(iter(p["tasks"][task].values()))) for r in group for p in r.curve if task in p["tasks"]
+            ]
+            if points:
+                steps = sorted({s for s, _ in points})
+                axis.plot(
+                    steps,
+                    [np.mean([v for s, v in points if s == step]) for step in steps],
+                    marker=".",
+                    label=LABELS[variant],
+                )
+        axis.set(xlabel="step", title=f"{task} (dev)")
+        axis.title.set_fontsize(9)
+    axes[0][0].set_ylabel("main metric")
+    if axes[0][0].get_legend_handles_labels()[0]:
+        axes[0][0].legend(fontsize=7)
     save(figure, path)
     return True
 
@@ -600,12 +696,19 @@ def write_report(
         *difference_table(runs, tasks),
         "",
     ]
+    if "remix" in runs and "topk" in runs:
+        lines += ["The same against MixLoRA top-k (is ReMix ahead of the learned router it replaces?):", ""]
+        lines += [*difference_table(runs, tasks, reference="topk"), ""]
+    if plot_learning_curves(runs, tasks, figures / "learning_curves.png"):
+        lines += ["Learning curves on the dev examples:", "", f"![learning curves]({link('learning_curves.png')})", ""]
     plot_scores(runs, tasks, figures / "accuracy.png")
     plot_losses(runs, figures / "training_loss.png")
     lines += [f"![scores]({link('accuracy.png')}) ![training loss]({link('training_loss.png')})", ""]
     if plot_imbalance(runs, figures / "routing_ess.png"):
-        lines += ["Routing imbalance (first and last logged step, averaged over seeds):", ""]
+        lines += ["Routing imbalance (first, middle and last logged step, averaged over seeds):", ""]
         lines += [*imbalance_table(runs), "", f"![routing ESS]({link('routing_ess.png')})", ""]
+        if plot_ess_curves(runs, figures / "routing_ess_curves.png"):
+            lines += [f"![routing ESS over training]({link('routing_ess_curves.png')})", ""]
     if any(runs.get(v) for v in REMIX_SCALING[1:]):
         lines += ["ReMix routing samples M (same steps):", "", *scaling_table(runs, tasks), ""]
         if plot_scaling(runs, tasks, figures / "remix_samples.png"):

@@ -68,8 +68,9 @@ def test_accuracy_trains_evaluates_skips_and_resumes(bench, task_file, tmp_path,
     assert "| peft LoRA | 8 |" in section and "| zero-shot (no adapter) |" in section and " ± " in section
     assert "ReMix routing samples M" in section and "Routing imbalance" in section
     assert "Differences from peft LoRA" in section and "| top-k (MixLoRA) | 1 | " in section
-    assert {p.name for p in (tmp_path / "figures").iterdir()} == {
-        "accuracy.png", "training_loss.png", "routing_ess.png", "remix_samples.png",
+    assert "token ESS of the router's distribution" in section and "The same against MixLoRA top-k" in section
+    assert {p.name for p in (tmp_path / "figures").iterdir()} >= {
+        "accuracy.png", "training_loss.png", "routing_ess.png", "routing_ess_curves.png", "remix_samples.png",
     }  # fmt: skip
 
     # finished runs are skipped; a run with a checkpoint resumes; one without is started again
@@ -272,3 +273,27 @@ def test_harness_speed_times_every_model_on_the_same_requests(bench):
     assert set(results["ratio_to_hf"]) == {"hf", "mixture", "merged"} and results["ratio_to_hf"]["hf"] == 1
     assert all(len(seconds) == 1 and seconds[0] > 0 for seconds in results["seconds"].values())
     assert all(accuracy in (0, 1 / 3, 2 / 3, 1) for accuracy in results["accuracy"].values())
+
+
+def test_imbalance_table_reports_every_ess_measure_against_its_ceiling(bench):
+    import accuracy
+
+    def record(step, weights, probs, load):
+        modules = ("model.layers.3.mlp.up_proj", "model.layers.4.mlp.up_proj")
+        return {
+            "step": step,
+            "seconds": float(step),
+            "ess_per_layer": dict(zip(modules, weights, strict=True)),
+            "probs_ess_per_layer": dict(zip(modules, probs, strict=True)),
+            "load_per_layer": dict(zip(modules, load, strict=True)),
+        }
+
+    uniform, one_hot = [0.25] * 4, [1.0, 0.0, 0.0, 0.0]
+    topk = accuracy.Run("topk", 0, history=[record(10, (2.0, 2.0), (4.0, 4.0), (uniform, uniform)),
+                                            record(20, (1.5, 1.0), (3.0, 1.0), (uniform, one_hot))])  # fmt: skip
+    remix = accuracy.Run("remix", 0, history=[record(10, (2.0, 2.0), (3.5, 2.5), (uniform, uniform))])
+    table = accuracy.imbalance_table({"topk": [topk], "remix": [remix]})
+    # each measure: the mean over modules, (the lowest decoder layer's mean) / its ceiling (k = 2 or n = 4)
+    assert "| top-k (MixLoRA) | 10 | 2.00 (2.00) / 2 | 4.00 (4.00) / 4 | 4.00 (4.00) / 4 |" in table
+    assert "| top-k (MixLoRA) | 20 | 1.25 (1.00) / 2 | 2.00 (1.00) / 4 | 2.50 (1.00) / 4 |" in table
+    assert "| ReMix, M=2 | 10 | 2.00 (2.00) / 2 | 3.00 (2.50) / 4 | 4.00 (4.00) / 4 |" in table
