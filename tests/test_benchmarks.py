@@ -297,3 +297,26 @@ def test_imbalance_table_reports_every_ess_measure_against_its_ceiling(bench):
     assert "| top-k (MixLoRA) | 10 | 2.00 (2.00) / 2 | 4.00 (4.00) / 4 | 4.00 (4.00) / 4 |" in table
     assert "| top-k (MixLoRA) | 20 | 1.25 (1.00) / 2 | 2.00 (1.00) / 4 | 2.50 (1.00) / 4 |" in table
     assert "| ReMix, M=2 | 10 | 2.00 (2.00) / 2 | 3.00 (2.50) / 4 | 4.00 (4.00) / 4 |" in table
+
+
+def test_remix_router_gradient_is_noisy_where_top_k_is_exact(bench, tiny_batch):
+    """remix_gradients.measure: a learned top-k router's gradient is deterministic (infinite signal-to-noise,
+    repeats agree), ReMix's RLOO gradient changes with every routing sample; both routers get one."""
+    import remix_gradients
+
+    from loramix import MixLoraConfig, wrap
+    from loramix.models import tiny_llama
+
+    rows = {}
+    for router in ("topk", "remix"):
+        config = MixLoraConfig("all-linear", router=router, num_experts=4, expert_rank=2, top_k=2, remix_samples=4)
+        model = wrap(tiny_llama(), config)
+        with torch.no_grad():  # B starts at zero: no expert changes the loss, so no route gets a reward
+            for layer in model.layers.values():
+                layer.lora_B.normal_(std=0.5)
+        torch.manual_seed(0)
+        rows[router] = remix_gradients.measure(model, [tiny_batch], repeats=4, max_grad_norm=1.0)
+    assert rows["topk"]["snr"] == float("inf") and rows["topk"]["cosine"] == pytest.approx(1.0)
+    assert rows["remix"]["router_norm"] > 0 and rows["remix"]["cosine"] < 0.99 and rows["remix"]["snr"] < 1e3
+    for row in rows.values():
+        assert row["expert_norm"] > 0 and 0 < row["clip"] <= 1.0
