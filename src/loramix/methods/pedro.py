@@ -21,6 +21,7 @@ from loramix.call import CallState
 from loramix.methods.base import AdaptedModel, MethodConfig, register_method
 from loramix.routing.base import PromptPooling
 from loramix.routing.prompt import RationalActivation
+from loramix.targets import decoder_layer_of, find_targets, linear_features
 
 RMS_EPS = 1e-6  # of the normalisation of the pooled hidden states
 
@@ -93,8 +94,6 @@ class PedroModel(AdaptedModel):
     """A frozen causal LM whose target modules' outputs are rescaled by vectors generated from the prompt."""
 
     def __init__(self, model: nn.Module, config: PedroConfig) -> None:
-        from loramix.model import decoder_layer_of, find_targets  # loramix.model imports this package
-
         super().__init__(model, config)
         self.generators = nn.ModuleDict()
         by_block: dict[str, list[str]] = {}
@@ -105,7 +104,7 @@ class PedroModel(AdaptedModel):
                 config._fail("target_modules", config.target_modules, f"{name!r} is in no numbered decoder layer")
             by_block.setdefault(block_name, []).append(name)
         for block_name, names in by_block.items():
-            sizes = [_out_features(model.get_submodule(name)) for name in names]
+            sizes = [linear_features(model.get_submodule(name))[1] for name in names]
             block = model.get_submodule(block_name)
             dim = model.config.hidden_size
             device = next(block.parameters()).device
@@ -119,11 +118,6 @@ class PedroModel(AdaptedModel):
                 module = model.get_submodule(name)
                 self._add_hook(name, module.register_forward_hook(_rescale(slot, start, start + size)))
                 start += size
-
-
-def _out_features(module: nn.Module) -> int:
-    """The output size of an nn.Linear or a transformers Conv1D (GPT-2's c_attn, c_fc)."""
-    return module.out_features if isinstance(module, nn.Linear) else module.nf
 
 
 def _generate(generator: VectorGenerator, slot: BlockVectors, context: CallState):

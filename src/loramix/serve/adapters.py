@@ -26,9 +26,9 @@ from torch import Tensor, nn
 
 from loramix.call import RowState
 from loramix.export import task_factors
-from loramix.layer import linear_features
 from loramix.model import MixLoraModel, load
 from loramix.serve.runners import AdaptedRunner, Runner, last_logits
+from loramix.targets import linear_features, replace_module
 
 LORA_RUNNER = "lora"  # the runner key of the batch that LoRA-like adapters share
 
@@ -107,10 +107,8 @@ class MultiLoraRunner(Runner):
         """Put a MultiLoraLinear in every module the tenant adapts that has none yet."""
         for name in factors.modules:
             if name not in self.layers:
-                parent, _, child = name.rpartition(".")
-                layer = MultiLoraLinear(self.backbone.get_submodule(name), name, self.rows)
-                setattr(self.backbone.get_submodule(parent), child, layer)
-                self.layers[name] = layer
+                self.layers[name] = MultiLoraLinear(self.backbone.get_submodule(name), name, self.rows)
+                replace_module(self.backbone, name, self.layers[name])
 
     def state_of(self, slots: Tensor) -> LoraRowState:
         """The factors of rows whose tenants are `slots`, padded to their largest rank."""
