@@ -16,7 +16,8 @@ from safetensors.torch import save_file
 from torch import Tensor, nn
 from transformers.pytorch_utils import Conv1D
 
-from loramix.card import METHODS, hub_id, model_card, run_card_scores, write_card
+from loramix.card import hub_id, model_card, run_card_scores, write_card
+from loramix.config import PAPERS
 from loramix.model import MixLoraModel, load
 from loramix.models import load_model
 from loramix.recipe import load_recipe
@@ -123,7 +124,7 @@ def export_peft(model: MixLoraModel, directory: str | Path, task_id: int) -> Pat
 
 def exported_card(base_model: str | None, task_id: int, rank: int, task: str | None = None, scores=None) -> str:
     """The model card of one task of a MOELoRA model exported as a peft LoRA."""
-    name, paper = METHODS["task"]
+    name, paper = PAPERS["task"]
     details = {"task id": str(task_id), "rank (experts x expert rank)": str(rank)}
     method = (f"{name}, one task exported as a peft LoRA", paper)
     tasks = [task] if task else None

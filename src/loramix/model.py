@@ -272,13 +272,6 @@ class MixLoraModel(AdaptedModel):
                 active += per_expert * router.top_k
         return {"trainable": trainable, "active_per_token": round(active)}
 
-    # ---- saving and loading -------------------------------------------------------------------------------
-    def export_peft(self, directory: str | Path, task_id: int) -> Path:
-        """Task `task_id`'s update as a standard peft LoRA adapter (task router only)."""
-        from loramix.export import export_peft  # export.py imports this module
-
-        return export_peft(self, directory, task_id)
-
     # ---- merging ------------------------------------------------------------------------------------------
     def task_weights(self, task_id: int) -> dict[str, Tensor]:
         """Each adapted module's expert weights (n (+ added experts),) for a task (task router only)."""
@@ -302,7 +295,7 @@ class MixLoraModel(AdaptedModel):
             raise ValueError(
                 f"task {task_id}'s update cannot be merged into quantized weights ({', '.join(quantized)}): load the "
                 "base model unquantized, `loramix.load` the adapter onto it and merge that, or keep the adapter "
-                "unmerged (or export it with `export_peft`)"
+                "unmerged (or export it with `loramix.export.export_peft`)"
             )
         bases = {id(layer): copy.deepcopy(layer.base_layer) for layer in self.layers.values()}
         memo = dict(bases)

@@ -19,7 +19,7 @@ from torch import Tensor, nn
 
 from loramix.call import CallState
 from loramix.methods.base import AdaptedModel, MethodConfig, register_method
-from loramix.routing.base import PromptPooling
+from loramix.routing.base import POOLINGS, PromptPooling
 from loramix.routing.prompt import RationalActivation
 from loramix.targets import decoder_layer_of, find_targets, linear_features
 
@@ -42,11 +42,9 @@ class PedroConfig(MethodConfig):
     dropout: float = field(default=0.0, metadata={"help": "Dropout on the pooled prompt state."})
 
     def __post_init__(self) -> None:
-        from loramix.config import PROMPT_POOLINGS  # loramix.config imports this package
-
         self._check_targets()
         self._check_integers(("bottleneck",))
-        self._check_choice("pooling", PROMPT_POOLINGS)
+        self._check_choice("pooling", POOLINGS)
         if isinstance(self.dropout, bool) or not (isinstance(self.dropout, (int, float)) and 0 <= self.dropout < 1):
             self._fail("dropout", self.dropout, "expected 0 <= dropout < 1")
 
