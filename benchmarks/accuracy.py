@@ -45,11 +45,12 @@ import yaml  # noqa: E402
 from train_step import expert_parameters_per_token, lora_parameters, matched_expert_rank  # noqa: E402
 
 import loramix  # noqa: E402
+from loramix.checkpoint import check_resumable  # noqa: E402
 from loramix.data import Example, get_task  # noqa: E402
-from loramix.evaluate import compare  # noqa: E402
+from loramix.evaluate import compare, evaluate_and_report  # noqa: E402
 from loramix.models import load_model  # noqa: E402
 from loramix.recipe import Recipe, load_recipe  # noqa: E402
-from loramix.train import TrainingError, check_resumable, evaluate_and_report, train  # noqa: E402
+from loramix.train import TrainingError, train  # noqa: E402
 
 ROOT = Path(__file__).resolve().parent.parent
 # variant -> (recipe in configs/, its own overrides)

@@ -29,10 +29,11 @@ import torch
 
 import loramix
 from loramix.data import Example, get_task
+from loramix.data.sampling import Encoder, TaskSampler
 from loramix.models import load_model
 from loramix.precision import use_bf16
 from loramix.recipe import load_recipe
-from loramix.train import Encoder, TaskSampler, answer_loss
+from loramix.train import answer_loss
 
 ROOT = Path(__file__).resolve().parent.parent
 LISTED = {  # the instructions of the tasks that listed their labels before choice scoring

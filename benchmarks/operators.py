@@ -29,8 +29,8 @@ from peft import LoraConfig, get_peft_model
 from torch import Tensor, nn
 from train_step import TARGETS, OperatorCount, build, loss_of
 
-from loramix.model import find_targets
 from loramix.models import load_model, tiny_llama
+from loramix.targets import find_targets, replace_module
 
 EXPERTS, TOP_K, PEFT_RANK = 8, 2, 8
 LOOPED = ("soft", "topk", "prompt")  # loramix routers counted
@@ -67,9 +67,8 @@ class MinimalMixture(nn.Module):
         super().__init__()
         self.model, self.probabilities = model.requires_grad_(False), []
         for name in find_targets(model, TARGETS, None):
-            parent, _, child = name.rpartition(".")
             layer = MinimalMixtureLinear(model.get_submodule(name), rank, top_k, self.probabilities)
-            setattr(model.get_submodule(parent), child, layer)
+            replace_module(model, name, layer)
 
     def loss(self, batch: dict) -> Tensor:
         self.probabilities.clear()

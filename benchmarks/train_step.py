@@ -46,9 +46,8 @@ from torch.utils._python_dispatch import TorchDispatchMode
 
 import loramix
 from loramix.compilation import compile_blocks
-from loramix.layer import linear_features
-from loramix.model import find_targets, linear_layer_names
 from loramix.models import load_model
+from loramix.targets import find_targets, linear_features, linear_layer_names
 
 TARGETS = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
 ROUTER_VARIANTS = {

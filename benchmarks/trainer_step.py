@@ -25,10 +25,10 @@ from transformers import TrainerCallback, TrainingArguments
 
 import loramix
 from loramix.data import collate, encode_example, get_task
+from loramix.data.sampling import TaskSampler
 from loramix.models import load_model
 from loramix.precision import use_bf16
 from loramix.recipe import load_recipe
-from loramix.train import TaskSampler
 from loramix.trainer import MixLoraTrainer
 
 ROOT = Path(__file__).resolve().parent.parent

@@ -9,9 +9,10 @@ from test_train import tiny_recipe
 
 import loramix
 import loramix.methods.alora as alora
+from loramix.data.sampling import TaskSampler
 from loramix.methods.alora import AloraConfig, held_out_examples
 from loramix.models import tiny_gpt2, tiny_llama
-from loramix.train import TaskSampler, train
+from loramix.train import train
 
 
 def batches() -> list[dict[str, torch.Tensor]]:

@@ -7,10 +7,11 @@ import torch
 from safetensors.torch import load_file
 
 import loramix
+from loramix.checkpoint import seed_everything
 from loramix.continual import trained_parameters
 from loramix.models import tiny_llama
 from loramix.recipe import Recipe
-from loramix.train import build_model, seed_everything, train
+from loramix.train import build_model, train
 
 TRAINING = {"steps": 6, "batch_size": 4, "warmup_steps": 1, "log_every": 2, "save_every": 3, "lr": 5e-2}
 MIXLORA = {"target_modules": ["q_proj", "v_proj"], "router": "task", "num_experts": 4, "expert_rank": 2}

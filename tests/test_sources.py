@@ -9,11 +9,12 @@ import pytest
 import torch
 
 from loramix.data import TASKS, Example, encode_example
+from loramix.data.sampling import Encoder
 from loramix.data.sources import load_data_tasks
 from loramix.evaluate import answer_perplexity
 from loramix.models import load_model, tiny_tokenizer
 from loramix.recipe import DataEntry, Recipe
-from loramix.train import Encoder, train
+from loramix.train import train
 
 
 @pytest.fixture(autouse=True)

@@ -13,19 +13,13 @@ from safetensors.torch import load_file
 import loramix
 import loramix.train as training
 from loramix.data import Example, encode_example, get_task, load_jsonl_tasks
-from loramix.evaluate import _split_examples
+from loramix.data.sampling import Encoder, TaskSampler
 from loramix.methods import METHODS
 from loramix.models import load_model, tiny_tokenizer
 from loramix.recipe import Recipe, Training, parse_duration
-from loramix.train import (
-    Encoder,
-    StepPlan,
-    TaskSampler,
-    TrainingError,
-    answer_loss,
-    learning_rate_factor,
-    train,
-)
+from loramix.run_folder import split_examples
+from loramix.schedule import StepPlan, learning_rate_factor
+from loramix.train import TrainingError, answer_loss, train
 
 
 def tiny_recipe(
@@ -286,7 +280,7 @@ def test_dev_examples_are_held_out_and_scored_along_the_run(tmp_path, task_file,
         assert len(dev) == 5 and not set(dev) & set(train_indices) and sorted(train_indices + dev) == list(range(32))
         dev_prompts = {get_task(name).load()["train"][i].prompt for i in dev}
         assert not {prompt for task, prompt in drawn if task == name} & dev_prompts
-        assert len(_split_examples(name, splits, None, None)[0]) == 27  # the majority answer's examples
+        assert len(split_examples(name, splits, None, None)[0]) == 27  # the majority answer's examples
     curve = read_lines(run / "learning_curve.jsonl")
     assert [point["step"] for point in curve] == [0, 2, 4, 5]  # zero-shot, every 2 steps, the last
     for point in curve:

@@ -4,49 +4,16 @@ library, tags) and the base model, method, tasks and test scores in words and a 
 from __future__ import annotations
 
 from pathlib import Path
-from typing import TYPE_CHECKING
 
 import yaml
 
 from loramix.files import atomic_write_text
 from loramix.models import DEFAULT_MODEL
 
-if TYPE_CHECKING:
-    from loramix.config import MixLoraConfig
-
 CARD_NAME = "README.md"
 MARK = "Trained with [loramix](https://pypi.org/project/loramix/)"  # how loramix recognises its own cards
-METHODS = {  # router -> (method, paper)
-    "soft": ("soft mixture of LoRA experts (MoLoRA)", "arXiv 2309.05444"),
-    "topk": ("learned top-k mixture of LoRA experts (MixLoRA)", "arXiv 2404.15159"),
-    "remix": ("ReMix, reinforcement routing of LoRA experts", "arXiv 2603.10160"),
-    "task": ("MOELoRA, task-motivated gate", "arXiv 2310.18339"),
-    "prompt": ("MiLoRA, prompt-aware routing", "arXiv 2410.18035"),
-}
 PEFT_LORA = ("LoRA (peft)", "arXiv 2106.09685")
 HUB_IDS = {DEFAULT_MODEL: "HuggingFaceTB/SmolLM2-135M-Instruct"}  # the default model ships as a GGUF file
-CONTRASTIVE = ("SparseDoctor, contrastive expert routing with an expert memory queue", "arXiv 2509.14269")
-
-
-def mixture_method(config: MixLoraConfig) -> tuple[str, str]:
-    """(method, paper) of a MixLoraConfig: its router's, or SparseDoctor's when the contrastive loss is on."""
-    return CONTRASTIVE if config.contrastive_loss_weight > 0 else METHODS[config.router]
-
-
-def mixture_details(config: MixLoraConfig) -> dict[str, str]:
-    """The settings a reader of the card needs to know what was trained."""
-    layers = config.layers_to_transform
-    details = {
-        "router": config.router,
-        "experts": f"{config.num_experts} of rank {config.expert_rank}",
-        "adapted modules": str(config.target_modules),
-        "decoder layers": "all" if layers is None else f"{min(layers)}-{max(layers)} ({len(layers)})",
-    }
-    if config.router in ("topk", "remix", "prompt"):
-        details["active experts (top k)"] = str(config.top_k)
-    if config.router == "remix":
-        details["routing samples (RLOO, M)"] = str(config.remix_samples)
-    return details
 
 
 def model_card(

@@ -21,12 +21,9 @@ console = Console()
 errors = Console(stderr=True)
 
 
-def _user_errors() -> tuple[type[Exception], ...]:
-    """Errors that mean a wrong input (bad recipe, missing data or run folder) or a missing extra: one line, no
-    traceback."""
-    from loramix.train import TrainingError
-
-    return ValueError, FileNotFoundError, FileExistsError, TrainingError, MissingExtra
+# Errors that mean a wrong input (bad recipe, missing data or run folder) or a missing extra: one line, no traceback
+# (and for `loramix train`, a TrainingError).
+USER_ERRORS = (ValueError, FileNotFoundError, FileExistsError, MissingExtra)
 
 
 def _fail(error: Exception) -> typer.Exit:
@@ -50,6 +47,7 @@ def train(
     `loramix train --run runs/NAME --resume` continues a stopped run with the recipe saved in it.
     """
     from loramix.recipe import load_recipe
+    from loramix.train import TrainingError
     from loramix.train import train as run_training
 
     try:
@@ -61,7 +59,7 @@ def train(
         recipe = load_recipe(config, [*(overrides or []), *extra])
         run = run or Path("runs") / recipe.name
         run_training(recipe, run, resume=resume, evaluate=evaluate)
-    except _user_errors() as error:
+    except (*USER_ERRORS, TrainingError) as error:
         raise _fail(error) from None
     except KeyboardInterrupt:
         errors.print(f"interrupted: continue with `loramix train --run {run} --resume`", markup=False)
@@ -92,16 +90,17 @@ def evaluate(
     ] = None,
 ) -> None:
     """Score a run per task against zero-shot and the majority class; rewrite its report."""
+    from loramix.evaluate import evaluate_and_report
     from loramix.recipe import load_recipe
-    from loramix.train import evaluate_and_report
+    from loramix.run_folder import RunFolder
 
     try:
-        if not (run / "adapter").is_dir():
-            raise FileNotFoundError(f"{run / 'adapter'} is missing: is {run} a finished `loramix train` run?")
+        folder = RunFolder(run)
+        folder.require_adapter()
         extra = [f"data_dir={data_dir}"] if data_dir is not None else []
-        recipe = load_recipe(run / "recipe.yaml", extra)
+        recipe = load_recipe(folder.recipe_file, extra)
         evaluate_and_report(run, recipe, max_examples, zero_shot=zero_shot, mode=mode)
-    except _user_errors() as error:
+    except USER_ERRORS as error:
         raise _fail(error) from None
     _print_summary(run)
 
@@ -126,7 +125,7 @@ def export(
 
     try:
         written = export_run(run, task, out)
-    except _user_errors() as error:
+    except USER_ERRORS as error:
         raise _fail(error) from None
     console.print(f"wrote the peft adapter of task {task} to {written}", highlight=False, markup=False)
 
@@ -146,7 +145,7 @@ def compose(
 
     try:
         result = compose_command(upstream, examples, out, model, budget, l1, seed)
-    except _user_errors() as error:
+    except USER_ERRORS as error:
         raise _fail(error) from None
     weights = ", ".join(f"{path.name} {weight:+.3f}" for path, weight in zip(upstream, result.weights, strict=True))
     console.print(f"weights: {weights}; loss {result.loss:.4f}; wrote {out}", highlight=False, markup=False)
@@ -206,7 +205,7 @@ def serve(
             api_key=api_key,
             drain_timeout_s=drain_timeout,
         )
-    except _user_errors() as error:
+    except USER_ERRORS as error:
         raise _fail(error) from None
 
 

@@ -29,8 +29,10 @@ from safetensors.torch import load_file
 from torch import Tensor, nn
 
 from loramix.data import Example, collate, encode_example
+from loramix.data.jsonl import read_jsonl
 from loramix.export import PEFT_CONFIG_NAME, PEFT_PREFIX, PEFT_WEIGHTS_NAME, save_peft_adapter
 from loramix.extras import requires
+from loramix.models import load_model
 
 WEIGHT_BOUND = 1.5
 START_SPREAD = 0.5  # seeds other than 0 start from a uniform draw in [-0.5, 0.5]^N
@@ -183,15 +185,7 @@ def read_examples(examples: str | Path | Sequence[Example | dict]) -> list[Examp
         path = Path(examples)
         if not path.is_file():
             raise FileNotFoundError(f"no examples file at {path}")
-        rows = []
-        for number, line in enumerate(path.read_text().splitlines(), start=1):
-            if not line.strip():
-                continue
-            try:
-                row = json.loads(line)
-            except json.JSONDecodeError as error:
-                raise ValueError(f"{path}:{number}: not valid JSON ({error.msg})") from None
-            rows.append(_example(row, f"{path}:{number}"))
+        rows = [_example(row, f"{path}:{number}") for number, row in read_jsonl(path)]
         source = str(path)
     else:
         rows = [_example(row, f"examples[{index}]") for index, row in enumerate(examples)]
@@ -399,8 +393,6 @@ def compose_command(
 
     The base model is `model`, else the one the adapters name (base_model_name_or_path).
     """
-    from loramix.models import load_model
-
     _nevergrad()  # a missing extra fails before the model loads
     adapters = load_upstream(upstream)
     read_examples(examples)  # fail on a bad file before loading the model

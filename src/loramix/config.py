@@ -1,14 +1,24 @@
-"""MixLoraConfig: every setting of a mixture-of-LoRA adapter (the method `mixlora`), validated on creation."""
+"""MixLoraConfig: every setting of a mixture-of-LoRA adapter (the method `mixlora`), validated on creation, and
+what its model card says of it."""
 
 from __future__ import annotations
 
 from dataclasses import dataclass, field
 
 from loramix.methods.base import MethodConfig
+from loramix.routing import ROUTERS
+from loramix.routing.base import POOLINGS
 
 ROUTING_LEVELS = ("token", "sequence")
 REMIX_SCALINGS = ("rslora", "lora")
-PROMPT_POOLINGS = ("attention", "mean", "last")
+PAPERS = {  # router -> (method, paper), as the model card names them
+    "soft": ("soft mixture of LoRA experts (MoLoRA)", "arXiv 2309.05444"),
+    "topk": ("learned top-k mixture of LoRA experts (MixLoRA)", "arXiv 2404.15159"),
+    "remix": ("ReMix, reinforcement routing of LoRA experts", "arXiv 2603.10160"),
+    "task": ("MOELoRA, task-motivated gate", "arXiv 2310.18339"),
+    "prompt": ("MiLoRA, prompt-aware routing", "arXiv 2410.18035"),
+}
+CONTRASTIVE_PAPER = ("SparseDoctor, contrastive expert routing with an expert memory queue", "arXiv 2509.14269")
 
 
 @dataclass
@@ -52,9 +62,6 @@ class MixLoraConfig(MethodConfig):
     )
 
     def __post_init__(self) -> None:
-        # Imported here: the registry module imports the routers, which import this module.
-        from loramix.routing import ROUTERS
-
         self._check_targets()
         if self.router not in ROUTERS:
             self._fail("router", self.router, f"allowed: {sorted(ROUTERS)}")
@@ -89,7 +96,7 @@ class MixLoraConfig(MethodConfig):
                 self.contrastive_loss_weight,
                 "the contrastive loss needs a sparse expert router: topk or remix",
             )
-        self._check_choice("prompt_pooling", PROMPT_POOLINGS)
+        self._check_choice("prompt_pooling", POOLINGS)
         self._check_added_experts()
 
     def _check_added_experts(self) -> None:
@@ -106,6 +113,18 @@ class MixLoraConfig(MethodConfig):
             )
 
     def card_details(self) -> tuple[tuple[str, str], dict[str, str]]:
-        from loramix.card import mixture_details, mixture_method
-
-        return mixture_method(self), mixture_details(self)
+        """(its router's method and paper, or SparseDoctor's when the contrastive loss is on; the settings a
+        reader of the card needs to know what was trained)."""
+        method = CONTRASTIVE_PAPER if self.contrastive_loss_weight > 0 else PAPERS[self.router]
+        layers = self.layers_to_transform
+        details = {
+            "router": self.router,
+            "experts": f"{self.num_experts} of rank {self.expert_rank}",
+            "adapted modules": str(self.target_modules),
+            "decoder layers": "all" if layers is None else f"{min(layers)}-{max(layers)} ({len(layers)})",
+        }
+        if self.router in ("topk", "remix", "prompt"):
+            details["active experts (top k)"] = str(self.top_k)
+        if self.router == "remix":
+            details["routing samples (RLOO, M)"] = str(self.remix_samples)
+        return method, details

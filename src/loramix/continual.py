@@ -12,70 +12,78 @@ new tasks: it loads, evaluates, merges, exports and serves like any other.
 
 from __future__ import annotations
 
-from pathlib import Path
+from dataclasses import dataclass
 
 import torch
 from torch import nn
 
 from loramix.model import MixLoraModel, read_adapter
 from loramix.routing.task import TaskRouter
+from loramix.run_folder import RunFolder
 
 ADDED = ("added_A", "added_B", "added_gate.weight")  # the names of the tensors that `continual.new_experts` adds
 
 
-def previous_run(recipe) -> tuple[Path, object]:
-    """(the run folder a recipe continues, that run's recipe), checked: a finished `task`-router run of the same
-    base model whose tasks begin the recipe's task list, followed by at least one new task."""
-    from loramix.recipe import load_recipe  # recipe.py imports this module
+@dataclass
+class PreviousRun:
+    """The finished `task`-router run that a recipe continues (`continue_from`), read once: its folder, its tasks
+    (whose ids the continuing run keeps) and its `mixlora:` section."""
 
-    run = Path(recipe.continue_from)
-    if not (run / "recipe.yaml").is_file() or not (run / "adapter").is_dir():
+    folder: RunFolder
+    tasks: list[str]
+    mixlora: dict
+
+
+def read_previous_run(continue_from: str, tasks: list[str], model: str, quantization: str | None) -> PreviousRun:
+    """The run a recipe with these `tasks`, base `model` and `quantization` continues, checked: a finished
+    `task`-router run of the same base model whose tasks begin `tasks`, followed by at least one new task."""
+    folder = RunFolder(continue_from)
+    if not folder.recipe_file.is_file() or not folder.adapter_dir.is_dir():
         raise ValueError(
-            f"recipe key continue_from={recipe.continue_from!r} is invalid: expected a finished run folder "
+            f"recipe key continue_from={continue_from!r} is invalid: expected a finished run folder "
             "(with recipe.yaml and adapter/) of a `task`-router run"
         )
-    previous = load_recipe(run / "recipe.yaml")
-    if previous.mixlora is None or previous.mixlora_config().router != "task":
+    previous = folder.saved_recipe()
+    if previous.mixlora is None or previous.mixlora.get("router") != "task":
         raise ValueError(
-            f"recipe key continue_from={recipe.continue_from!r} is invalid: that run trained "
-            f"{previous.method_name}, but tasks can be added to a `task`-router (MOELoRA) run only"
+            f"recipe key continue_from={continue_from!r} is invalid: that run trained "
+            f"{previous.method}, but tasks can be added to a `task`-router (MOELoRA) run only"
         )
-    old, new = previous.tasks, recipe.tasks[len(previous.tasks) :]
-    if recipe.tasks[: len(old)] != old or not new:
+    old, new = previous.tasks, tasks[len(previous.tasks) :]
+    if tasks[: len(old)] != old or not new:
         raise ValueError(
-            f"recipe key tasks={recipe.tasks} is invalid: a run continuing {run} lists its tasks {old} first, in "
+            f"recipe key tasks={tasks} is invalid: a run continuing {folder.path} lists its tasks {old} first, in "
             "that order (their task ids), then at least one new task"
         )
-    if recipe.model != previous.model or recipe.quantization != previous.quantization:
+    if model != previous.model or quantization != previous.quantization:
         raise ValueError(
-            f"recipe key model={recipe.model!r} is invalid: {run} trained on {previous.model!r}"
+            f"recipe key model={model!r} is invalid: {folder.path} trained on {previous.model!r}"
             f"{f' ({previous.quantization})' if previous.quantization else ''}; continue it on the same base"
         )
-    return run, previous
+    return PreviousRun(folder, old, previous.mixlora)
 
 
-def continued_mixlora(recipe) -> dict:
-    """The `mixlora:` section of a continuing recipe: the previous run's, with a task id for every task and the
-    experts that `continual.new_experts` adds for the new tasks."""
-    run, previous = previous_run(recipe)
-    section = previous.mixlora | {"num_tasks": len(recipe.tasks)}
-    new_experts = recipe.continual.new_experts
+def continued_mixlora(previous: PreviousRun, tasks: list[str], new_experts: int) -> dict:
+    """The `mixlora:` section of a run continuing `previous` with `tasks`: the previous run's, with a task id
+    for every task and the `new_experts` experts it adds for the new tasks."""
+    section = previous.mixlora | {"num_tasks": len(tasks)}
     if not new_experts:
         return section
     if section.get("added_experts"):
         raise ValueError(
-            f"recipe key continual.new_experts={new_experts} is invalid: {run} already added "
+            f"recipe key continual.new_experts={new_experts} is invalid: {previous.folder.path} already added "
             f"{section['added_experts']} experts (for its tasks from id {section['added_from_task']}); experts are "
             "added once: continue it with new_experts: 0 (the new tasks may use every expert it has)"
         )
     return section | {"added_experts": new_experts, "added_from_task": len(previous.tasks)}
 
 
-def continue_tasks(model: MixLoraModel, run: Path) -> int:
+def continue_tasks(model: MixLoraModel, previous: PreviousRun) -> int:
     """Load the previous run's adapter into `model` (wrapped with more task ids, and the experts the run adds)
     and freeze it: the gradient of every old task's embedding row is zeroed, and only the task embeddings and
     the added experts are left to train (see `trained_parameters`). Returns the number of old tasks."""
-    _, state = read_adapter(run / "adapter")
+    adapter = previous.folder.adapter_dir
+    _, state = read_adapter(adapter)
     routers = task_routers(model)
     names = {f"{name}.embedding.weight" for name in routers}
     own = model.adapter_state_dict()
@@ -90,8 +98,8 @@ def continue_tasks(model: MixLoraModel, run: Path) -> int:
         elif adds_experts and name.endswith(ADDED):
             merged[name] = tensor  # an expert (or its gate) that this run adds: freshly initialised
         else:
-            raise ValueError(f"{run / 'adapter'} lacks {name}: it is not the adapter this run continues")
-    model.load_adapter_state_dict(merged, source=str(run / "adapter"))
+            raise ValueError(f"{adapter} lacks {name}: it is not the adapter this run continues")
+    model.load_adapter_state_dict(merged, source=str(adapter))
     for router in routers.values():
         router.embedding.weight.register_hook(lambda grad: _without_rows(grad, old_tasks))
     return old_tasks

@@ -21,36 +21,19 @@ from loramix.compilation import eager_if_compiled
 from loramix.data import Example, Task, collate, encode_example, get_task
 from loramix.data.encode import template_parts
 from loramix.data.metrics import bootstrap, percentile_interval
-from loramix.files import atomic_write_text
-from loramix.methods import AdaptedModel
-from loramix.model import load
-from loramix.models import default_cache_dir, load_model
+from loramix.files import atomic_write_text, read_json
+from loramix.methods import AdaptedModel, backbone
+from loramix.models import default_cache_dir, eos_token_ids, load_model
 from loramix.precision import use_bf16
-from loramix.recipe import EVAL_MODES, load_recipe
+from loramix.recipe import EVAL_MODES, Recipe, load_recipe
+from loramix.report import write_report
+from loramix.run_folder import RunFolder
 from loramix.sharding import is_sharded
 
 DEFAULT_MAX_PROMPT_LENGTH = 1024
 
 
 # ---- generation ---------------------------------------------------------------------------------------------
-def _hf_model(model: nn.Module) -> nn.Module:
-    """The Hugging Face model inside a loramix AdaptedModel or a peft PeftModel (or the model itself)."""
-    if isinstance(model, AdaptedModel):
-        return model.base_model
-    return model.get_base_model() if hasattr(model, "get_base_model") else model
-
-
-def _eos_token_ids(model: nn.Module, tokenizer) -> list[int]:
-    """Every token that ends an answer: the tokenizer's eos and those of the model's generation config."""
-    ids = {tokenizer.eos_token_id}
-    configured = getattr(getattr(_hf_model(model), "generation_config", None), "eos_token_id", None)
-    ids.update(configured if isinstance(configured, list) else [configured])
-    ids.discard(None)
-    if not ids:
-        raise ValueError("the tokenizer has no eos token: set tokenizer.eos_token so that answers can end")
-    return sorted(ids)
-
-
 def generate_answers(
     model: nn.Module,
     tokenizer,
@@ -74,7 +57,7 @@ def generate_answers(
         raise ValueError(f"task_id={task_id} given, but only a loramix model takes task ids ({type(model).__name__})")
     if not examples:
         return []
-    eos = _eos_token_ids(model, tokenizer)
+    eos = eos_token_ids(backbone(model), tokenizer)
     pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else eos[0]
     device = next(model.parameters()).device
     rows = [encode_example(example, tokenizer, max_prompt_length, False, system_prompt) for example in examples]
@@ -167,7 +150,7 @@ def score_choices(
         raise ValueError(f"examples {missing[:5]} of {examples[0].task} have no choices to score: use generation")
     if not examples:
         return []
-    pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else _eos_token_ids(model, tokenizer)[0]
+    pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else eos_token_ids(backbone(model), tokenizer)[0]
     device = next(model.parameters()).device
     prompts = [encode_example(example, tokenizer, max_prompt_length, False, system_prompt) for example in examples]
     choice_ids = _continuation_ids(tokenizer, system_prompt)
@@ -212,7 +195,7 @@ def _score_chunk(
     batch = collate(prompts, pad, padding_side="left")
     input_ids, mask = batch["input_ids"].to(device), batch["attention_mask"].to(device)
     positions = (mask.cumsum(-1) - 1).clamp_min(0)
-    hf_model = _hf_model(model)
+    hf_model = backbone(model)
     parameters = inspect.signature(hf_model.forward).parameters
     kept = max(tails) + 1  # the positions whose logits are read: the tails' and the last
     last_only = {"logits_to_keep": kept} if "logits_to_keep" in parameters else {}
@@ -273,7 +256,7 @@ def answer_perplexity(
     answer token with its end of turn, encoded as training encodes them (a conversation's last answer alone)."""
     if not examples:
         return math.nan
-    pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else _eos_token_ids(model, tokenizer)[0]
+    pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else eos_token_ids(backbone(model), tokenizer)[0]
     device = next(model.parameters()).device
     rows = [
         encode_example(dataclasses.replace(e, train_on="last"), tokenizer, max_prompt_length, True, system_prompt)
@@ -464,39 +447,6 @@ def compare(
 
 
 # ---- a run folder -------------------------------------------------------------------------------------------
-def _read_json(path: Path) -> dict:
-    return json.loads(path.read_text()) if path.is_file() else {}
-
-
-def _split_examples(name: str, splits: dict, data_dir: str | None, max_examples: int | None) -> tuple[list, list]:
-    """(train, test) examples of a task as training used them (splits.json indices), test capped at max_examples."""
-    loaded = get_task(name).load(data_dir)
-    recorded = splits.get(name, {})
-    for split, size in recorded.get("sizes", {}).items():
-        if len(loaded.get(split, [])) != size:
-            raise ValueError(
-                f"task {name!r}: its {split} split has {len(loaded.get(split, []))} examples, but {size} when the "
-                "run was trained (splits.json): the data changed, so the run's test examples cannot be found"
-            )
-    indices = recorded.get("indices", {})
-    train, test = (
-        [loaded[split][i] for i in indices[split]] if split in indices else list(loaded.get(split, []))
-        for split in ("train", "test")
-    )
-    if not test:
-        raise ValueError(f"task {name!r} has no test examples (data folder: {data_dir or 'the default'})")
-    return train, test if max_examples is None else test[:max_examples]
-
-
-def _load_adapter(model: nn.Module, adapter_dir: Path) -> nn.Module:
-    """The base model with the run's adapter: a peft adapter if adapter_config.json is there, else loramix's."""
-    if (adapter_dir / "adapter_config.json").is_file():
-        from peft import PeftModel
-
-        return PeftModel.from_pretrained(model, adapter_dir)
-    return load(model, adapter_dir)
-
-
 def _count_parameters(model: nn.Module) -> dict[str, int]:
     if isinstance(model, AdaptedModel):
         return model.count_parameters()
@@ -505,14 +455,13 @@ def _count_parameters(model: nn.Module) -> dict[str, int]:
 
 
 def _evaluation_inputs(
-    run_dir: Path, data_dir, max_examples: int | None, mode: str | None, batch_size: int, device, bf16: bool | None
+    run: RunFolder, data_dir, max_examples: int | None, mode: str | None, batch_size: int, device, bf16: bool | None
 ) -> tuple:
     """(recipe, {task: (train, test)} as training used them, evaluate_model's settings) of a run folder."""
-    recipe = load_recipe(run_dir / "recipe.yaml")  # also registers the recipe's JSONL tasks
-    splits = _read_json(run_dir / "splits.json")
+    recipe = load_recipe(run.recipe_file)  # also registers the recipe's JSONL tasks
     data_dir = data_dir or recipe.data_dir
     names = list(dict.fromkeys([*recipe.tasks, *recipe.evaluation]))
-    examples = {name: _split_examples(name, splits, data_dir, max_examples) for name in names}
+    examples = {name: run.examples(name, data_dir, max_examples) for name in names}
     settings = {
         "mode": mode or recipe.eval_mode,
         "batch_size": batch_size,
@@ -556,7 +505,7 @@ def _zero_shot(
     one (`shared_zero_shot_path`), under the same key plus digests of the weights and the test examples, and
     newly scored ones are kept in both."""
     cache_path = run_dir / "zero_shot.json"
-    cache = _read_json(cache_path)
+    cache = read_json(cache_path, default={})
     precision = "bf16" if settings["bf16"] else "fp32"
     prompt_format = f"{settings['mode']}|{precision}|{recipe.max_length}|system={recipe.system_prompt!r}"
     model_key = recipe.model + (f"@{recipe.quantization}" if recipe.quantization else "")
@@ -566,7 +515,7 @@ def _zero_shot(
         return cache, keys
     weights = weights_digest(model)
     shared_keys = {name: f"{keys[name]}|{weights}|{examples_digest(test)}" for name, test in uncached.items()}
-    shared = _read_json(shared_zero_shot_path())
+    shared = read_json(shared_zero_shot_path(), default={})
     scored = {}
     for name, test in uncached.items():
         if shared_keys[name] in shared:
@@ -581,7 +530,7 @@ def _zero_shot(
     atomic_write_text(cache_path, json.dumps(cache))
     if scored:  # read again just before writing: another run may have added scores meanwhile
         shared_zero_shot_path().parent.mkdir(parents=True, exist_ok=True)
-        atomic_write_text(shared_zero_shot_path(), json.dumps(_read_json(shared_zero_shot_path()) | scored))
+        atomic_write_text(shared_zero_shot_path(), json.dumps(read_json(shared_zero_shot_path(), default={}) | scored))
     return cache, keys
 
 
@@ -609,12 +558,12 @@ def evaluate_run(
     scores), and returns the metrics.
     """
     started = time.perf_counter()
-    run_dir = Path(run_dir)
-    recipe, examples, settings = _evaluation_inputs(run_dir, data_dir, max_examples, mode, batch_size, device, bf16)
+    run_dir, run = Path(run_dir), RunFolder(run_dir)
+    recipe, examples, settings = _evaluation_inputs(run, data_dir, max_examples, mode, batch_size, device, bf16)
     model, tokenizer = load_model(recipe.model, device=device, quantization=recipe.quantization)
     cache, keys = _zero_shot(run_dir, recipe, examples, settings, model, tokenizer, score_missing=zero_shot)
     mode, trained, names = settings["mode"], list(recipe.tasks), list(examples)
-    model = _load_adapter(model, run_dir / "adapter")
+    model = run.load_adapter(model)
     notes = []
     scored = {name: test for name, (_, test) in examples.items()}
     task_ids = None
@@ -649,7 +598,7 @@ def evaluate_run(
             "mode": "choices" if uses_choices(mode, test) else "generate",
             "n": len(test),
         }
-    meta = _read_json(run_dir / "metrics.json").get("meta", {})
+    meta = run.read_json("metrics.json").get("meta", {})
     meta.update(
         model=recipe.model,
         adapter="loramix" if isinstance(model, AdaptedModel) else "peft",
@@ -665,8 +614,7 @@ def evaluate_run(
         meta["notes"] = notes
     metrics = {"tasks": tasks, "meta": meta}
     atomic_write_text(run_dir / "metrics.json", json.dumps(metrics, indent=2))
-    if (run_dir / "adapter").is_dir():
-        write_card(run_dir / "adapter", run_card(recipe, metrics))
+    write_card(run.adapter_dir, run_card(recipe, metrics))
     rows = []
     for name, result in results.items():
         for index, example in enumerate(scored[name]):
@@ -680,4 +628,13 @@ def evaluate_run(
                     row[field] = result[key][index]
             rows.append(row)
     atomic_write_text(run_dir / "predictions.jsonl", "".join(json.dumps(row) + "\n" for row in rows))
+    return metrics
+
+
+def evaluate_and_report(run_dir: Path, recipe: Recipe, max_examples: int | None = None, **options) -> dict:
+    """Score the run (metrics.json, `evaluate_run`, on the recipe's `eval_examples` unless `max_examples`) and
+    write its report."""
+    limit = recipe.eval_examples if max_examples is None else max_examples
+    metrics = evaluate_run(run_dir, data_dir=recipe.data_dir, max_examples=limit, **options)
+    write_report(run_dir)
     return metrics

@@ -16,12 +16,13 @@ from safetensors.torch import save_file
 from torch import Tensor, nn
 from transformers.pytorch_utils import Conv1D
 
-from loramix.card import METHODS, hub_id, model_card, run_card_scores, write_card
-from loramix.model import MixLoraModel, load
+from loramix.card import hub_id, model_card, run_card_scores, write_card
+from loramix.config import PAPERS
+from loramix.model import MixLoraModel
 from loramix.models import load_model
 from loramix.recipe import load_recipe
+from loramix.run_folder import PEFT_CONFIG_NAME, RunFolder
 
-PEFT_CONFIG_NAME = "adapter_config.json"
 PEFT_WEIGHTS_NAME = "adapter_model.safetensors"
 PEFT_PREFIX = "base_model.model."
 
@@ -123,7 +124,7 @@ def export_peft(model: MixLoraModel, directory: str | Path, task_id: int) -> Pat
 
 def exported_card(base_model: str | None, task_id: int, rank: int, task: str | None = None, scores=None) -> str:
     """The model card of one task of a MOELoRA model exported as a peft LoRA."""
-    name, paper = METHODS["task"]
+    name, paper = PAPERS["task"]
     details = {"task id": str(task_id), "rank (experts x expert rank)": str(rank)}
     method = (f"{name}, one task exported as a peft LoRA", paper)
     tasks = [task] if task else None
@@ -133,24 +134,21 @@ def exported_card(base_model: str | None, task_id: int, rank: int, task: str | N
 def export_run(run_dir: str | Path, task: str, out_dir: str | Path) -> Path:
     """`loramix export --run runs/<name> --task <task> --out <dir>`: one task of a trained `task`-router run as a
     peft adapter (the task id is the task's index in the recipe's `tasks`)."""
-    run_dir = Path(run_dir)
-    recipe = load_recipe(run_dir / "recipe.yaml")
+    run = RunFolder(run_dir)
+    recipe = load_recipe(run.recipe_file)
     if recipe.lora is not None:
         raise ValueError(
-            f"{run_dir} trained a plain peft LoRA (`lora:` recipe): {run_dir / 'adapter'} already is a peft "
+            f"{run.path} trained a plain peft LoRA (`lora:` recipe): {run.adapter_dir} already is a peft "
             f"adapter, shared by its tasks {recipe.tasks}"
         )
     _require_task_router(recipe.mixlora_config().router)
     if task not in recipe.tasks:
-        raise ValueError(f"{run_dir} was not trained on task {task!r}; its tasks are {recipe.tasks}")
-    adapter = run_dir / "adapter"
-    if not adapter.is_dir():
-        raise FileNotFoundError(f"{adapter} is missing: has the run finished training?")
+        raise ValueError(f"{run.path} was not trained on task {task!r}; its tasks are {recipe.tasks}")
+    run.require_adapter()
     base, _ = load_model(recipe.model)
     task_id = recipe.tasks.index(task)
-    exported = export_peft(load(base, adapter), out_dir, task_id)
-    metrics = run_dir / "metrics.json"
-    scores = run_card_scores(json.loads(metrics.read_text())) if metrics.is_file() else {}
+    exported = export_peft(run.load_adapter(base), out_dir, task_id)
+    scores = run_card_scores(run.read_json("metrics.json"))
     rank = json.loads((exported / PEFT_CONFIG_NAME).read_text())["r"]
     card = exported_card(hub_id(recipe.model), task_id, rank, task, {task: scores[task]} if task in scores else None)
     write_card(exported, card)

@@ -20,7 +20,6 @@ from __future__ import annotations
 
 import logging
 from contextlib import nullcontext
-from pathlib import Path
 
 import torch
 from tqdm.auto import tqdm
@@ -31,9 +30,12 @@ with requires("harness", "loramix.harness"):
     from lm_eval.api.registry import register_model
     from lm_eval.models.huggingface import HFLM
 
+from loramix.evaluate import _prompt_chunks, _score_chunk
 from loramix.methods import AdaptedModel
+from loramix.models import load_model
 from loramix.precision import use_bf16
 from loramix.recipe import load_recipe
+from loramix.run_folder import RunFolder
 
 logger = logging.getLogger(__name__)
 
@@ -53,29 +55,26 @@ class LoramixLM(HFLM):
         merge: bool | str = False,
         **kwargs,
     ) -> None:
-        from loramix.evaluate import _load_adapter  # evaluate imports the models; keep `lm_eval --help` light
-        from loramix.models import load_model
-
-        run_dir = Path(run)
-        recipe = load_recipe(run_dir / "recipe.yaml")
+        folder = RunFolder(run)
+        recipe = load_recipe(folder.recipe_file)
         if task is not None and task not in recipe.tasks:
-            raise ValueError(f"task={task!r} is not one the run {run_dir} was trained on: {recipe.tasks}")
+            raise ValueError(f"task={task!r} is not one the run {folder.path} was trained on: {recipe.tasks}")
         if isinstance(batch_size, str) and not batch_size.isdigit():
             raise ValueError(f"batch_size={batch_size!r}: give a number of requests per forward")
         if str(device).startswith("cuda") and not torch.cuda.is_available():  # the harness's default device
             logger.warning("device %r is not available here; using the CPU", device)
             device = "cpu"
         base, tokenizer = load_model(recipe.model, device=device, quantization=recipe.quantization)
-        model = _load_adapter(base, run_dir / "adapter").eval()
+        model = folder.load_adapter(base).eval()
         task_id = None if task is None else recipe.tasks.index(task)
         if isinstance(model, AdaptedModel) and model.needs_task_ids and task_id is None:
-            raise ValueError(f"the run {run_dir} uses the task router: name its task, e.g. task={recipe.tasks[0]}")
+            raise ValueError(f"the run {folder.path} uses the task router: name its task, e.g. task={recipe.tasks[0]}")
         if str(merge).lower() not in ("true", "false"):
             raise ValueError(f"merge={merge!r}: give true or false")
         if str(merge).lower() == "true":
             if task_id is None or not hasattr(model, "merge_task"):
                 raise ValueError(
-                    f"merge=true merges a task of a `task`-router run into the base: {run_dir} with {task=}"
+                    f"merge=true merges a task of a `task`-router run into the base: {folder.path} with {task=}"
                 )
             model = model.merge_task(task_id).eval()
         bf16 = bf16 if isinstance(bf16, bool) else {"true": True, "false": False}.get(str(bf16).lower(), bf16)
@@ -129,8 +128,6 @@ class LoramixLM(HFLM):
         space that starts the continuation, cut on the left to fit the model's length) share one forward over it,
         which routes them; a continuation's first token after that white space is read from the prompt's last
         position and its later ones are scored through the prompt's key-value cache. Longest prompts first."""
-        from loramix.evaluate import _prompt_chunks, _score_chunk
-
         prompts: dict[tuple[tuple[int, ...], int], list[int]] = {}  # (prompt, its white-space tail) -> requests
         rests = []  # per request: its continuation after the prompt
         for index, (_, context, continuation) in enumerate(requests):

@@ -10,17 +10,9 @@ from torch import Tensor, nn
 from transformers.pytorch_utils import Conv1D
 
 from loramix.routing.base import ExpertSample, Router, Routing, RoutingContext
+from loramix.targets import linear_features
 
 CONTRAST_TOKENS = 64  # tokens per step (the same in every layer) whose experts enter the contrastive loss
-
-
-def linear_features(layer: nn.Module) -> tuple[int, int]:
-    """(in_features, out_features) of an nn.Linear or a GPT-2 style Conv1D."""
-    if isinstance(layer, nn.Linear):
-        return layer.in_features, layer.out_features
-    if isinstance(layer, Conv1D):
-        return layer.weight.shape[0], layer.weight.shape[1]
-    raise TypeError(f"cannot adapt {type(layer).__name__}: loramix adapts nn.Linear and transformers' Conv1D")
 
 
 class MixLoraLinear(nn.Module):

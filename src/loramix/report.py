@@ -16,6 +16,8 @@ from rich.markup import escape  # noqa: E402
 from rich.table import Table  # noqa: E402
 from safetensors import safe_open  # noqa: E402
 
+from loramix.files import read_json  # noqa: E402
+
 COLUMNS = ("model", "zero_shot", "majority")
 LABELS = {"model": "model", "zero_shot": "zero-shot", "majority": "majority"}
 COLOURS = {"model": "#1f77b4", "zero_shot": "#ff7f0e", "majority": "#9e9e9e"}
@@ -26,10 +28,6 @@ MAX_CURVE_ROWS = 12  # steps the learning-curve table shows (evenly spread, the 
 
 
 # ---- reading the run folder ---------------------------------------------------------------------------------
-def _read_json(path: Path) -> dict | None:
-    return json.loads(path.read_text()) if path.is_file() else None
-
-
 def _read_lines(path: Path) -> list[dict]:
     if not path.is_file():
         return []
@@ -48,7 +46,7 @@ def read_learning_curve(run_dir: Path) -> list[dict]:
 
 def _adapter_config(run_dir: Path) -> dict:
     """The loramix adapter settings (router, top_k, num_experts), or {} for a peft adapter."""
-    return _read_json(run_dir / "adapter" / "loramix_config.json") or {}
+    return read_json(run_dir / "adapter" / "loramix_config.json", default={})
 
 
 def read_rank_allocation(run_dir: Path) -> dict[str, int]:
@@ -114,8 +112,8 @@ def summary_table(run_dir: str | Path) -> Table:
     """A rich table of the run's per-task metrics (model, zero-shot, majority, with 95% intervals), the model's
     paired differences from both baselines, and an average row."""
     run_dir = Path(run_dir)
-    metrics = _read_json(run_dir / "metrics.json")
-    if metrics is None:
+    metrics = read_json(run_dir / "metrics.json", default={})
+    if not metrics:
         raise FileNotFoundError(f"{run_dir / 'metrics.json'} is missing: run `loramix eval --run {run_dir}` first")
     # names are the user's: escaped, so that rich prints a bracketed part instead of reading it as markup
     table = Table(
@@ -494,8 +492,8 @@ def write_report(run_dir: str | Path) -> Path:
     if not run_dir.is_dir():
         raise FileNotFoundError(f"no run folder at {run_dir}")
     history, curve = read_history(run_dir), read_learning_curve(run_dir)
-    metrics = _read_json(run_dir / "metrics.json")
-    routing = _read_json(run_dir / "routing.json")
+    metrics = read_json(run_dir / "metrics.json", default={})
+    routing = read_json(run_dir / "routing.json", default={})
     recipe_path = run_dir / "recipe.yaml"
     recipe = (yaml.safe_load(recipe_path.read_text()) or {}) if recipe_path.is_file() else {}
     adapter = _adapter_config(run_dir)
@@ -514,7 +512,7 @@ def write_report(run_dir: str | Path) -> Path:
     sections = [
         [f"# Run `{recipe.get('name', run_dir.name)}`"],
         _recipe_section(recipe) if recipe else [],
-        _training_section(history, _read_json(run_dir / "training.json") or {}, top_k),
+        _training_section(history, read_json(run_dir / "training.json", default={}), top_k),
         _curve_section(curve, curve_plot, recipe.get("dev_examples")),
         _scores_section(metrics, run_dir),
         ["## Plots", "", *(f"![{title}]({path.name})" for title, path in plots.items() if path is not None)],

@@ -11,6 +11,8 @@ import uuid
 import warnings
 from pathlib import Path
 
+from loramix.report import expert_load_figure, plt
+
 MODULES = {"tensorboard": "torch.utils.tensorboard", "wandb": "wandb"}  # what each of training.report_to needs
 
 
@@ -97,8 +99,6 @@ class Trackers:
         """The expert-load heatmap (loramix.report) of routing statistics {module: {"load", ...}} at a step."""
         if not routing or not any(sum(stats["load"]) for stats in routing.values()):
             return  # nothing routed yet
-        from loramix.report import expert_load_figure, plt
-
         if self.writer is not None:
             self.writer.add_figure("expert_load", expert_load_figure(routing, when=f"at step {step}"), step)
             self.writer.flush()

@@ -14,9 +14,10 @@ from loramix.methods.base import (
     METHODS,
     AdaptedModel,
     MethodConfig,
+    backbone,
     method_class,
     read_config,
     register_method,
 )
 
-__all__ = ["METHODS", "AdaptedModel", "MethodConfig", "method_class", "read_config", "register_method"]
+__all__ = ["METHODS", "AdaptedModel", "MethodConfig", "backbone", "method_class", "read_config", "register_method"]

@@ -28,6 +28,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from loramix.methods.base import AdaptedModel, MethodConfig, register_method
+from loramix.targets import decoder_layer_of, find_targets, linear_features, replace_module
 
 ABLATION_ROWS = 64  # batch rows of one scoring forward: a held-out batch of b rows scores 64 // b ablations at once
 MIN_RANKS = 1  # active ranks a module keeps whatever its scores
@@ -147,17 +148,12 @@ class AloraModel(AdaptedModel):
     needs_held_out = True
 
     def __init__(self, model: nn.Module, config: AloraConfig) -> None:
-        from loramix.layer import linear_features  # loramix.layer and loramix.model import this package
-        from loramix.model import decoder_layer_of, find_targets
-
         super().__init__(model, config)
         self.layers: dict[str, AloraLinear] = {}
         for name in find_targets(model, config.target_modules, config.layers_to_transform):
             base = model.get_submodule(name)
-            layer = AloraLinear(base, config, *linear_features(base))
-            parent_name, _, child = name.rpartition(".")
-            setattr(model.get_submodule(parent_name), child, layer)
-            self.layers[name] = layer
+            self.layers[name] = AloraLinear(base, config, *linear_features(base))
+            replace_module(model, name, self.layers[name])
         device = next(iter(self.layers.values())).lora_A.device
         # one row per round: [its step, the pruned slots, the grown ones], slots as module index * max_rank + slot
         log = torch.full((config.allocation_rounds, 1 + 2 * config.prune_per_round), -1, dtype=torch.long)
@@ -333,8 +329,7 @@ class AloraModel(AdaptedModel):
 
     def _remove_adapter(self) -> None:
         for name, layer in self.layers.items():
-            parent_name, _, child = name.rpartition(".")
-            setattr(self.base_model.get_submodule(parent_name), child, layer.base_layer)
+            replace_module(self.base_model, name, layer.base_layer)
         self.layers.clear()
 
 

@@ -21,7 +21,7 @@ from transformers.modeling_outputs import CausalLMOutputWithPast
 from loramix.call import CallState
 from loramix.card import CARD_NAME, is_loramix_card, model_card, write_card
 from loramix.compilation import eager_if_compiled
-from loramix.files import atomic_write
+from loramix.files import atomic_write, read_json
 from loramix.sharding import full, root_gathered
 
 CONFIG_NAME = "loramix_config.json"
@@ -124,28 +124,16 @@ class MethodConfig(ABC):
 
     @classmethod
     def from_json(cls, path: str | Path):
-        values = _read_json(Path(path))
+        values = read_json(Path(path))
         method = values.pop("method", cls.method)
         if method != cls.method:
             raise ValueError(f"{path} configures the method {method!r}, not {cls.method!r}")
         return cls.from_dict(values)
 
 
-def _read_json(path: Path) -> dict:
-    try:
-        values = json.loads(path.read_text())
-    except FileNotFoundError:
-        raise FileNotFoundError(f"no loramix config at {path}") from None
-    except json.JSONDecodeError as error:
-        raise ValueError(f"{path} is not valid JSON: {error}") from None
-    if not isinstance(values, dict):
-        raise ValueError(f"{path} must hold a JSON object, got {type(values).__name__}")
-    return values
-
-
 def read_config(path: str | Path) -> MethodConfig:
     """The config in a loramix_config.json, of the method it names (files without one: a mixture of LoRAs)."""
-    values = _read_json(Path(path))
+    values = read_json(Path(path))
     method = values.pop("method", "mixlora")
     try:
         return method_class(method).config_class.from_dict(values)
@@ -460,6 +448,13 @@ class AdaptedModel(nn.Module):
         if WRAPPED in vars(self.base_model):
             delattr(self.base_model, WRAPPED)
         return self.base_model
+
+
+def backbone(model: nn.Module) -> nn.Module:
+    """The Hugging Face model inside a loramix AdaptedModel or a peft model (or the model itself)."""
+    if isinstance(model, AdaptedModel):
+        return model.base_model
+    return model.get_base_model() if hasattr(model, "get_base_model") else model
 
 
 def hooks_removed(copy: nn.Module, hooks: list[tuple[str, torch.utils.hooks.RemovableHandle]]) -> nn.Module:

@@ -28,12 +28,11 @@ from transformers.modeling_utils import ALL_ATTENTION_FUNCTIONS, AttentionInterf
 from loramix.call import CallState
 from loramix.methods.base import AdaptedModel, MethodConfig, register_method
 from loramix.models import decoder_blocks
-from loramix.routing.base import PromptPooling
+from loramix.routing.base import POOLINGS, PromptPooling
 from loramix.routing.prompt import RationalActivation
 
 ATTENTION_NAME = "loramix_iapt"  # the attention implementation of the adapted attention modules
 PREFIX = "loramix_iapt_prefix"  # the attribute of an adapted attention module holding its LayerPrefix
-POOLINGS = ("attention", "mean", "last")
 WRAPPED_IMPLEMENTATIONS = ("sdpa", "eager")
 
 

@@ -19,8 +19,9 @@ from torch import Tensor, nn
 
 from loramix.call import CallState
 from loramix.methods.base import AdaptedModel, MethodConfig, register_method
-from loramix.routing.base import PromptPooling
+from loramix.routing.base import POOLINGS, PromptPooling
 from loramix.routing.prompt import RationalActivation
+from loramix.targets import decoder_layer_of, find_targets, linear_features
 
 RMS_EPS = 1e-6  # of the normalisation of the pooled hidden states
 
@@ -41,11 +42,9 @@ class PedroConfig(MethodConfig):
     dropout: float = field(default=0.0, metadata={"help": "Dropout on the pooled prompt state."})
 
     def __post_init__(self) -> None:
-        from loramix.config import PROMPT_POOLINGS  # loramix.config imports this package
-
         self._check_targets()
         self._check_integers(("bottleneck",))
-        self._check_choice("pooling", PROMPT_POOLINGS)
+        self._check_choice("pooling", POOLINGS)
         if isinstance(self.dropout, bool) or not (isinstance(self.dropout, (int, float)) and 0 <= self.dropout < 1):
             self._fail("dropout", self.dropout, "expected 0 <= dropout < 1")
 
@@ -93,8 +92,6 @@ class PedroModel(AdaptedModel):
     """A frozen causal LM whose target modules' outputs are rescaled by vectors generated from the prompt."""
 
     def __init__(self, model: nn.Module, config: PedroConfig) -> None:
-        from loramix.model import decoder_layer_of, find_targets  # loramix.model imports this package
-
         super().__init__(model, config)
         self.generators = nn.ModuleDict()
         by_block: dict[str, list[str]] = {}
@@ -105,7 +102,7 @@ class PedroModel(AdaptedModel):
                 config._fail("target_modules", config.target_modules, f"{name!r} is in no numbered decoder layer")
             by_block.setdefault(block_name, []).append(name)
         for block_name, names in by_block.items():
-            sizes = [_out_features(model.get_submodule(name)) for name in names]
+            sizes = [linear_features(model.get_submodule(name))[1] for name in names]
             block = model.get_submodule(block_name)
             dim = model.config.hidden_size
             device = next(block.parameters()).device
@@ -119,11 +116,6 @@ class PedroModel(AdaptedModel):
                 module = model.get_submodule(name)
                 self._add_hook(name, module.register_forward_hook(_rescale(slot, start, start + size)))
                 start += size
-
-
-def _out_features(module: nn.Module) -> int:
-    """The output size of an nn.Linear or a transformers Conv1D (GPT-2's c_attn, c_fc)."""
-    return module.out_features if isinstance(module, nn.Linear) else module.nf
 
 
 def _generate(generator: VectorGenerator, slot: BlockVectors, context: CallState):

@@ -4,16 +4,12 @@ from __future__ import annotations
 
 from abc import ABC, abstractmethod
 from dataclasses import dataclass, field, fields
-from typing import TYPE_CHECKING
 
 import torch
 from torch import Tensor, nn
 
 from loramix.call import CallState, RowState
 from loramix.losses import selection_log_prob
-
-if TYPE_CHECKING:
-    from loramix.config import MixLoraConfig
 
 ROUTERS: dict[str, type[Router]] = {}
 
@@ -214,6 +210,9 @@ class RoutingContext(CallState):
         return picks
 
 
+POOLINGS = ("attention", "mean", "last")  # the modes of PromptPooling
+
+
 class PromptPooling(nn.Module):
     """Pools (B, T, d) hidden states over the prompt tokens into (B, 1, d): attention, mean or last."""
 
@@ -240,13 +239,14 @@ class Router(nn.Module, ABC):
     """Chooses expert weights for the inputs of an adapted layer.
 
     Subclasses implement `forward(x, context) -> Routing` for x of shape (B, T, d); `route` adds what every
-    router shares: routing once per sequence, reusing a route across decoding steps, statistics.
+    router shares: routing once per sequence, reusing a route across decoding steps, statistics. A router is
+    built from its mixture's MixLoraConfig (`config`), whose fields it reads.
     """
 
     name = "router"
     balance_loss = False  # does the Switch load-balance loss apply to this router?
 
-    def __init__(self, config: MixLoraConfig, in_features: int, num_experts: int, key: str) -> None:
+    def __init__(self, config, in_features: int, num_experts: int, key: str) -> None:
         super().__init__()
         self.key = key
         # this forward's Routing, for every layer that shares this router, and its record for the losses

@@ -4,6 +4,7 @@ The HTTP server (`create_app`, `serve_run`) needs the `serve` extra (fastapi, uv
 'loramix[serve]'. The rest (Engine, TaskRows, ...) needs only the core dependencies.
 """
 
+from loramix.extras import requires
 from loramix.serve.decoding import Completion, GenerationRequest, Sequence, TokenLogprob
 from loramix.serve.engine import Engine, RequestError
 from loramix.serve.rows import TaskRowLinear, TaskRows
@@ -30,8 +31,6 @@ __all__ = [
 def __getattr__(name: str):
     """`create_app` is imported on first use: it needs fastapi, which the core install does not bring."""
     if name == "create_app":
-        from loramix.extras import requires
-
         with requires("serve", "the HTTP server"):
             from loramix.serve.app import create_app
 

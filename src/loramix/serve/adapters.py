@@ -20,15 +20,15 @@ from pathlib import Path
 
 import torch
 import torch.nn.functional as F
-import yaml
 from safetensors.torch import load_file
 from torch import Tensor, nn
 
 from loramix.call import RowState
 from loramix.export import task_factors
-from loramix.layer import linear_features
-from loramix.model import MixLoraModel, load
+from loramix.model import MixLoraModel
+from loramix.run_folder import PEFT_CONFIG_NAME, RunFolder
 from loramix.serve.runners import AdaptedRunner, Runner, last_logits
+from loramix.targets import linear_features, replace_module
 
 LORA_RUNNER = "lora"  # the runner key of the batch that LoRA-like adapters share
 
@@ -107,10 +107,8 @@ class MultiLoraRunner(Runner):
         """Put a MultiLoraLinear in every module the tenant adapts that has none yet."""
         for name in factors.modules:
             if name not in self.layers:
-                parent, _, child = name.rpartition(".")
-                layer = MultiLoraLinear(self.backbone.get_submodule(name), name, self.rows)
-                setattr(self.backbone.get_submodule(parent), child, layer)
-                self.layers[name] = layer
+                self.layers[name] = MultiLoraLinear(self.backbone.get_submodule(name), name, self.rows)
+                replace_module(self.backbone, name, self.layers[name])
 
     def state_of(self, slots: Tensor) -> LoraRowState:
         """The factors of rows whose tenants are `slots`, padded to their largest rank."""
@@ -150,7 +148,7 @@ class ServedAdapter:
 def read_lora_factors(path: Path, backbone: nn.Module) -> LoraFactors:
     """A peft LoRA folder as factors for `backbone`; ValueError names what does not fit (method, module, shape)."""
     try:
-        config = json.loads((path / "adapter_config.json").read_text())
+        config = json.loads((path / PEFT_CONFIG_NAME).read_text())
     except (OSError, json.JSONDecodeError) as error:
         raise ValueError(f"{path}: not a peft adapter folder ({error})") from None
     if config.get("peft_type", "LORA") != "LORA" or config.get("use_dora") or config.get("modules_to_save"):
@@ -217,23 +215,21 @@ class AdapterSet:
             raise ValueError(f"adapter name {name!r} must be non-empty and have no '/'")
         if not path.is_dir():
             raise ValueError(f"adapter {name}: {path} is not a folder")
-        if (path / "adapter_config.json").is_file():
+        if (path / PEFT_CONFIG_NAME).is_file():
             return self._lora_adapter(name, path, path), None
-        recipe_path = path / "recipe.yaml"
-        if not recipe_path.is_file():
+        run = RunFolder(path)
+        if not run.recipe_file.is_file():
             raise ValueError(f"adapter {name}: {path} is neither a peft LoRA folder nor a loramix run folder")
-        recipe = yaml.safe_load(recipe_path.read_text()) or {}
-        tasks = recipe.get("tasks") or []
-        model_name = recipe.get("model") or None
-        if self.base_name is not None and model_name not in (None, self.base_name) or recipe.get("quantization"):
+        recipe = run.saved_recipe()
+        tasks = recipe.tasks
+        if self.base_name is not None and recipe.model != self.base_name or recipe.quantization:
             raise ValueError(
-                f"adapter {name}: base-model mismatch: the run trained on {model_name!r}"
-                f"{' quantized' if recipe.get('quantization') else ''}, this server serves {self.base_name!r}"
+                f"adapter {name}: base-model mismatch: the run trained on {recipe.model!r}"
+                f"{' quantized' if recipe.quantization else ''}, this server serves {self.base_name!r}"
             )
-        adapter_dir = path / "adapter"
-        if (adapter_dir / "adapter_config.json").is_file():  # a peft LoRA run: one adapter for all its tasks
-            return self._lora_adapter(name, path, adapter_dir), None
-        model = load(shared_copy(self.template), adapter_dir)
+        if (run.adapter_dir / PEFT_CONFIG_NAME).is_file():  # a peft LoRA run: one adapter for all its tasks
+            return self._lora_adapter(name, path, run.adapter_dir), None
+        model = run.load_adapter(shared_copy(self.template))
         model.to(next(self.template.parameters()).dtype).eval()
         if isinstance(model, MixLoraModel) and model.mixlora_config.router == "task":
             slots = []

@@ -12,8 +12,9 @@ import torch
 from jinja2 import TemplateError
 from torch import nn
 
-from loramix.methods import AdaptedModel
+from loramix.methods import AdaptedModel, backbone
 from loramix.model import MixLoraModel
+from loramix.models import eos_token_ids
 from loramix.serve.adapters import LORA_RUNNER, AdapterSet, ServedAdapter
 from loramix.serve.batch import RunningBatch
 from loramix.serve.decoding import (
@@ -55,13 +56,6 @@ class RequestError(ValueError):
         return {"error": {"message": self.message, "type": self.kind, "param": self.param, "code": self.code}}
 
 
-def backbone(model: nn.Module) -> nn.Module:
-    """The Hugging Face model inside a loramix AdaptedModel or a peft model (or the model itself)."""
-    if isinstance(model, AdaptedModel):
-        return model.base_model
-    return model.get_base_model() if hasattr(model, "get_base_model") else model
-
-
 class Engine:
     """Decodes requests whose rows may belong to different tasks with continuous (iteration-level) batching:
     `admit` processes new prompts and adds them to the running batch, `step` runs one decoding step for every
@@ -101,7 +95,7 @@ class Engine:
         self.system_prompt = system_prompt
         self.device = next(model.parameters()).device
         self.vocab_size = backbone(model).get_input_embeddings().num_embeddings
-        self.eos_token_ids = _eos_token_ids(model, tokenizer)
+        self.eos_token_ids = eos_token_ids(backbone(model), tokenizer)
         self.pad_token_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else self.eos_token_ids[0]
         self.max_new_tokens = max_new_tokens
         self.max_prompt_tokens = max_prompt_tokens or self._default_prompt_limit()
@@ -411,14 +405,3 @@ class Engine:
         if request.runner is not None:
             return request.runner
         return ("merged", request.task) if request.task in self.merged else "model"
-
-
-def _eos_token_ids(model: nn.Module, tokenizer) -> list[int]:
-    """Every token that ends an answer: the tokenizer's eos and those of the model's generation config."""
-    ids = {tokenizer.eos_token_id}
-    configured = getattr(backbone(model).generation_config, "eos_token_id", None)
-    ids.update(configured if isinstance(configured, list) else [configured])
-    ids.discard(None)
-    if not ids:
-        raise ValueError("the tokenizer has no eos token: set tokenizer.eos_token so that answers can end")
-    return sorted(ids)

@@ -22,6 +22,7 @@ from torch import Tensor, nn
 
 from loramix.layer import MixLoraLinear
 from loramix.model import MixLoraModel
+from loramix.targets import replace_module
 
 
 class TaskRowLinear(nn.Module):
@@ -82,7 +83,5 @@ class TaskRows:
             self._install(self.model.layers)
 
     def _install(self, layers: dict[str, nn.Module]) -> None:
-        base = self.model.base_model
         for name, layer in layers.items():
-            parent, _, child = name.rpartition(".")
-            setattr(base.get_submodule(parent), child, layer)
+            replace_module(self.model.base_model, name, layer)

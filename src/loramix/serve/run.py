@@ -5,47 +5,14 @@ from __future__ import annotations
 from pathlib import Path
 
 import torch
-import yaml
-from torch import nn
 
-from loramix.model import load
-from loramix.models import DEFAULT_MODEL, QUANTIZATIONS, load_model
+from loramix.extras import requires
+from loramix.models import DEFAULT_MODEL, load_model
+from loramix.run_folder import RunFolder
 from loramix.serve.adapters import AdapterSet
 from loramix.serve.engine import Engine, RequestError
 
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16, "float64": torch.float64}
-
-
-def read_run(run_dir: str | Path) -> tuple[str, list[str], str | None, str | None]:
-    """(base model name, task names, system prompt, quantization) from a run's recipe.yaml; the task id of a
-    name is its position; the system prompt is None where the run kept the chat template's default, the
-    quantization None for an unquantized base."""
-    path = Path(run_dir) / "recipe.yaml"
-    if not path.is_file():
-        raise FileNotFoundError(f"{path} is missing: is {run_dir} a run folder written by `loramix train`?")
-    recipe = yaml.safe_load(path.read_text()) or {}
-    tasks = recipe.get("tasks") if isinstance(recipe, dict) else None
-    if not isinstance(tasks, list) or not tasks or not all(isinstance(t, str) for t in tasks):
-        raise ValueError(f"{path}: `tasks` must be a non-empty list of task names, got {tasks!r}")
-    model = recipe.get("model") or DEFAULT_MODEL
-    if not isinstance(model, str):
-        raise ValueError(f"{path}: `model` must be a model name or path, got {model!r}")
-    system_prompt = recipe.get("system_prompt")
-    if system_prompt is not None and not isinstance(system_prompt, str):
-        raise ValueError(f"{path}: `system_prompt` must be text or null, got {system_prompt!r}")
-    quantization = recipe.get("quantization")
-    if quantization not in QUANTIZATIONS:
-        raise ValueError(f"{path}: `quantization` must be one of {QUANTIZATIONS}, got {quantization!r}")
-    return model, tasks, system_prompt, quantization
-
-
-def load_adapter(model: nn.Module, adapter_dir: Path) -> nn.Module:
-    """The base model with a run's adapter: a peft adapter if adapter_config.json is there, else loramix's."""
-    if (adapter_dir / "adapter_config.json").is_file():
-        from peft import PeftModel
-
-        return PeftModel.from_pretrained(model, adapter_dir)
-    return load(model, adapter_dir)
 
 
 def load_engine(
@@ -68,10 +35,11 @@ def load_engine(
         raise ValueError("serve a run folder (--run), adapters by name (--adapter NAME=PATH), or both")
     if dtype not in DTYPES:
         raise ValueError(f"dtype={dtype!r} is invalid; allowed: {sorted(DTYPES)}")
+    run = RunFolder(run_dir) if run_dir is not None else None
     tasks, system_prompt, quantization = [], None, None
-    if run_dir is not None:
-        run_dir = Path(run_dir)
-        model, tasks, system_prompt, quantization = read_run(run_dir)
+    if run is not None:
+        saved = run.saved_recipe()
+        model, tasks, system_prompt, quantization = saved.model, saved.tasks, saved.system_prompt, saved.quantization
     model = model or DEFAULT_MODEL
     device = device or ("cuda" if torch.cuda.is_available() else "cpu")
     base, tokenizer = load_model(model, device=device, quantization=quantization, dtype=DTYPES[dtype])
@@ -80,7 +48,7 @@ def load_engine(
         if quantization is not None:
             raise ValueError("adapters by name need an unquantized base model; this run's base is quantized")
         adapter_set = AdapterSet(base, model, max_adapters)
-    served = load_adapter(base, run_dir / "adapter") if run_dir is not None else base
+    served = run.load_adapter(base) if run is not None else base
     if quantization is None:
         served = served.to(DTYPES[dtype])
     engine = Engine(
@@ -123,8 +91,6 @@ def serve_run(
 
     SIGTERM or Ctrl-C drains: the server stops listening, refuses requests on open connections (503), lets the
     running ones finish (at most `drain_timeout_s`) and exits."""
-    from loramix.extras import requires
-
     with requires("serve", "the HTTP server"):  # fastapi and uvicorn: only the HTTP server needs them
         import uvicorn
 
