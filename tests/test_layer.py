@@ -5,13 +5,13 @@ from types import SimpleNamespace
 
 import pytest
 import torch
-import torch.nn.functional as F
+from test_losses import contrastive_loss_by_loops
 from torch import nn
 from transformers.pytorch_utils import Conv1D
 
 import loramix
 from loramix import MixLoraConfig
-from loramix.layer import MixLoraLinear, active_expert_outputs
+from loramix.layer import MixLoraLinear
 from loramix.losses import expert_contrastive_loss
 from loramix.models import tiny_llama
 from loramix.routing import ROUTERS, RoutingContext
@@ -39,32 +39,6 @@ def test_layer_matches_a_loop_over_experts(router_name, base_type):
     torch.testing.assert_close(got, expected, atol=1e-5, rtol=1e-5)
     if router_name != "soft":
         assert (weights > 0).sum(-1).eq(2).all()
-
-
-def test_active_expert_outputs_are_each_experts_b_times_a():
-    torch.manual_seed(0)
-    config = MixLoraConfig(["x"], router="topk", num_experts=4, expert_rank=3, top_k=2)
-    layers = [
-        MixLoraLinear(nn.Linear(6, 5), 4, 3, 0.0, ROUTERS["topk"](config, 6, 4, "l"), RoutingContext())
-        for _ in range(2)
-    ]
-    for layer in layers:
-        nn.init.normal_(layer.lora_B)
-    x = torch.randn(2, 7, 6)
-    active = torch.stack([torch.stack([torch.randperm(4)[:2] for _ in range(7)]) for _ in range(2)])
-    hidden = torch.stack(
-        [(x[i] @ layer.lora_A.flatten(0, 1).T).unflatten(-1, (4, 3)) for i, layer in enumerate(layers)]
-    )
-    expected = torch.stack(
-        [
-            torch.stack(
-                [torch.stack([layer.lora_B[e] @ layer.lora_A[e] @ x[i, s] for e in row]) for s, row in enumerate(rows)]
-            )
-            for i, (layer, rows) in enumerate(zip(layers, active.tolist(), strict=True))
-        ]
-    )
-    up = torch.stack([layer.lora_B.transpose(0, 1).flatten(1) for layer in layers])
-    torch.testing.assert_close(active_expert_outputs(up, hidden, active), expected)
 
 
 def test_delta_weight_is_the_merged_update():
@@ -98,9 +72,10 @@ def mean_of_layers_alone(samples: list, queues: nn.ModuleDict) -> torch.Tensor:
     per_layer = []
     for sample in samples:
         name, index = sample.layer.memory_slot
-        outputs = active_expert_outputs(sample.up[None], sample.hidden[None], sample.active[None])
-        queries = F.normalize(outputs, dim=-1)
-        per_layer.append(expert_contrastive_loss(queries, sample.active[None], queues[name], 0.07, [index]))
+        loss, _ = expert_contrastive_loss(
+            sample.hidden[None], sample.active[None], sample.up[None], queues[name], 0.07, [index]
+        )
+        per_layer.append(loss)
     return torch.cat(per_layer).mean().detach()
 
 
@@ -122,6 +97,60 @@ def test_contrastive_training_adds_the_loss_and_fills_the_queues():
 
     assert len(samples) == len(wrapped.layers)
     torch.testing.assert_close(wrapped.last_losses["contrastive"], mean_of_layers_alone(samples, queues_read))
+
+
+def test_contrastive_loss_and_gradients_of_a_tiny_model_against_a_per_token_loop():
+    """The model's contrastive loss (the layers of one output size at once, in the experts' rank space) and
+    its gradient on every adapter parameter equal those of the loop over layers, tokens and pairs
+    (`contrastive_loss_by_loops`) on the same samples and queues: the gradient of a model with the loss is
+    that of the same model without it plus the weight times the loop's."""
+    ids = torch.randint(0, 128, (2, 12), generator=torch.Generator().manual_seed(0))
+    data = {"input_ids": ids, "attention_mask": torch.ones_like(ids), "labels": ids}
+
+    def wrapped(weight: float) -> loramix.MixLoraModel:
+        config = MixLoraConfig(
+            "all-linear",
+            router="topk",
+            num_experts=4,
+            expert_rank=2,
+            contrastive_loss_weight=weight,
+            memory_queue_size=16,
+        )
+        model = loramix.wrap(tiny_llama(), config).train()  # tiny_llama() seeds: both models start equal
+        for layer in model.layers.values():
+            nn.init.normal_(layer.lora_B, std=0.1)
+        return model
+
+    with_loss, without = wrapped(0.1), wrapped(0.0)
+    with_loss.compute_loss(data)  # fills the queues, some experts' partly (48 pushes of 16 slots x 4 experts)
+    queues = copy.deepcopy(with_loss.memory_queues)  # as the next step reads them
+    for queue in queues.values():
+        queue.flush()
+    assert not all(queue.filled.all() for queue in queues.values())
+    parameters = [p for p in with_loss.parameters() if p.requires_grad]
+    total = with_loss.compute_loss(data)
+    gradients = torch.autograd.grad(total, parameters, retain_graph=True)
+    samples = list(with_loss.context.expert_samples)
+    assert len(samples) == len(with_loss.layers) == 14 and len(queues) == 3
+    reference = torch.cat(
+        [
+            contrastive_loss_by_loops(
+                sample.hidden[None],
+                sample.active[None],
+                sample.up[None],
+                queues[sample.layer.memory_slot[0]],
+                0.07,
+                [sample.layer.memory_slot[1]],
+            )
+            for sample in samples
+        ]
+    ).mean()
+    torch.testing.assert_close(with_loss.last_losses["contrastive"], reference.detach())
+    reference_gradients = torch.autograd.grad(reference, parameters, allow_unused=True)
+    plain = torch.autograd.grad(without.compute_loss(data), [p for p in without.parameters() if p.requires_grad])
+    for got, rest, contrastive in zip(gradients, plain, reference_gradients, strict=True):
+        expected = rest if contrastive is None else rest + 0.1 * contrastive
+        torch.testing.assert_close(got, expected, rtol=1e-4, atol=1e-6)
 
 
 class PooledBranchLM(nn.Module):

@@ -5,6 +5,7 @@ import itertools
 
 import pytest
 import torch
+import torch.nn.functional as F
 
 from loramix import MixLoraConfig
 from loramix.losses import (
@@ -120,65 +121,103 @@ def test_memory_queue_is_fifo_per_layer_and_expert():
     assert queue.filled[0].sum() == 1 and queue.queue[0, 1, 0, 0] == 7.0
 
 
-def test_contrastive_loss_against_a_per_token_loop():
-    torch.manual_seed(0)
-    layers, tokens, n, k, dim, temperature = 2, 3, 5, 2, 4, 0.5
-    representations = torch.nn.functional.normalize(torch.randn(layers, tokens, n, dim), dim=-1)
-    active = torch.stack([torch.stack([torch.randperm(n)[:k] for _ in range(tokens)]) for _ in range(layers)])
-    queue = ExpertMemoryQueue(layers, n, size=4, dim=dim)
-    queue.push(torch.nn.functional.normalize(torch.randn(layers, 12, dim), dim=-1), torch.arange(12).expand(2, -1) % n)
-    queue.flush()
-
-    expected = []
-    for layer in range(layers):
+def contrastive_loss_by_loops(hidden, active, up, queue: ExpertMemoryQueue, temperature: float, layers=None):
+    """The reference for the contrastive loss, straight from its definition: per layer, token and (query,
+    positive) pair, the experts' outputs B_e A_e x normalised one by one, the positive against every filled
+    slot of the queues of the experts the token did not choose. `layers`: the queue's layers (default all)."""
+    slots = layers or list(range(len(hidden)))
+    _, tokens, n, rank = hidden.shape
+    losses = []
+    for layer, slot in enumerate(slots):
+        experts_up = up[layer].view(-1, n, rank)  # B_e = experts_up[:, e]
         terms = []
         for s in range(tokens):
             chosen = active[layer, s].tolist()
-            negatives = torch.cat([queue.queue[layer, e][queue.filled[layer, e]] for e in range(n) if e not in chosen])
+            query = {e: F.normalize(experts_up[:, e] @ hidden[layer, s, e], dim=0) for e in chosen}
+            negatives = [queue.queue[slot, e][queue.filled[slot, e]] for e in range(n) if e not in chosen]
+            negatives = torch.cat(negatives)
             for i, j in itertools.permutations(chosen, 2):
-                query = representations[layer, s, i]
-                positive = query @ representations[layer, s, j] / temperature
-                negative = negatives @ query / temperature
-                terms.append(-(positive - torch.logsumexp(torch.cat([positive[None], negative]), 0)))
-        expected.append(torch.stack(terms).mean())
-    queries = representations.gather(2, active.unsqueeze(-1).expand(-1, -1, -1, dim))
-    got = expert_contrastive_loss(queries, active, queue, temperature)
-    torch.testing.assert_close(got, torch.stack(expected))
-    one_layer = expert_contrastive_loss(queries[1:], active[1:], queue, temperature, layers=[1])
+                positive = query[i] @ query[j] / temperature
+                negative = negatives @ query[i] / temperature
+                terms.append(torch.logsumexp(torch.cat([positive[None], negative]), 0) - positive)
+        losses.append(torch.stack(terms).mean())
+    return torch.stack(losses)
+
+
+def random_contrast(layers=2, tokens=5, n=5, k=2, rank=3, dim=6, size=4):
+    """Expert activations, B and a queue in which some slots and one expert's whole queue are empty."""
+    hidden = torch.randn(layers, tokens, n, rank, requires_grad=True)
+    up = torch.randn(layers, dim, n * rank, requires_grad=True)
+    active = torch.stack([torch.stack([torch.randperm(n)[:k] for _ in range(tokens)]) for _ in range(layers)])
+    queue = ExpertMemoryQueue(layers, n, size, dim)
+    experts = torch.arange(3 * size) % (n - 1)  # experts 0 to n - 2 fill 3 of their 4 slots, expert n - 1 none
+    queue.push(F.normalize(torch.randn(layers, len(experts), dim), dim=-1), experts.expand(layers, -1))
+    queue.flush()
+    return hidden, active, up, queue
+
+
+@pytest.mark.parametrize("temperature", [0.07, 0.5, 0.01], ids=["default", "warm", "cold-row-maximum"])
+def test_contrastive_loss_and_gradients_against_a_per_token_loop(temperature):
+    """The rank-space loss (queue against B once, logits shifted by 1/t or, for t < 0.025, by the row's
+    largest included value) equals the loss from the experts' outputs, value and gradients."""
+    torch.manual_seed(0)
+    hidden, active, up, queue = random_contrast(k=3 if temperature == 0.5 else 2)
+    expected = contrastive_loss_by_loops(hidden, active, up, queue, temperature)
+    expected_grads = torch.autograd.grad(expected.sum(), [hidden, up])
+    got, queries = expert_contrastive_loss(hidden, active, up, queue, temperature)
+    got_grads = torch.autograd.grad(got.sum(), [hidden, up])
+    torch.testing.assert_close(got, expected)
+    for got_grad, expected_grad in zip(got_grads, expected_grads, strict=True):
+        torch.testing.assert_close(got_grad, expected_grad, rtol=1e-4, atol=1e-5)
+    for layer, s, j in itertools.product(range(2), range(5), range(active.shape[-1])):
+        e = active[layer, s, j]
+        output = up[layer].detach().view(-1, 5, 3)[:, e] @ hidden[layer, s, e].detach()
+        torch.testing.assert_close(queries[layer, s, j], F.normalize(output, dim=0))
+    one_layer, _ = expert_contrastive_loss(hidden[1:], active[1:], up[1:], queue, temperature, layers=[1])
     torch.testing.assert_close(one_layer, got[1:])
+
+
+def test_contrastive_loss_without_negatives_is_zero_with_zero_gradients():
+    """An empty queue (the first step) leaves no negative: loss 0.0 and gradients 0.0, not NaN."""
+    torch.manual_seed(0)
+    for temperature in (0.07, 0.01):
+        hidden, active, up, _ = random_contrast()
+        loss, _ = expert_contrastive_loss(hidden, active, up, ExpertMemoryQueue(2, 5, 4, 6), temperature)
+        loss.sum().backward()
+        assert loss.eq(0).all() and hidden.grad.eq(0).all() and up.grad.eq(0).all()
 
 
 def test_a_push_before_the_backward_does_not_change_the_gradient_of_the_loss_that_read_the_queue():
     torch.manual_seed(0)
-    n, dim, temperature = 4, 3, 0.5
+    n, rank, dim, temperature = 4, 2, 3, 0.5
     queue = ExpertMemoryQueue(1, n, size=2, dim=dim)
-    queue.push(torch.nn.functional.normalize(torch.randn(1, 8, dim), dim=-1), torch.arange(8)[None] % n)
+    queue.push(F.normalize(torch.randn(1, 8, dim), dim=-1), torch.arange(8)[None] % n)
     active = torch.tensor([[[0, 1], [2, 3]]])
 
     def read(queue):
-        queries = torch.nn.functional.normalize(torch.randn(1, 2, 2, dim), dim=-1).requires_grad_()
-        return expert_contrastive_loss(queries, active, queue, temperature).sum(), queries
+        hidden = torch.randn(1, 2, n, rank, requires_grad=True)
+        up = torch.randn(1, dim, n * rank, requires_grad=True)
+        return expert_contrastive_loss(hidden, active, up, queue, temperature)[0].sum(), (hidden, up)
 
-    def reference_gradient(queries):
-        (gradient,) = torch.autograd.grad(read_reference(queries), queries)
-        return gradient
+    def reference_gradient(inputs):
+        hidden, up = inputs
+        loss, _ = expert_contrastive_loss(hidden, active, up, reference, temperature)
+        return torch.autograd.grad(loss.sum(), inputs)
 
     reference = copy.deepcopy(queue)
     reference.flush()
 
-    def read_reference(queries):
-        return expert_contrastive_loss(queries, active, reference, temperature).sum()
-
-    (first, first_queries), (second, second_queries) = read(queue), read(queue)
-    expected = reference_gradient(first_queries), reference_gradient(second_queries)
+    (first, first_inputs), (second, second_inputs) = read(queue), read(queue)
+    expected = reference_gradient(first_inputs), reference_gradient(second_inputs)
     kept = queue.queue
     first.backward()
     queue.push(torch.ones(1, 2, dim), torch.tensor([[0, 2]]))
     read(queue)  # writes the push while `second` still awaits its backward
     queue.load_state_dict(queue.state_dict())  # so does a load
     second.backward()
-    torch.testing.assert_close(first_queries.grad, expected[0])
-    torch.testing.assert_close(second_queries.grad, expected[1])
+    for inputs, gradients in zip((first_inputs, second_inputs), expected, strict=True):
+        for tensor, gradient in zip(inputs, gradients, strict=True):
+            torch.testing.assert_close(tensor.grad, gradient)
     assert queue.queue is not kept, "the queue was copied, not written under the pending backward"
 
     loss, _ = read(queue)
@@ -191,11 +230,8 @@ def test_a_push_before_the_backward_does_not_change_the_gradient_of_the_loss_tha
 
 def test_contrastive_loss_stays_float32_under_bf16_autocast():
     torch.manual_seed(0)
-    queue = ExpertMemoryQueue(2, 4, size=8, dim=16)
-    queue.push(torch.nn.functional.normalize(torch.randn(2, 20, 16), dim=-1), torch.randint(0, 4, (2, 20)))
-    queries = torch.nn.functional.normalize(torch.randn(2, 5, 2, 16), dim=-1)
-    active = torch.stack([torch.stack([torch.randperm(4)[:2] for _ in range(5)]) for _ in range(2)])
-    expected = expert_contrastive_loss(queries, active, queue, 0.07)
+    hidden, active, up, queue = random_contrast()
+    expected = expert_contrastive_loss(hidden, active, up, queue, 0.07)
     with torch.autocast("cpu", dtype=torch.bfloat16):
-        got = expert_contrastive_loss(queries, active, queue, 0.07)
+        got = expert_contrastive_loss(hidden, active, up, queue, 0.07)
     torch.testing.assert_close(got, expected)

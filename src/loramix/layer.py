@@ -130,14 +130,3 @@ class MixLoraLinear(nn.Module):
     def extra_repr(self) -> str:
         added = f", added_experts={self.added_experts}" if self.added_experts else ""
         return f"experts={self.num_experts}{added}, rank={self.rank}, in={self.in_features}, out={self.out_features}"
-
-
-def active_expert_outputs(up: Tensor, hidden: Tensor, active: Tensor) -> Tensor:
-    """(L, S, k, d_out) the outputs B_i h_i of each token's active experts i, for L layers of equal shape at
-    once; up: (L, d_out, n r) each layer's B as one matrix (`ExpertSample.up`, stacked); hidden: (L, S, n, r)
-    every expert's rank-space activation A_i x; active: (L, S, k)."""
-    num_layers, tokens, num_experts, rank = hidden.shape
-    # Token s's j-th query keeps only expert active[s, j]'s activation, so one product with all of B is its output.
-    chosen = hidden.unsqueeze(2) * F.one_hot(active, num_experts).unsqueeze(-1).to(hidden.dtype)
-    outputs = chosen.flatten(3).flatten(1, 2) @ up.transpose(1, 2)
-    return outputs.view(num_layers, tokens, active.shape[-1], -1)

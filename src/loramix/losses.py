@@ -77,26 +77,21 @@ class ExpertMemoryQueue(nn.Module):
         names the L' layers (default: all, in order)."""
         self._pending.append((representations.detach(), experts, layers))
 
-    def negative_logits(self, queries: Tensor, active: Tensor, layers: list[int] | None = None) -> Tensor:
-        """(L', S, k, n Q) dot products of queries (L', S, k, d) with every queued representation of their
-        layer; -inf for empty slots and for the queues of the token's active experts (L', S, k), which are not
-        its negatives. `layers` as in `push`."""
+    def negatives(self, layers: list[int] | None = None) -> tuple[Tensor, Tensor]:
+        """(L', n Q, d) every queued representation of the layers `layers` (as in `push`), expert by expert,
+        and (L', n Q) whether its slot is filled. A tensor computed from them that holds them until its
+        backward must be passed to `read_until_backward`."""
         self.flush()
         queue, filled = self.queue, self.filled
         if layers is not None and layers != list(range(len(queue))):  # some layers did not run: a copy
             queue, filled = queue[layers], filled[layers]
-        num_layers, tokens, k, _ = queries.shape
-        num_experts = filled.shape[1]
-        logits = queries.flatten(1, 2) @ queue.flatten(1, 2).to(queries.dtype).transpose(1, 2)
-        logits = logits.view(num_layers, tokens, k, num_experts, -1)
-        is_active = torch.zeros(num_layers, tokens, num_experts, dtype=torch.bool, device=active.device)
-        is_active.scatter_(2, active, True)
-        unusable = is_active[:, :, None, :, None] | ~filled[:, None, None]
-        logits = logits.masked_fill_(unusable, float("-inf")).flatten(3)
-        if logits.requires_grad:
+        return queue.flatten(1, 2), filled.flatten(1)
+
+    def read_until_backward(self, tensor: Tensor) -> None:
+        """Note that `tensor`'s backward reads the current queue: a push written before it copies the queue."""
+        if tensor.requires_grad:
             self._reads_awaiting_backward += 1
-            logits.register_hook(self._backward_reached(self._generation))
-        return logits
+            tensor.register_hook(self._backward_reached(self._generation))
 
     def _backward_reached(self, generation: int):
         def hook(grad: Tensor) -> None:
@@ -144,26 +139,125 @@ class ExpertMemoryQueue(nn.Module):
         position.copy_((position + counts) % size)
 
 
-def expert_contrastive_loss(
-    queries: Tensor, active: Tensor, queue: ExpertMemoryQueue, temperature: float, layers: list[int] | None = None
-) -> Tensor:
-    """(L,) InfoNCE between experts (SparseDoctor design, after CoMoE), one loss per layer.
+def chosen_activations(hidden: Tensor, active: Tensor) -> Tensor:
+    """(L, S, k, n r): for token s's j-th active expert e = active[s, j], the rank-space activations of all n
+    experts with every block but e's zeroed, so that one product with all of B (d_out, n r) is B_e A_e x.
+    hidden: (L, S, n, r); active: (L, S, k)."""
+    mask = F.one_hot(active, hidden.shape[2]).unsqueeze(-1).to(hidden.dtype)
+    return (hidden.unsqueeze(2) * mask).flatten(3)
 
-    queries: (L, S, k, d) normalised outputs of the experts active for S tokens in L layers; active: (L, S, k)
-    those experts; `layers`: which of the queue's layers they are (default: all). For each token and active
-    expert (the query), the other active experts' outputs are positives and the queued representations of
-    the inactive experts are negatives.
+
+class _OutputGram(torch.autograd.Function):
+    """(L, S, k, k) the inner products of each token's k active-expert outputs o = c B^T, and the outputs
+    (L, S, k, d_out) themselves (no gradient). The values come from the outputs; the gradient is taken in
+    the rank space, through B^T B (n r x n r), so the backward touches no d_out-sized tensor."""
+
+    @staticmethod
+    def forward(ctx, chosen: Tensor, up: Tensor) -> tuple[Tensor, Tensor]:
+        num_layers, tokens, k, _ = chosen.shape
+        outputs = (chosen.flatten(1, 2) @ up.transpose(1, 2)).view(num_layers, tokens, k, -1)
+        ctx.save_for_backward(chosen, up)
+        ctx.mark_non_differentiable(outputs)
+        ctx.set_materialize_grads(False)  # no zeros of the outputs' size for their (absent) gradient
+        return outputs @ outputs.transpose(-1, -2), outputs
+
+    @staticmethod
+    def backward(ctx, grad: Tensor | None, _: None) -> tuple[Tensor | None, Tensor | None]:
+        if grad is None:
+            return None, None
+        chosen, up = ctx.saved_tensors
+        gram_up = up.transpose(1, 2) @ up  # (L, n r, n r)
+        toward = grad @ chosen  # (L, S, k, n r)
+        symmetric = toward + grad.transpose(-1, -2) @ chosen
+        grad_chosen = (symmetric.flatten(1, 2) @ gram_up).view_as(chosen)
+        grad_gram_up = chosen.flatten(1, 2).transpose(1, 2) @ toward.flatten(1, 2)
+        return grad_chosen, up @ (grad_gram_up + grad_gram_up.transpose(1, 2))
+
+
+class _NegativeLogSumExp(torch.autograd.Function):
+    """(L, R) log sum_v exp(q . v / t) over the negatives v of each of R queries, with the query and the queued
+    representations given in the rank space: `scaled` (L, R, n r) = c / (|o| t) and `projected` (L, n Q, n r)
+    = B^T v, so that q . v / t = scaled . projected. `included` (L, R, n): which experts' queues are the
+    query's negatives (not its token's active experts); `empty` (L, n Q): slots not filled yet. -inf where a
+    query has no negative.
+
+    One (R x n Q) product, shifted by the largest value q . v / t can take, 1/t (q and v are unit vectors),
+    so that every exponential is a normal float32 (where 2/t < 80; else by the largest included value), then
+    exp in place and sums per expert queue, of which the included ones are added: no masked logits, whose
+    exponentials (underflowing to 0.0) cost a CPU ten times as much. The backward reuses the exponentials.
+    """
+
+    @staticmethod
+    def forward(ctx, scaled: Tensor, projected: Tensor, included: Tensor, empty: Tensor, temperature: float) -> Tensor:
+        num_layers, rows, _ = scaled.shape
+        num_experts = included.shape[-1]
+        bounded = 2 / temperature < 80
+        # a last column of ones against -1/t (the shift) or -inf (an empty slot) in the product
+        ones = scaled.new_ones(num_layers, rows, 1)
+        offset = torch.where(empty, float("-inf"), -1 / temperature if bounded else 0.0).to(projected.dtype)
+        logits = torch.cat([scaled, ones], -1) @ torch.cat([projected, offset.unsqueeze(-1)], -1).transpose(1, 2)
+        by_expert = logits.view(num_layers, rows, num_experts, -1)
+        if bounded:
+            shift = torch.full((num_layers, rows), 1 / temperature, device=scaled.device)
+        else:
+            largest = by_expert.amax(-1).masked_fill(~included, float("-inf")).amax(-1)
+            shift = torch.where(largest > float("-inf"), largest, 0.0)  # no negative: exponentials 0.0
+            logits.sub_(shift.unsqueeze(-1)).clamp_max_(0.0)  # excluded queues' larger values: not to overflow
+        exponentials = logits.exp_()
+        total = (by_expert.sum(-1) * included).sum(-1)
+        ctx.save_for_backward(scaled, projected, included, exponentials, total)
+        return total.log() + shift
+
+    @staticmethod
+    def backward(ctx, grad: Tensor) -> tuple[Tensor | None, ...]:
+        scaled, projected, included, exponentials, total = ctx.saved_tensors
+        weight = included * torch.where(total > 0, grad / total, 0.0).unsqueeze(-1)  # no negative: no gradient
+        num_layers, rows, num_experts = included.shape
+        grad_logits = (exponentials.view(num_layers, rows, num_experts, -1) * weight.unsqueeze(-1)).flatten(2)
+        return grad_logits @ projected, grad_logits.transpose(1, 2) @ scaled, None, None, None
+
+
+def expert_contrastive_loss(
+    hidden: Tensor,
+    active: Tensor,
+    up: Tensor,
+    queue: ExpertMemoryQueue,
+    temperature: float,
+    layers: list[int] | None = None,
+) -> tuple[Tensor, Tensor]:
+    """(L,) InfoNCE between experts (SparseDoctor design, after CoMoE), one loss per layer, and the queries
+    (L, S, k, d_out), detached, for the queue.
+
+    hidden: (L, S, n, r) rank-space activations A_i x of every expert for S tokens in L layers; active:
+    (L, S, k) the tokens' active experts; up: (L, d_out, n r) each layer's B as one matrix; `layers`: which
+    of the queue's layers they are (default: all). The queries are the normalised outputs q = B_e A_e x /
+    |B_e A_e x| of each token's active experts e. For each query, the token's other queries are positives and
+    the queued representations of the inactive experts are negatives: loss = -log(exp(q.p/t) / (exp(q.p/t) +
+    sum_v exp(q.v/t))) per (query, positive) pair.
+
+    Computed in float32, in the experts' rank space (n r, against S k queries and d_out): q . v =
+    (c . B^T v) / |o| with c the query's masked activations (`chosen_activations`), so the queue meets B once,
+    (n Q x d_out) x (d_out x n r), not every query.
     """
     num_layers, tokens, k = active.shape
     if k < 2:
         raise ValueError("the contrastive loss needs top_k >= 2 (positives are the other active experts)")
-    scaled = queries / temperature
-    # In the queries' precision: under autocast the products would also copy the whole queue to cast it.
-    with torch.autocast(queries.device.type, enabled=False):
-        positive_logits = scaled @ queries.transpose(-1, -2)  # (L, S, k, k)
-        negative_logits = queue.negative_logits(scaled, active, layers)  # (L, S, k, n Q)
-    # Each (query, positive) pair is one InfoNCE term against all the query's negatives.
-    off_diagonal = ~torch.eye(k, dtype=torch.bool, device=active.device)
-    pairs = positive_logits[..., off_diagonal].view(num_layers, tokens, k, k - 1)
-    negative_mass = torch.logsumexp(negative_logits, -1, keepdim=True).expand_as(pairs)
-    return (torch.logaddexp(pairs, negative_mass) - pairs).mean((1, 2, 3))
+    with torch.autocast(hidden.device.type, enabled=False):
+        hidden, up = hidden.float(), up.float()
+        chosen = chosen_activations(hidden, active)
+        gram, outputs = _OutputGram.apply(chosen, up)
+        norms = gram.diagonal(dim1=-2, dim2=-1).clamp_min(1e-24).sqrt()  # as F.normalize: max(|o|, 1e-12)
+        cosines = gram / (norms.unsqueeze(-1) * norms.unsqueeze(-2))
+        off_diagonal = ~torch.eye(k, dtype=torch.bool, device=active.device)
+        pairs = cosines[..., off_diagonal].view(num_layers, tokens, k, k - 1) / temperature
+        vectors, filled = queue.negatives(layers)
+        projected = vectors.float() @ up  # (L, n Q, n r)
+        queue.read_until_backward(projected)
+        scaled = (chosen / (norms.unsqueeze(-1) * temperature)).flatten(1, 2)
+        included = torch.ones(num_layers, tokens, hidden.shape[2], dtype=torch.bool, device=hidden.device)
+        included = included.scatter_(2, active, False).unsqueeze(2).expand(-1, -1, k, -1).flatten(1, 2)
+        negative_mass = _NegativeLogSumExp.apply(scaled, projected, included, ~filled, temperature)
+        negative_mass = negative_mass.view(num_layers, tokens, k, 1).expand_as(pairs)
+        losses = (torch.logaddexp(pairs, negative_mass) - pairs).mean((1, 2, 3))
+        queries = outputs / norms.detach().unsqueeze(-1)
+    return losses, queries

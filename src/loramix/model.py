@@ -6,7 +6,6 @@ import copy
 from pathlib import Path
 
 import torch
-import torch.nn.functional as F
 from safetensors import SafetensorError
 from safetensors.torch import load_file
 from torch import Tensor, nn
@@ -14,7 +13,7 @@ from transformers.pytorch_utils import Conv1D
 
 from loramix.compilation import compile_blocks
 from loramix.config import MixLoraConfig
-from loramix.layer import MixLoraLinear, active_expert_outputs
+from loramix.layer import MixLoraLinear
 from loramix.losses import (
     ExpertMemoryQueue,
     expert_contrastive_loss,
@@ -229,9 +228,9 @@ class MixLoraModel(AdaptedModel):
         queue, layers = self.memory_queues[name], [sample.layer.memory_slot[1] for sample in samples]
         hidden = torch.stack([sample.hidden for sample in samples])
         active = torch.stack([sample.active for sample in samples])
-        outputs = active_expert_outputs(torch.stack([sample.up for sample in samples]), hidden, active)
-        queries = F.normalize(outputs.float(), dim=-1)
-        losses = expert_contrastive_loss(queries, active, queue, self.mixlora_config.contrastive_temperature, layers)
+        up = torch.stack([sample.up for sample in samples])
+        temperature = self.mixlora_config.contrastive_temperature
+        losses, queries = expert_contrastive_loss(hidden, active, up, queue, temperature, layers)
         queue.push(queries.flatten(1, 2), active.flatten(1), layers)
         return losses
 
