@@ -11,6 +11,7 @@ import yaml
 from safetensors.torch import load_file
 
 import loramix
+import loramix.learning_curve as learning_curve
 import loramix.train as training
 from loramix.data import Example, encode_example, get_task, load_jsonl_tasks
 from loramix.data.sampling import Encoder, TaskSampler
@@ -321,7 +322,7 @@ def test_dev_evaluations_leave_training_and_its_routing_statistics_alone(tmp_pat
     recipe = tiny_recipe(task_file, dev_examples=4, dev_every=1)  # dev forwards between and at the log steps
     scored = read_lines(train(recipe, tmp_path / "scored", evaluate=False) / "history.jsonl")
     monkeypatch.setattr(
-        training, "evaluate_model", lambda model, tokenizer, tasks, **_: dict.fromkeys(tasks, {"metrics": {}})
+        learning_curve, "evaluate_model", lambda model, tokenizer, tasks, **_: dict.fromkeys(tasks, {"metrics": {}})
     )
     skipped = read_lines(train(recipe, tmp_path / "skipped", evaluate=False) / "history.jsonl")
     timings = {"seconds": 0, "examples_per_second": 0}
