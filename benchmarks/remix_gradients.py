@@ -44,10 +44,11 @@ TASKS = "tasks=[medical_abstracts,symptom2disease,ncbi_disease]"
 def training_batches(recipe, tokenizer, count: int, seed: int) -> list[dict[str, torch.Tensor]]:
     """`count` training batches of the recipe's batch size, one task per batch, tasks in turn."""
     generator = torch.Generator().manual_seed(seed)
+    splits = [get_task(name).load(recipe.data_dir)["train"] for name in recipe.tasks]
     batches = []
     for index in range(count):
         task_id = index % len(recipe.tasks)
-        train = get_task(recipe.tasks[task_id]).load(recipe.data_dir)["train"]
+        train = splits[task_id]
         picks = torch.randint(len(train), (recipe.training.batch_size,), generator=generator).tolist()
         rows = [
             {
