@@ -134,7 +134,7 @@ class ExpertMemoryQueue(nn.Module):
         # Written in arrival order, only the last `size` rows of each queue would survive.
         keep = rank >= counts[queues] - size
         slots = (position[queues] + rank) % size
-        queue[queues[keep], slots[keep]] = representations.to(queue).flatten(0, 1)[order][keep]
+        queue[queues[keep], slots[keep]] = representations.to(queue).flatten(0, 1)[order[keep]]
         filled[queues[keep], slots[keep]] = True
         position.copy_((position + counts) % size)
 
@@ -181,40 +181,47 @@ class _NegativeLogSumExp(torch.autograd.Function):
     query's negatives (not its token's active experts); `empty` (L, n Q): slots not filled yet. -inf where a
     query has no negative.
 
-    One (R x n Q) product, shifted by the largest value q . v / t can take, 1/t (q and v are unit vectors),
-    so that every exponential is a normal float32 (where 2/t < 80; else by the largest included value), then
-    exp in place and sums per expert queue, of which the included ones are added: no masked logits, whose
-    exponentials (underflowing to 0.0) cost a CPU ten times as much. The backward reuses the exponentials.
+    One product per expert queue, (R x n r) by (n r x Q), laid out queue by queue (L, n, R, Q), shifted by
+    the largest value q . v / t can take, 1/t (q and v are unit vectors), so that every exponential is a
+    normal float32 (where 2/t < 80; else by the largest included value), then exp in place and sums per
+    queue, of which the included ones are added: no masked logits, whose exponentials (underflowing to 0.0)
+    cost a CPU ten times as much. The backward reuses the exponentials and applies each queue's weight to
+    the products' small results (R x n r, Q x n r), never to the exponentials themselves.
     """
 
     @staticmethod
     def forward(ctx, scaled: Tensor, projected: Tensor, included: Tensor, empty: Tensor, temperature: float) -> Tensor:
-        num_layers, rows, _ = scaled.shape
+        num_layers, rows, width = scaled.shape
         num_experts = included.shape[-1]
         bounded = 2 / temperature < 80
         # a last column of ones against -1/t (the shift) or -inf (an empty slot) in the product
         ones = scaled.new_ones(num_layers, rows, 1)
         offset = torch.where(empty, float("-inf"), -1 / temperature if bounded else 0.0).to(projected.dtype)
-        logits = torch.cat([scaled, ones], -1) @ torch.cat([projected, offset.unsqueeze(-1)], -1).transpose(1, 2)
-        by_expert = logits.view(num_layers, rows, num_experts, -1)
+        keys = torch.cat([projected, offset.unsqueeze(-1)], -1).view(num_layers, num_experts, -1, width + 1)
+        queries = torch.cat([scaled, ones], -1).unsqueeze(1).expand(-1, num_experts, -1, -1)
+        logits = queries @ keys.transpose(-1, -2)  # (L, n, R, Q)
+        by_queue = included.transpose(1, 2)  # (L, n, R)
         if bounded:
             shift = torch.full((num_layers, rows), 1 / temperature, device=scaled.device)
         else:
-            largest = by_expert.amax(-1).masked_fill(~included, float("-inf")).amax(-1)
+            largest = logits.amax(-1).masked_fill(~by_queue, float("-inf")).amax(1)
             shift = torch.where(largest > float("-inf"), largest, 0.0)  # no negative: exponentials 0.0
-            logits.sub_(shift.unsqueeze(-1)).clamp_max_(0.0)  # excluded queues' larger values: not to overflow
+            logits.sub_(shift[:, None, :, None]).clamp_max_(0.0)  # excluded queues' larger values: not to overflow
         exponentials = logits.exp_()
-        total = (by_expert.sum(-1) * included).sum(-1)
-        ctx.save_for_backward(scaled, projected, included, exponentials, total)
+        total = (exponentials.sum(-1) * by_queue).sum(1)
+        ctx.save_for_backward(scaled, projected, by_queue, exponentials, total)
         return total.log() + shift
 
     @staticmethod
     def backward(ctx, grad: Tensor) -> tuple[Tensor | None, ...]:
-        scaled, projected, included, exponentials, total = ctx.saved_tensors
-        weight = included * torch.where(total > 0, grad / total, 0.0).unsqueeze(-1)  # no negative: no gradient
-        num_layers, rows, num_experts = included.shape
-        grad_logits = (exponentials.view(num_layers, rows, num_experts, -1) * weight.unsqueeze(-1)).flatten(2)
-        return grad_logits @ projected, grad_logits.transpose(1, 2) @ scaled, None, None, None
+        scaled, projected, by_queue, exponentials, total = ctx.saved_tensors
+        num_layers, num_experts, rows, size = exponentials.shape
+        # (L, n, R, 1): d loss / d exp(logit) for every logit of a queue; 0 where there is no negative
+        weight = (by_queue * torch.where(total > 0, grad / total, 0.0).unsqueeze(1)).unsqueeze(-1)
+        keys = projected.view(num_layers, num_experts, size, -1)
+        grad_scaled = ((exponentials @ keys) * weight).sum(1)
+        grad_projected = exponentials.transpose(-1, -2) @ (weight * scaled.unsqueeze(1))
+        return grad_scaled, grad_projected.view_as(projected), None, None, None
 
 
 def expert_contrastive_loss(
