@@ -10,8 +10,9 @@ rank as peft's LoRA: the expert rank is chosen so that the LoRA parameters one t
 rank-19 modules for MiLoRA's prompt router). Steps (forward, backward, AdamW) of the variants are
 interleaved so that machine noise hits them alike; the median step time is reported.
 
-Memory: bytes of the tensors autograd saves for the backward (activations) plus trainable state (parameters,
-gradients, AdamW moments); on CUDA also the allocator's peak during a step above what the models hold.
+Memory: bytes of the tensors autograd saves for the backward (activations: each storage once, not the model's
+parameters or buffers that it saves by reference) plus trainable state (parameters, gradients, AdamW moments); on
+CUDA also the allocator's peak during a step above what the models hold.
 
 FLOPs of one step (frozen base, T tokens, B' sequences of S tokens, T = B' S):
     T (4 N_frozen + 6 P_trainable) + 4 T_head d V + 12 L B' S^2 d_attn
@@ -114,11 +115,18 @@ def operators_cell(result: dict) -> str:
 
 
 def saved_activation_bytes(model: torch.nn.Module, batch: dict, autocast) -> int:
+    """Bytes of the tensors autograd saves for the backward, each storage once, leaving out the storages of the
+    model's parameters and buffers (a frozen weight or a memory queue saved by reference costs nothing more)."""
+    held = {t.untyped_storage().data_ptr() for t in [*model.parameters(), *model.buffers()]}
+    seen: set[int] = set()
     total = 0
 
     def pack(tensor: torch.Tensor) -> torch.Tensor:
         nonlocal total
-        total += tensor.numel() * tensor.element_size()
+        storage = tensor.untyped_storage()
+        if storage.data_ptr() not in held and storage.data_ptr() not in seen:
+            seen.add(storage.data_ptr())
+            total += storage.nbytes()
         return tensor
 
     with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t), autocast():
