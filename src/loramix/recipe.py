@@ -230,6 +230,9 @@ class Recipe:
     # a finished `task`-router run whose tasks begin `tasks`: this run adds the others (loramix.continual)
     continue_from: str | None = None
     continual: Continual = field(default_factory=Continual)
+    # a finished run of the same adapter settings whose trained adapter this run starts from, e.g. to fine-tune
+    # one adapter through tasks that arrive one after another (benchmarks/continual.py); its tasks are free
+    init_from: str | None = None
 
     def __post_init__(self) -> None:
         self._previous: PreviousRun | None = None
@@ -261,6 +264,12 @@ class Recipe:
         _at_least(self, "", ("dev_examples",), 0)
         if self.continue_from is not None:
             self._continuing()
+        _check(
+            self.init_from is None or self.continue_from is None,
+            "init_from",
+            self.init_from,
+            "a run that adds tasks (continue_from) already starts from that run's adapter: give one of the two",
+        )
         _check(
             self.continue_from is not None or self.continual.new_experts == 0,
             "continual.new_experts",

@@ -30,6 +30,7 @@ from loramix.data.sampling import Encoder, TaskSampler
 from loramix.evaluate import evaluate_and_report
 from loramix.learning_curve import LearningCurve
 from loramix.methods import AdaptedModel
+from loramix.model import read_adapter
 from loramix.models import load_model
 from loramix.precision import use_bf16
 from loramix.process_group import RANK_LOCAL_BUFFERS, all_finite, device_name, gather, init_distributed, slowest
@@ -74,10 +75,36 @@ def build_model(recipe: Recipe, device: torch.device) -> tuple[nn.Module, object
         continue_tasks(model, recipe.previous_run())
         return model, tokenizer
     if recipe.lora is None:
-        return loramix.wrap(base, recipe.adapter_config()), tokenizer
-    from peft import LoraConfig, get_peft_model
+        model = loramix.wrap(base, recipe.adapter_config())
+    else:
+        from peft import LoraConfig, get_peft_model
 
-    return get_peft_model(base, LoraConfig(task_type="CAUSAL_LM", **recipe.lora)), tokenizer
+        model = get_peft_model(base, LoraConfig(task_type="CAUSAL_LM", **recipe.lora))
+    if recipe.init_from is not None:
+        start_from(model, recipe)
+    return model, tokenizer
+
+
+def start_from(model: nn.Module, recipe: Recipe) -> None:
+    """Load the adapter of the finished run `recipe.init_from` into `model`, built with the same settings."""
+    from loramix.recipe import load_recipe
+
+    run = Path(recipe.init_from)
+    where = f"recipe key init_from={recipe.init_from!r} is invalid"
+    if not (run / "recipe.yaml").is_file() or not (run / "adapter").is_dir():
+        raise ValueError(f"{where}: expected a finished run folder (with recipe.yaml and adapter/)")
+    previous = load_recipe(run / "recipe.yaml")
+    sections = ("model", "quantization", "lora", "mixlora", "method", "adapter")
+    if differing := [key for key in sections if getattr(previous, key) != getattr(recipe, key)]:
+        raise ValueError(f"{where}: that run's {', '.join(differing)} differ from this recipe's; start from a like run")
+    if recipe.lora is not None:
+        from peft.utils import set_peft_model_state_dict
+
+        state = load_file(run / "adapter" / "adapter_model.safetensors")
+        if set_peft_model_state_dict(model, state).unexpected_keys:
+            raise ValueError(f"{where}: {run / 'adapter'} does not fit this recipe's LoRA")
+    else:
+        model.load_adapter_state_dict(read_adapter(run / "adapter")[1], source=str(run / "adapter"))
 
 
 def answer_loss(model: nn.Module, batch: dict[str, torch.Tensor]) -> torch.Tensor:
