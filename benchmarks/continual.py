@@ -8,10 +8,13 @@ Variants (`--variants`), one chain of run folders each under --out:
   sequential-lora  one peft LoRA (configs/lora.yaml) fine-tuned on each new task in turn (`init_from`): it forgets
   gate-rows        MOELoRA's `task` router (configs/task.yaml) on the first task, then each task added by a new gate
                    row over the frozen experts (`continue_from`, `continual.new_experts: 0`; configs/continual.yaml)
-  new-experts      the same first run, then each task added with `--new-experts` LoRA experts of its own per layer
+  new-experts      the same first run, then each task added with `--new-experts` LoRA experts of its own per layer,
+                   routed over those and every frozen expert
+  own-experts      the same, each task routed over its new experts alone (`continual.reuse_experts: false`)
   joint            the `task` router trained on all five at once for the five stages' time: the upper bound
-With new-experts, the learnable tasks (the last three) are each also trained alone, by a fresh `task`-router run of
-`--new-experts` experts (same rank and expert scale) for one stage's time (folder single/), for the paired comparison.
+With new-experts and own-experts, the learnable tasks (the last three) are each also trained alone, by a fresh
+`task`-router run of `--new-experts` experts (same rank and expert scale) for one stage's time (folder single/), for
+the paired comparison.
 
 An old task of a `task`-router chain is not scored again: its first `--check-examples` test examples are scored on
 their own after every stage (a probe), and when the probe's predictions and choice log-likelihoods are those of the
@@ -56,14 +59,15 @@ from loramix.train import train  # noqa: E402
 ROOT = Path(__file__).resolve().parent.parent
 ORDER = ("pubmedqa", "mediqa_rqe", "medical_abstracts", "symptom2disease", "ncbi_disease")
 LEARNABLE = ORDER[2:]
-VARIANTS = ("sequential-lora", "gate-rows", "new-experts", "joint")
+VARIANTS = ("sequential-lora", "gate-rows", "new-experts", "own-experts", "joint")
 LABELS = {
     "sequential-lora": "(a) sequential peft LoRA",
     "gate-rows": "(b) new gate rows only",
     "new-experts": "(c) new experts",
+    "own-experts": "(c') new experts used alone",
     "joint": "(d) joint, all tasks at once (upper bound)",
 }
-ROUTED = ("gate-rows", "new-experts")  # old tasks provably unchanged: their rows are reused after a probe
+ROUTED = ("gate-rows", "new-experts", "own-experts")  # old tasks provably unchanged: rows reused after a probe
 QUICK = {"steps": 3, "eval_examples": 4, "check_examples": 2}
 
 
@@ -115,9 +119,11 @@ def stage_recipe(variant: str, stage: int, settings: Settings, out: Path) -> Rec
         return config("lora", own, settings)
     if stage == 1:  # the first run of both routed chains
         return config("task", [*own, f"tasks={listed(tasks)}"], settings)
-    experts = settings.new_experts if variant == "new-experts" else 0
+    experts = settings.new_experts if variant in ("new-experts", "own-experts") else 0
     own += [f"tasks={listed(tasks)}", f"continue_from={stage_dir(variant, stage - 1, out, order)}"]
     own.append(f"continual.new_experts={experts}")
+    if variant == "own-experts":
+        own.append("continual.reuse_experts=false")
     if experts:  # the experts' learning rate, as the single-task runs they are compared with (rows alone: 1e-2)
         own.append(f"training.lr={config('task', [], settings).training.lr}")
     return config("continual", own, settings)
@@ -202,6 +208,11 @@ def score_stage(run_dir: Path, tasks: list[str], new: str | None, previous: dict
     return scores
 
 
+def trained_steps(run_dir: Path) -> int:
+    """The optimizer steps a stage's run took in its time (training.json)."""
+    return json.loads((run_dir / "training.json").read_text())["steps"]
+
+
 def scoring(settings: Settings) -> dict:
     return {"eval_examples": settings.eval_examples, "check_examples": settings.check_examples}
 
@@ -270,8 +281,9 @@ def matrix_table(variant: str, stages: list[dict], order: tuple[str, ...]) -> li
 
 def summary_rows(results: dict[str, list[dict]], zero_shot: dict[str, float], order: tuple[str, ...]) -> list[str]:
     lines = [
-        "| variant | stages | ACC | BWT | FWT (GEM) | adapter parameters after each stage (+ added) | old tasks |",
-        "|---|---:|---:|---:|---:|---|---|",
+        "| variant | stages | ACC | BWT | FWT (GEM) | adapter parameters after each stage (+ added) | steps per stage "
+        "| old tasks |",
+        "|---|---:|---:|---:|---:|---|---|---|",
     ]
     for variant, stages in results.items():
         tasks = list(order) if variant == "joint" else list(order[: len(stages)])
@@ -294,7 +306,7 @@ def summary_rows(results: dict[str, list[dict]], zero_shot: dict[str, float], or
             checked = "—"
         lines.append(
             f"| {LABELS[variant]} | {len(stages)} | {fmt(acc)} | {fmt(bwt, True)} | {fmt(fwt, True)} | {growth} "
-            f"| {checked} |"
+            f"| {', '.join(str(s['steps']) for s in stages)} | {checked} |"
         )
     return lines
 
@@ -306,6 +318,8 @@ def single_rows(results: dict[str, list[dict]], singles: dict[str, dict], order:
     lines.append("|---|" + "---|" * len(learnable))
     scores = " | ".join(fmt(singles[t]["tasks"][t]["score"]) if t in singles else "—" for t in learnable)
     lines.append(f"| single-task `task` router (reference) | {scores} |")
+    steps = " | ".join(f"{singles[t]['steps']} steps" if t in singles else "—" for t in learnable)
+    lines.append(f"| (single-task run's steps) | {steps} |")
     for variant, stages in results.items():
         if variant == "joint":
             continue
@@ -445,7 +459,7 @@ def main(argv: list[str] | None = None) -> str:
         """Train and score one stage unless it is done (its scores, or None when the time limit stops it)."""
         path = run_dir / "scores.json"
         if path.is_file() and json.loads(path.read_text()).get("settings") == scoring(settings):
-            return json.loads(path.read_text())
+            return json.loads(path.read_text()) | {"steps": trained_steps(run_dir)}
         if not fits():
             return None
         begun = time.monotonic()
@@ -453,7 +467,7 @@ def main(argv: list[str] | None = None) -> str:
         scores = score_stage(run_dir, tasks, new, previous, probe, settings)
         durations.append(time.monotonic() - begun)
         print(f"{name}: " + ", ".join(f"{t} {r['score']:.3f}" for t, r in scores["tasks"].items()), flush=True)
-        return scores
+        return scores | {"steps": trained_steps(run_dir)}
 
     results: dict[str, list[dict]] = {}
     singles: dict[str, dict] = {}
@@ -474,7 +488,7 @@ def main(argv: list[str] | None = None) -> str:
                 break
             stages.append(scores)
         results[variant] = stages
-        if variant == "new-experts":
+        if variant in ("new-experts", "own-experts"):
             for task in settings.single:
                 recipe_of = lambda t=task: single_recipe(t, settings)  # noqa: E731
                 scores = run(f"single {task}", recipe_of, out / "single" / task, [task], task, None, False)

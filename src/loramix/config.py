@@ -64,6 +64,13 @@ class MixLoraConfig(MethodConfig):
         default=None,
         metadata={"help": "'task': the first task id that may use the added experts (a list: of each addition)."},
     )
+    added_exclusive: bool | list[bool] = field(
+        default=False,
+        metadata={
+            "help": "'task': whether the tasks of an addition route over the experts added for them alone (a list: "
+            "of each addition); false: over every expert that existed when they were added."
+        },
+    )
 
     def __post_init__(self) -> None:
         self._check_targets()
@@ -116,6 +123,11 @@ class MixLoraConfig(MethodConfig):
             sizes, firsts = [self.added_experts] if self.added_experts else [], [self.added_from_task]
         if sizes and self.router != "task":
             self._fail("added_experts", self.added_experts, "experts are added to 'task'-router runs only: use 0")
+        flags = self.added_exclusive
+        if not (isinstance(flags, bool) or isinstance(flags, list) and all(isinstance(f, bool) for f in flags)):
+            self._fail("added_exclusive", flags, "expected true, false or a list of them (one per addition)")
+        if isinstance(flags, list) and len(flags) != len(sizes):
+            self._fail("added_exclusive", flags, f"with added_experts={self.added_experts} expected {len(sizes)} flags")
         last = (self.num_tasks or 1) - 1
         for index, first in enumerate(firsts[: len(sizes)]):
             earlier = firsts[index - 1] if index else 0
@@ -132,6 +144,11 @@ class MixLoraConfig(MethodConfig):
         if isinstance(self.added_experts, list):
             return list(zip(self.added_from_task, self.added_experts, strict=True))
         return [(self.added_from_task, self.added_experts)] if self.added_experts else []
+
+    def exclusive_additions(self) -> list[bool]:
+        """Of each addition in `added_groups`, whether its tasks use only the experts it added."""
+        flags = self.added_exclusive
+        return list(flags) if isinstance(flags, list) else [flags] * len(self.added_groups())
 
     def card_details(self) -> tuple[tuple[str, str], dict[str, str]]:
         """(its router's method and paper, or SparseDoctor's when the contrastive loss is on; the settings a

@@ -6,7 +6,9 @@ update, and so its outputs, stay bit-identical, while the new task learns which 
 serves it. With `continual.new_experts: m` the run also adds m LoRA experts per adapted layer and their gate,
 used by the new tasks only (an old task's weights for them are exactly 0.0: `TaskRouter`, `MixLoraLinear`),
 so that a new task can learn what the frozen experts cannot express; a later continuation may add experts
-again for its own tasks (the earlier additions then stay frozen too). The continued run trains the new tasks
+again for its own tasks (the earlier additions then stay frozen too). With `continual.reuse_experts: false`
+the new tasks route over their new experts alone, as a fresh run of that many experts would, and training
+skips the frozen experts' products. The continued run trains the new tasks
 only (its sampler never draws an old one) and saves an ordinary task-router adapter with `num_tasks` = old +
 new tasks: it loads, evaluates, merges, exports and serves like any other.
 """
@@ -65,17 +67,24 @@ def read_previous_run(continue_from: str, tasks: list[str], model: str, quantiza
     return PreviousRun(folder, old, previous.mixlora)
 
 
-def continued_mixlora(previous: PreviousRun, tasks: list[str], new_experts: int) -> dict:
+def continued_mixlora(previous: PreviousRun, tasks: list[str], new_experts: int, reuse_experts: bool = True) -> dict:
     """The `mixlora:` section of a run continuing `previous` with `tasks`: the previous run's, with a task id
     for every task and the `new_experts` experts it adds for the new tasks (after those earlier continuations
-    added)."""
+    added), which they use alone unless `reuse_experts`."""
     section = previous.mixlora | {"num_tasks": len(tasks)}
     if not new_experts:
         return section
-    groups = [*MixLoraConfig.from_dict(previous.mixlora).added_groups(), (len(previous.tasks), new_experts)]
+    config = MixLoraConfig.from_dict(previous.mixlora)
+    groups = [*config.added_groups(), (len(previous.tasks), new_experts)]
+    exclusive = [*config.exclusive_additions(), not reuse_experts]
     if len(groups) == 1:
-        return section | {"added_experts": new_experts, "added_from_task": len(previous.tasks)}
-    return section | {"added_experts": [m for _, m in groups], "added_from_task": [first for first, _ in groups]}
+        added = {"added_experts": new_experts, "added_from_task": len(previous.tasks)}
+        return section | added | ({"added_exclusive": True} if not reuse_experts else {})
+    return section | {
+        "added_experts": [m for _, m in groups],
+        "added_from_task": [first for first, _ in groups],
+        "added_exclusive": exclusive,
+    }
 
 
 def continue_tasks(model: MixLoraModel, previous: PreviousRun) -> int:
@@ -108,6 +117,9 @@ def continue_tasks(model: MixLoraModel, previous: PreviousRun) -> int:
     if kept:
         for parameter in trained_parameters(model, old_tasks)[len(routers) :]:
             parameter.register_hook(lambda grad: _without_rows(grad, kept))
+    if adds_experts and model.mixlora_config.exclusive_additions()[-1]:
+        for layer in model.layers.values():  # the run trains only its new tasks, which weigh the rest 0.0
+            layer.trains_last_addition_only = True
     return old_tasks
 
 

@@ -67,11 +67,16 @@ class MixLoraLinear(nn.Module):
         self.memory_slot: tuple[str, int] | None = None
         self.samples_for_contrast = False  # set with memory_slot; a flag, so compiled blocks share one graph
         self.contrast_sample: ExpertSample | None = None  # this forward's, for the contrastive loss
+        # set by a continuing run whose tasks use only the experts it adds (loramix.continual): while training,
+        # every row weighs the older experts 0.0, so their products are skipped
+        self.trains_last_addition_only = False
 
     def forward(self, x: Tensor) -> Tensor:
         result = self.base_layer(x)
         routing = self.router.route(x, self.context)
         dropped = self.dropout(x)
+        if self.trains_last_addition_only and self.training:
+            return result + self._last_addition(dropped, routing).to(result.dtype)
         hidden = F.linear(dropped, self.lora_A.flatten(0, 1)).unflatten(-1, (self.num_experts, self.rank))
         gates, up, added_up = self._gates_and_up(routing, hidden.dtype)
         if self.samples_for_contrast and self.training:
@@ -107,6 +112,14 @@ class MixLoraLinear(nn.Module):
         if self.context.generating:
             self.context.layer_cache[self] = (routing.weights, gates, up, added_up)
         return gates, up, added_up
+
+    def _last_addition(self, dropped: Tensor, routing: Routing) -> Tensor:
+        """The update from the experts of the last addition alone: what `forward` adds up for rows that weigh
+        every other expert 0.0 (each other product is exactly 0.0), without computing the others."""
+        count = self.added_sizes[-1]
+        added = F.linear(dropped, self.added_A[-count:].flatten(0, 1)).unflatten(-1, (count, self.rank))
+        gates, _, added_up = self._gates_and_up(routing, added.dtype)
+        return F.linear((added * gates[..., -count:, :]).flatten(-2), added_up[-1])
 
     def _sample_for_contrast(self, hidden: Tensor, indices: Tensor, up: Tensor) -> None:
         """Keep the expert activations of this forward's sampled tokens, and B as this forward used it, for the

@@ -7,7 +7,9 @@ is an ordinary LoRA of the total rank and can be merged or exported (`MixLoraMod
 A continuing run (`loramix.continual`) may add experts that only tasks >= `added_from_task` use: their own
 gate, `added_gate`, extends the softmax of those tasks, while an older task's weights are computed exactly as
 before the experts were added (its weights for the added experts are 0.0). Each later continuation may add
-experts again (`MixLoraConfig.added_groups`): a task's softmax spans the experts that existed when it was added.
+experts again (`MixLoraConfig.added_groups`): a task's softmax spans the experts that existed when it was added,
+or, for an exclusive addition (`added_exclusive`), only the experts added with it (its weights for the older
+ones are 0.0).
 """
 
 from __future__ import annotations
@@ -29,6 +31,8 @@ class TaskRouter(Router):
         self.embedding = nn.Embedding(config.num_tasks, config.task_embed_dim)
         self.gate = nn.Linear(config.task_embed_dim, num_experts, bias=False)
         self.added_groups = config.added_groups()  # [(first task id, experts)] of each addition
+        self.exclusive = config.exclusive_additions()  # of each addition: its tasks use only its experts
+        self.own_experts = num_experts
         added = sum(count for _, count in self.added_groups)
         self.added_gate = nn.Linear(config.task_embed_dim, added, bias=False) if added else None
         # The experts split the total rank n * r between them; scale = alpha / total rank. Added experts keep
@@ -50,7 +54,16 @@ class TaskRouter(Router):
             added = F.linear(embedded, self.added_gate.weight[start : start + count]).float()
             logits.append(added.masked_fill(self._older(task_ids, first), float("-inf")))
             start += count
-        return torch.cat(logits, -1) if len(logits) > 1 else logits[0]
+        if not any(self.exclusive):
+            return torch.cat(logits, -1) if len(logits) > 1 else logits[0]
+        logits, start = torch.cat(logits, -1), self.own_experts
+        firsts = [first for first, _ in self.added_groups[1:]] + [self.num_tasks]
+        for (first, count), last, exclusive in zip(self.added_groups, firsts, self.exclusive, strict=True):
+            if exclusive:  # this addition's tasks see none of the experts that existed before it
+                added = ~self._older(task_ids, first) & self._older(task_ids, last)
+                logits = torch.cat([logits[..., :start].masked_fill(added, float("-inf")), logits[..., start:]], -1)
+            start += count
+        return logits
 
     def task_probs(self, task_ids: Tensor, logits: Tensor) -> Tensor:
         """The expert weights for `logits` = task_logits(task_ids): a softmax over the experts each task may use,
