@@ -207,6 +207,11 @@ def test_new_experts_name_what_is_wrong(tmp_path, task_file, first_run, continue
         loramix.MixLoraConfig(["q_proj"], router="task", added_experts=[2, 1], added_from_task=[2, 2], num_tasks=4)
     with pytest.raises(ValueError, match=r"added_from_task=\[1\] is invalid: .* a list of 2 ids"):
         loramix.MixLoraConfig(["q_proj"], router="task", added_experts=[2, 1], added_from_task=[1], num_tasks=4)
+    chained = {"router": "task", "added_experts": [2, 1], "added_from_task": [1, 2], "num_tasks": 4}
+    with pytest.raises(ValueError, match=r"added_exclusive=\[True\] is invalid: .* expected 2 flags"):
+        loramix.MixLoraConfig(["q_proj"], **chained, added_exclusive=[True])
+    with pytest.raises(ValueError, match=r"added_exclusive='yes' is invalid: expected true, false or a list"):
+        loramix.MixLoraConfig(["q_proj"], **chained, added_exclusive="yes")
 
 
 def test_experts_added_again_leave_every_earlier_task_bit_identical(tmp_path, task_file, first_run, continued_run):
