@@ -4,7 +4,7 @@ VENV ?= .venv
 PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed
 
-.PHONY: setup test test-slow demo bench bench-accuracy lint clean
+.PHONY: setup test test-slow demo bench bench-accuracy bench-continual lint clean
 
 $(STAMP): pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -47,6 +47,9 @@ bench: $(STAMP)
 
 bench-accuracy: $(STAMP)
 	$(PY) benchmarks/accuracy.py
+
+bench-continual: $(STAMP)
+	$(PY) benchmarks/continual.py
 
 clean:
 	rm -rf $(VENV) .pytest_cache

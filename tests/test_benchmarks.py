@@ -320,3 +320,38 @@ def test_remix_router_gradient_is_noisy_where_top_k_is_exact(bench, tiny_batch):
     assert rows["remix"]["router_norm"] > 0 and rows["remix"]["cosine"] < 0.99 and rows["remix"]["snr"] < 1e3
     for row in rows.values():
         assert row["expert_norm"] > 0 and 0 < row["clip"] <= 1.0
+
+
+THREE = ["parity", "parity2", "parity3"]
+
+
+def test_continual_learning_runs_end_to_end_and_skips_what_it_did(bench, task_file, tmp_path):
+    import continual
+
+    third = tmp_path / "parity3.jsonl"
+    rows = [{"task": "parity3", "prompt": f"{n}?", "answer": "odd" if n % 2 else "even"} for n in range(40)]
+    third.write_text("\n".join(json.dumps(row | {"choices": ["even", "odd"]}) for row in rows))
+    values = [f"task_files=[{task_file},{third}]", "model=tiny-llama", "max_length=48", "training.batch_size=2"]
+    values += ["training.bf16=false", "mixlora.layers_to_transform=null", "lora.layers_to_transform=null"]
+    settings = [item for value in values for item in ("--set", value)]
+    out = tmp_path / "continual"
+    argv = ["--quick", "--tasks", "parity,parity2,parity3", "--single", "parity3", "--new-experts", "2"]
+    argv += ["--out", str(out), "--results", str(tmp_path / "RESULTS.md"), "--figures", str(tmp_path / "figures")]
+    section = continual.main([*argv, *settings])
+
+    assert (tmp_path / "figures" / "continual.png").is_file() and section in (tmp_path / "RESULTS.md").read_text()
+    new_experts = [json.loads((out / name / "scores.json").read_text()) for name in ("first/1-parity",)]
+    new_experts += [json.loads((out / f"new-experts/{i}-parity{i}/scores.json").read_text()) for i in (2, 3)]
+    assert [sorted(stage["tasks"]) for stage in new_experts] == [["parity"], ["parity", "parity2"], THREE]
+    last = new_experts[-1]["tasks"]
+    assert last["parity"]["reused"] and last["parity2"]["reused"] and not last["parity3"]["reused"]
+    assert last["parity"]["rows"] == new_experts[0]["tasks"]["parity"]["rows"]
+    growth = [stage["parameters"] for stage in new_experts]
+    assert growth[0] < growth[1] < growth[2]  # each added task brings its experts
+    summary = {line.split(" | ")[0]: line for line in section.splitlines() if line.startswith("| (")}
+    assert " | +0.000 | — | " in summary["| (c) new experts"]  # BWT exactly 0, no FWT for a task router
+    assert "| parity3: R[j][j] − single [95% CI] |" in section
+
+    stamps = {path: path.stat().st_mtime for path in out.rglob("scores.json")}
+    continual.main([*argv, *settings])  # everything was done: nothing is trained or scored again
+    assert {path: path.stat().st_mtime for path in out.rglob("scores.json")} == stamps

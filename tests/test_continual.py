@@ -199,19 +199,115 @@ def test_new_experts_name_what_is_wrong(tmp_path, task_file, first_run, continue
         recipe_for(task_file, ["parity"], mixlora=MIXLORA, continual={"new_experts": 2})
     with pytest.raises(ValueError, match=r"continual.new_experts=-1 is invalid: expected a number >= 0"):
         recipe_for(task_file, ["parity", "parity2"], continue_from=str(first_run), continual={"new_experts": -1})
-    _, second = continued_run
-    third = tmp_path / "parity3.jsonl"
-    third.write_text(json.dumps({"task": "parity3", "prompt": "1?", "answer": "odd", "choices": ["even", "odd"]}))
-    with pytest.raises(ValueError, match=r"continual.new_experts=1 is invalid: .* already added 2 experts"):
-        Recipe(
-            name="tiny",
-            model="tiny-llama",
-            tasks=["parity", "parity2", "parity3"],
-            task_files=[str(task_file), str(third)],
-            continue_from=str(second),
-            continual={"new_experts": 1},
-        )
     with pytest.raises(ValueError, match=r"MixLoraConfig.added_experts=2 is invalid: .*'task'-router runs only"):
         loramix.MixLoraConfig(["q_proj"], router="soft", added_experts=2, added_from_task=1, num_tasks=2)
     with pytest.raises(ValueError, match=r"MixLoraConfig.added_from_task=2 is invalid: .* from 1 to num_tasks - 1 = 1"):
         loramix.MixLoraConfig(["q_proj"], router="task", added_experts=2, added_from_task=2, num_tasks=2)
+    with pytest.raises(ValueError, match=r"added_from_task=\[2, 2\] is invalid: .* above the one before"):
+        loramix.MixLoraConfig(["q_proj"], router="task", added_experts=[2, 1], added_from_task=[2, 2], num_tasks=4)
+    with pytest.raises(ValueError, match=r"added_from_task=\[1\] is invalid: .* a list of 2 ids"):
+        loramix.MixLoraConfig(["q_proj"], router="task", added_experts=[2, 1], added_from_task=[1], num_tasks=4)
+    chained = {"router": "task", "added_experts": [2, 1], "added_from_task": [1, 2], "num_tasks": 4}
+    with pytest.raises(ValueError, match=r"added_exclusive=\[True\] is invalid: .* expected 2 flags"):
+        loramix.MixLoraConfig(["q_proj"], **chained, added_exclusive=[True])
+    with pytest.raises(ValueError, match=r"added_exclusive='yes' is invalid: expected true, false or a list"):
+        loramix.MixLoraConfig(["q_proj"], **chained, added_exclusive="yes")
+
+
+def test_experts_added_again_leave_every_earlier_task_bit_identical(tmp_path, task_file, first_run, continued_run):
+    """A third task with experts of its own, added to the run that added parity2's: parity and parity2 compute
+    what they did, the earlier experts do not move, and every task exports and merges as it computes."""
+    from peft import PeftModel
+
+    from loramix.export import export_peft
+
+    _, second = continued_run
+    third = tmp_path / "parity3.jsonl"
+    rows = [{"task": "parity3", "prompt": f"{n}?", "answer": "odd" if n % 2 else "even"} for n in range(40)]
+    third.write_text("\n".join(json.dumps(row | {"choices": ["even", "odd"]}) for row in rows))
+    recipe = Recipe(
+        name="tiny",
+        model="tiny-llama",
+        tasks=["parity", "parity2", "parity3"],
+        task_files=[str(task_file), str(third)],
+        max_length=48,
+        eval_examples=8,
+        training=TRAINING,
+        continue_from=str(second),
+        continual={"new_experts": 3},
+    )
+    config = recipe.mixlora_config()
+    assert (config.added_experts, config.added_from_task, config.added_groups()) == ([2, 3], [1, 2], [(1, 2), (2, 3)])
+    third_run = train(recipe, tmp_path / "third")
+
+    before = load_file(second / "adapter/adapter.safetensors")
+    after = load_file(third_run / "adapter/adapter.safetensors")
+    assert set(before) == set(after)
+    for name, tensor in before.items():  # the earlier rows and experts stay; the new ones trained
+        assert torch.equal(after[name][: tensor.shape[0]], tensor), name
+        if name.endswith("added_B"):
+            assert after[name].shape[0] == 5 and after[name][2:].abs().sum() > 0
+
+    previous, model = (loramix.load(tiny_llama(), run / "adapter") for run in (second, third_run))
+    assert all(layer.added_sizes == (2, 3) for layer in model.layers.values())
+    for name, weights in model.task_weights(1).items():
+        assert torch.equal(weights[6:], torch.zeros(3)) and torch.equal(weights[:6], previous.task_weights(1)[name])
+    with torch.no_grad():
+        for task in (0, 1):
+            assert torch.equal(model(**batch(task)).logits, previous(**batch(task)).logits)
+        expected = model(**batch(2)).logits
+        assert not torch.allclose(expected, previous(**batch(1)).logits, atol=1e-3)
+        inputs = {"input_ids": batch(2)["input_ids"]}
+        torch.testing.assert_close(model.merge_task(2)(**inputs).logits, expected, atol=1e-5, rtol=0)
+    for task, rank in ((1, 12), (2, 18)):
+        export_dir = export_peft(model, tmp_path / f"export{task}", task_id=task)
+        assert json.loads((export_dir / "adapter_config.json").read_text())["r"] == rank
+    peft_model = PeftModel.from_pretrained(tiny_llama().eval(), tmp_path / "export2")
+    with torch.no_grad():
+        torch.testing.assert_close(peft_model(**inputs).logits, expected, atol=1e-5, rtol=0)
+    scores = [json.loads((run / "metrics.json").read_text())["tasks"] for run in (second, third_run)]
+    assert all(scores[0][task]["model"] == scores[1][task]["model"] for task in ("parity", "parity2"))
+
+
+def test_new_experts_used_alone_skip_the_frozen_ones_and_leave_the_old_task_bit_identical(
+    tmp_path, task_file, first_run
+):
+    """continual.reuse_experts: false: the added task weighs every frozen expert 0.0 and the added ones as a
+    fresh run's softmax would; training skips the frozen experts' products and computes the same loss and
+    gradients as the full forward; the old task stays bit-identical."""
+    recipe = recipe_for(
+        task_file,
+        ["parity", "parity2"],
+        continue_from=str(first_run),
+        continual={"new_experts": 2, "reuse_experts": False},
+    )
+    assert recipe.mixlora_config().added_exclusive is True
+    model, _ = build_model(recipe, torch.device("cpu"))
+    assert all(layer.trains_last_addition_only for layer in model.layers.values())
+    with torch.no_grad():
+        for layer in model.layers.values():
+            layer.added_B.normal_(0, 0.1)
+    model.train()
+    trained = trained_parameters(model, old_tasks=1)
+
+    def loss_and_grads(skip: bool):
+        for layer in model.layers.values():
+            layer.trains_last_addition_only = skip
+        model.zero_grad(set_to_none=True)
+        loss = model(**batch(1)).logits.square().mean()
+        loss.backward()
+        return loss.detach(), [p.grad.clone() for p in trained]
+
+    (skipped, skipped_grads), (full, full_grads) = loss_and_grads(True), loss_and_grads(False)
+    assert torch.equal(skipped, full)
+    assert all(torch.equal(a, b) for a, b in zip(skipped_grads, full_grads, strict=True))
+
+    second = train(recipe, tmp_path / "second")
+    old, new = loramix.load(tiny_llama(), first_run / "adapter"), loramix.load(tiny_llama(), second / "adapter")
+    for name, weights in new.task_weights(1).items():
+        assert torch.equal(weights[:4], torch.zeros(4)) and torch.isclose(weights[4:].sum(), torch.tensor(1.0))
+        assert torch.equal(new.task_weights(0)[name][:4], old.task_weights(0)[name])
+    with torch.no_grad():
+        assert torch.equal(new(**batch(0)).logits, old(**batch(0)).logits)
+    with pytest.raises(ValueError, match=r"continual\.reuse_experts"):
+        recipe_for(task_file, ["parity", "parity2"], continue_from=str(first_run), continual={"reuse_experts": False})

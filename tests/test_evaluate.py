@@ -404,3 +404,22 @@ def test_evaluate_run_scores_choices_with_intervals(tmp_path, monkeypatch, adapt
     assert all(len(row["choice_scores"]) == 2 and row["prediction"] in ("yes", "no") for row in rows)
     again = evaluate_run(run, mode="generate")  # the zero-shot cache is kept per mode
     assert again["tasks"]["alpha"]["mode"] == "generate" and "accuracy_norm" not in again["tasks"]["alpha"]["model"]
+
+
+def test_predict_run_scores_the_chosen_tasks_as_evaluate_run_does(tmp_path, monkeypatch):
+    register_yes_no_tasks(monkeypatch)
+    model, _ = tiny_model_and_tokenizer()
+    run = tmp_path / "run"
+    write_run(run, mixture(model, "task"))
+    predicted = evaluation.predict_run(run, {"alpha": 3, "beta": 2}, zero_shot=["alpha"])
+    assert not (run / "metrics.json").exists() and not (run / "predictions.jsonl").exists()
+    assert set(predicted) == {"alpha", "beta"} and set(predicted["alpha"]) == {"metrics", "rows", "zero_shot"}
+    assert [row["id"] for row in predicted["alpha"]["rows"]] == ["5", "1", "2"] and len(predicted["beta"]["rows"]) == 2
+
+    metrics = evaluate_run(run, max_examples=3)
+    rows = [json.loads(line) for line in (run / "predictions.jsonl").read_text().splitlines()]
+    assert predicted["alpha"]["rows"] == [row for row in rows if row["task"] == "alpha"]
+    assert predicted["alpha"]["metrics"] == metrics["tasks"]["alpha"]["model"]
+    assert predicted["alpha"]["zero_shot"] == metrics["tasks"]["alpha"]["zero_shot"]
+    with pytest.raises(ValueError, match=r"tasks \['delta'\] are not tasks of"):
+        evaluation.predict_run(run, {"delta": 1})

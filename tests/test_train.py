@@ -399,3 +399,28 @@ def test_gradient_accumulation_and_bf16_autocast_train(tmp_path, task_file):
     run = train(recipe, tmp_path / "run", evaluate=False)
     history = [json.loads(line) for line in (run / "history.jsonl").read_text().splitlines()]
     assert history[-1]["ce"] < history[0]["ce"] and "balance" in history[0]["aux"]
+
+
+@pytest.mark.parametrize("adapter", ["lora", "task"])
+def test_init_from_starts_from_a_finished_runs_adapter(tmp_path, task_file, adapter):
+    first = training.train(tiny_recipe(task_file, adapter), tmp_path / "first", evaluate=False)
+    recipe = tiny_recipe(task_file, adapter)
+    recipe.init_from = str(first)
+    model, _ = training.build_model(recipe, torch.device("cpu"))
+    saved = load_file(next((first / "adapter").glob("*.safetensors")))
+    if adapter == "lora":
+        from peft.utils import get_peft_model_state_dict
+
+        state = get_peft_model_state_dict(model)
+    else:
+        state = model.adapter_state_dict()
+    assert set(state) == set(saved) and all(torch.equal(state[name], saved[name]) for name in saved)
+
+    with pytest.raises(ValueError, match="init_from=.* is invalid: that run's .*lora.* differ"):
+        other = tiny_recipe(task_file, "lora")
+        other.lora = other.lora | {"r": 4}
+        other.init_from = str(first)
+        training.build_model(other, torch.device("cpu"))
+    with pytest.raises(ValueError, match="init_from=.* is invalid: expected a finished run folder"):
+        nowhere = Recipe(**tiny_recipe(task_file, adapter).to_dict() | {"init_from": str(tmp_path)})
+        training.build_model(nowhere, torch.device("cpu"))

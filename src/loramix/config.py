@@ -53,12 +53,23 @@ class MixLoraConfig(MethodConfig):
     contrastive_temperature: float = field(default=0.07, metadata={"help": "InfoNCE temperature."})
     memory_queue_size: int = field(default=256, metadata={"help": "Per-expert FIFO queue of negatives."})
     prompt_pooling: str = field(default="attention", metadata={"help": "Prompt pooling: attention, mean, last."})
-    added_experts: int = field(
+    added_experts: int | list[int] = field(
         default=0,
-        metadata={"help": "'task': experts per layer added by a continuing run, used by tasks >= added_from_task."},
+        metadata={
+            "help": "'task': experts per layer added by a continuing run, used by tasks >= added_from_task; a list "
+            "(one entry per continuation) when experts were added more than once."
+        },
     )
-    added_from_task: int | None = field(
-        default=None, metadata={"help": "'task': the first task id that may use the added experts."}
+    added_from_task: int | list[int] | None = field(
+        default=None,
+        metadata={"help": "'task': the first task id that may use the added experts (a list: of each addition)."},
+    )
+    added_exclusive: bool | list[bool] = field(
+        default=False,
+        metadata={
+            "help": "'task': whether the tasks of an addition route over the experts added for them alone (a list: "
+            "of each addition); false: over every expert that existed when they were added."
+        },
     )
 
     def __post_init__(self) -> None:
@@ -100,17 +111,44 @@ class MixLoraConfig(MethodConfig):
         self._check_added_experts()
 
     def _check_added_experts(self) -> None:
-        self._check_integers(("added_experts",), minimum=0)
-        if self.added_experts and self.router != "task":
+        chained = isinstance(self.added_experts, list)
+        if chained:
+            sizes, firsts = self.added_experts, self.added_from_task
+            if not sizes or not all(isinstance(m, int) and not isinstance(m, bool) and m >= 1 for m in sizes):
+                self._fail("added_experts", sizes, "expected an integer >= 0 or a non-empty list of integers >= 1")
+            if not isinstance(firsts, list) or len(firsts) != len(sizes):
+                self._fail("added_from_task", firsts, f"with added_experts={sizes} expected a list of {len(sizes)} ids")
+        else:
+            self._check_integers(("added_experts",), minimum=0)
+            sizes, firsts = [self.added_experts] if self.added_experts else [], [self.added_from_task]
+        if sizes and self.router != "task":
             self._fail("added_experts", self.added_experts, "experts are added to 'task'-router runs only: use 0")
-        if self.added_experts and not (
-            isinstance(self.added_from_task, int) and 1 <= self.added_from_task < (self.num_tasks or 0)
-        ):
-            self._fail(
-                "added_from_task",
-                self.added_from_task,
-                f"with added_experts > 0 expected a task id from 1 to num_tasks - 1 = {(self.num_tasks or 1) - 1}",
-            )
+        flags = self.added_exclusive
+        if not (isinstance(flags, bool) or isinstance(flags, list) and all(isinstance(f, bool) for f in flags)):
+            self._fail("added_exclusive", flags, "expected true, false or a list of them (one per addition)")
+        if isinstance(flags, list) and len(flags) != len(sizes):
+            self._fail("added_exclusive", flags, f"with added_experts={self.added_experts} expected {len(sizes)} flags")
+        last = (self.num_tasks or 1) - 1
+        for index, first in enumerate(firsts[: len(sizes)]):
+            earlier = firsts[index - 1] if index else 0
+            if not (isinstance(first, int) and not isinstance(first, bool) and earlier < first <= last):
+                self._fail(
+                    "added_from_task",
+                    self.added_from_task,
+                    f"with added_experts > 0 expected a task id from 1 to num_tasks - 1 = {last}"
+                    + (", each addition's above the one before" if chained else ""),
+                )
+
+    def added_groups(self) -> list[tuple[int, int]]:
+        """(first task id, experts per layer) of each time a continuing run added experts, oldest first."""
+        if isinstance(self.added_experts, list):
+            return list(zip(self.added_from_task, self.added_experts, strict=True))
+        return [(self.added_from_task, self.added_experts)] if self.added_experts else []
+
+    def exclusive_additions(self) -> list[bool]:
+        """Of each addition in `added_groups`, whether its tasks use only the experts it added."""
+        flags = self.added_exclusive
+        return list(flags) if isinstance(flags, list) else [flags] * len(self.added_groups())
 
     def card_details(self) -> tuple[tuple[str, str], dict[str, str]]:
         """(its router's method and paper, or SparseDoctor's when the contrastive loss is on; the settings a

@@ -615,18 +615,7 @@ def evaluate_run(
     metrics = {"tasks": tasks, "meta": meta}
     atomic_write_text(run_dir / "metrics.json", json.dumps(metrics, indent=2))
     write_card(run.adapter_dir, run_card(recipe, metrics))
-    rows = []
-    for name, result in results.items():
-        for index, example in enumerate(scored[name]):
-            row = {"task": name, "id": example.id, "prediction": result["predictions"][index], "answer": example.answer}
-            for key, field in (
-                ("predictions_norm", "prediction_norm"),
-                ("scores", "choice_scores"),
-                ("outputs", "output"),
-            ):
-                if key in result:
-                    row[field] = result[key][index]
-            rows.append(row)
+    rows = [row for name, result in results.items() for row in _prediction_rows(name, result, scored[name])]
     atomic_write_text(run_dir / "predictions.jsonl", "".join(json.dumps(row) + "\n" for row in rows))
     return metrics
 
@@ -638,3 +627,51 @@ def evaluate_and_report(run_dir: Path, recipe: Recipe, max_examples: int | None 
     metrics = evaluate_run(run_dir, data_dir=recipe.data_dir, max_examples=limit, **options)
     write_report(run_dir)
     return metrics
+
+
+def _prediction_rows(name: str, result: dict, examples: Sequence[Example]) -> list[dict]:
+    """predictions.jsonl's rows of one task's `evaluate_model` result."""
+    rows = []
+    for index, example in enumerate(examples):
+        row = {"task": name, "id": example.id, "prediction": result["predictions"][index], "answer": example.answer}
+        for key, field in (("predictions_norm", "prediction_norm"), ("scores", "choice_scores"), ("outputs", "output")):
+            if key in result:
+                row[field] = result[key][index]
+        rows.append(row)
+    return rows
+
+
+def predict_run(
+    run_dir: str | Path,
+    tasks: dict[str, int | None],
+    *,
+    zero_shot: Sequence[str] = (),
+    data_dir: str | Path | None = None,
+    batch_size: int = EVAL_BATCH_SIZE,
+    device: str | torch.device = "cpu",
+) -> dict[str, dict]:
+    """Score a run's adapter on some of its tasks, writing nothing but the zero-shot cache: `tasks` maps a task
+    of the recipe (`tasks` or `evaluation`) to how many of its test examples to score (the first of
+    splits.json's order, as evaluate_run's; None: all). Returns per task {"metrics", "rows" (predictions.jsonl's
+    rows)}, and for the tasks named in `zero_shot` also "zero_shot": the base model's metrics on the same
+    examples (cached as evaluate_run's). A loramix adapter routes a trained task by its task id."""
+    run_dir, run = Path(run_dir), RunFolder(run_dir)
+    recipe, examples, settings = _evaluation_inputs(run, data_dir, None, None, batch_size, device, None)
+    if unknown := sorted(set(tasks) - set(examples)):
+        raise ValueError(f"tasks {unknown} are not tasks of {run_dir} (its recipe's tasks and evaluation)")
+    chosen = {name: (examples[name][0], examples[name][1][:count]) for name, count in tasks.items()}
+    model, tokenizer = load_model(recipe.model, device=device, quantization=recipe.quantization)
+    baseline = {}
+    if zero_shot:
+        wanted = {name: chosen[name] for name in zero_shot}
+        cache, keys = _zero_shot(run_dir, recipe, wanted, settings, model, tokenizer)
+        baseline = {name: cache[keys[name]]["metrics"] for name in wanted}
+    model = run.load_adapter(model)
+    task_ids = {name: index for index, name in enumerate(recipe.tasks)} if isinstance(model, AdaptedModel) else None
+    tests = {name: test for name, (_, test) in chosen.items()}
+    results = evaluate_model(model, tokenizer, tests, task_ids, perplexity=False, **settings)
+    return {
+        name: {"metrics": result["metrics"], "rows": _prediction_rows(name, result, tests[name])}
+        | ({"zero_shot": baseline[name]} if name in baseline else {})
+        for name, result in results.items()
+    }

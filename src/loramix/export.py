@@ -90,11 +90,10 @@ def task_factors(model: MixLoraModel, task_id: int) -> tuple[dict[str, tuple[Ten
 
 
 def task_experts(model: MixLoraModel, task_id: int) -> int:
-    """How many experts per layer task `task_id` uses: the run's own, and those a continuing run added when the
-    task is not older than them."""
+    """How many experts per layer task `task_id` uses: the run's own, and those each continuing run added when
+    the task is not older than them."""
     config = model.mixlora_config
-    added = config.added_experts if config.added_experts and task_id >= config.added_from_task else 0
-    return config.num_experts + added
+    return config.num_experts + sum(count for first, count in config.added_groups() if task_id >= first)
 
 
 @torch.no_grad()

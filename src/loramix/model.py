@@ -67,7 +67,7 @@ class MixLoraModel(AdaptedModel):
     def _new_layer(self, name: str, router: Router, owns_router: bool, num_experts: int, slot=None):
         config = self.mixlora_config
         base = self.base_model.get_submodule(name)
-        added = config.added_experts if config.router == "task" else 0
+        added = [count for _, count in config.added_groups()] if config.router == "task" else 0
         layer = MixLoraLinear(
             base, num_experts, config.expert_rank, config.dropout, router, self.context, owns_router, slot, added
         )

@@ -154,10 +154,17 @@ class Continual:
     """How a run that adds tasks to a `task`-router run (`continue_from`) adds them (loramix.continual)."""
 
     new_experts: int = 0  # LoRA experts per adapted layer that only the added tasks use; 0: new gate rows only
+    reuse_experts: bool = True  # the added tasks also route over the frozen experts (false: their new ones alone)
 
     def __post_init__(self) -> None:
         _check_types(self, "continual.")
         _at_least(self, "continual.", ("new_experts",), 0)
+        _check(
+            self.reuse_experts or self.new_experts > 0,
+            "continual.reuse_experts",
+            self.reuse_experts,
+            "a task added without new experts (continual.new_experts: 0) can only use the frozen ones: use true",
+        )
 
 
 @dataclass
@@ -230,6 +237,9 @@ class Recipe:
     # a finished `task`-router run whose tasks begin `tasks`: this run adds the others (loramix.continual)
     continue_from: str | None = None
     continual: Continual = field(default_factory=Continual)
+    # a finished run of the same adapter settings whose trained adapter this run starts from, e.g. to fine-tune
+    # one adapter through tasks that arrive one after another (benchmarks/continual.py); its tasks are free
+    init_from: str | None = None
 
     def __post_init__(self) -> None:
         self._previous: PreviousRun | None = None
@@ -261,6 +271,12 @@ class Recipe:
         _at_least(self, "", ("dev_examples",), 0)
         if self.continue_from is not None:
             self._continuing()
+        _check(
+            self.init_from is None or self.continue_from is None,
+            "init_from",
+            self.init_from,
+            "a run that adds tasks (continue_from) already starts from that run's adapter: give one of the two",
+        )
         _check(
             self.continue_from is not None or self.continual.new_experts == 0,
             "continual.new_experts",
@@ -334,7 +350,9 @@ class Recipe:
             "a run that adds tasks keeps the old tasks exactly as they were: weight decay must be 0",
         )
         if self.mixlora is None:  # when the run's recipe.yaml is read back, it holds the section
-            self.mixlora = continued_mixlora(self.previous_run(), self.tasks, self.continual.new_experts)
+            self.mixlora = continued_mixlora(
+                self.previous_run(), self.tasks, self.continual.new_experts, self.continual.reuse_experts
+            )
 
     def previous_run(self) -> PreviousRun:
         """The run this recipe continues (`continue_from`), read and checked once (loramix.continual)."""

@@ -8,6 +8,7 @@ from pathlib import Path
 
 import torch
 import torch.distributed as dist
+from safetensors.torch import load_file
 from torch import nn
 from torch.nn.parallel import DistributedDataParallel
 from torch.optim.lr_scheduler import LambdaLR
@@ -30,10 +31,11 @@ from loramix.data.sampling import Encoder, TaskSampler
 from loramix.evaluate import evaluate_and_report
 from loramix.learning_curve import LearningCurve
 from loramix.methods import AdaptedModel
+from loramix.model import read_adapter
 from loramix.models import load_model
 from loramix.precision import use_bf16
 from loramix.process_group import RANK_LOCAL_BUFFERS, all_finite, device_name, gather, init_distributed, slowest
-from loramix.recipe import Recipe
+from loramix.recipe import Recipe, load_recipe
 from loramix.run_folder import RunFolder, split_indices
 from loramix.schedule import StepPlan, learning_rate_factor
 from loramix.sharding import full, gradient_sync, shard
@@ -74,10 +76,34 @@ def build_model(recipe: Recipe, device: torch.device) -> tuple[nn.Module, object
         continue_tasks(model, recipe.previous_run())
         return model, tokenizer
     if recipe.lora is None:
-        return loramix.wrap(base, recipe.adapter_config()), tokenizer
-    from peft import LoraConfig, get_peft_model
+        model = loramix.wrap(base, recipe.adapter_config())
+    else:
+        from peft import LoraConfig, get_peft_model
 
-    return get_peft_model(base, LoraConfig(task_type="CAUSAL_LM", **recipe.lora)), tokenizer
+        model = get_peft_model(base, LoraConfig(task_type="CAUSAL_LM", **recipe.lora))
+    if recipe.init_from is not None:
+        start_from(model, recipe)
+    return model, tokenizer
+
+
+def start_from(model: nn.Module, recipe: Recipe) -> None:
+    """Load the adapter of the finished run `recipe.init_from` into `model`, built with the same settings."""
+    run = RunFolder(recipe.init_from)
+    where = f"recipe key init_from={recipe.init_from!r} is invalid"
+    if not run.recipe_file.is_file() or not run.adapter_dir.is_dir():
+        raise ValueError(f"{where}: expected a finished run folder (with recipe.yaml and adapter/)")
+    previous = load_recipe(run.recipe_file)
+    sections = ("model", "quantization", "lora", "mixlora", "method", "adapter")
+    if differing := [key for key in sections if getattr(previous, key) != getattr(recipe, key)]:
+        raise ValueError(f"{where}: that run's {', '.join(differing)} differ from this recipe's; start from a like run")
+    if recipe.lora is not None:
+        from peft.utils import set_peft_model_state_dict
+
+        state = load_file(run.adapter_dir / "adapter_model.safetensors")
+        if set_peft_model_state_dict(model, state).unexpected_keys:
+            raise ValueError(f"{where}: {run.adapter_dir} does not fit this recipe's LoRA")
+    else:
+        model.load_adapter_state_dict(read_adapter(run.adapter_dir)[1], source=str(run.adapter_dir))
 
 
 def answer_loss(model: nn.Module, batch: dict[str, torch.Tensor]) -> torch.Tensor:
