@@ -84,11 +84,12 @@ def test_a_continuing_recipe_names_what_is_wrong(tmp_path, task_file, first_run)
 
 # ---- continual.new_experts: experts that only the added tasks use ---------------------------------------------
 ADDED = ("added_A", "added_B", "added_gate.weight")
+REUSING = {"new_experts": 2, "reuse_experts": True}  # the added task routes over the frozen experts too
 
 
 @pytest.fixture
 def continued_run(tmp_path, task_file, first_run):
-    recipe = recipe_for(task_file, ["parity", "parity2"], continue_from=str(first_run), continual={"new_experts": 2})
+    recipe = recipe_for(task_file, ["parity", "parity2"], continue_from=str(first_run), continual=REUSING)
     return recipe, train(recipe, tmp_path / "second")
 
 
@@ -126,7 +127,7 @@ def test_new_experts_learn_the_added_task_while_the_old_one_stays_bit_identical(
 
 
 def test_only_the_added_tasks_rows_reach_the_new_experts(task_file, first_run):
-    recipe = recipe_for(task_file, ["parity", "parity2"], continue_from=str(first_run), continual={"new_experts": 2})
+    recipe = recipe_for(task_file, ["parity", "parity2"], continue_from=str(first_run), continual=REUSING)
     model, _ = build_model(recipe, torch.device("cpu"))
     trained = {id(p) for p in trained_parameters(model, old_tasks=1)}
     names = {name for name, p in model.named_parameters() if id(p) in trained}
@@ -234,7 +235,7 @@ def test_experts_added_again_leave_every_earlier_task_bit_identical(tmp_path, ta
         eval_examples=8,
         training=TRAINING,
         continue_from=str(second),
-        continual={"new_experts": 3},
+        continual={"new_experts": 3, "reuse_experts": True},
     )
     config = recipe.mixlora_config()
     assert (config.added_experts, config.added_from_task, config.added_groups()) == ([2, 3], [1, 2], [(1, 2), (2, 3)])
@@ -279,7 +280,7 @@ def test_new_experts_used_alone_skip_the_frozen_ones_and_leave_the_old_task_bit_
         task_file,
         ["parity", "parity2"],
         continue_from=str(first_run),
-        continual={"new_experts": 2, "reuse_experts": False},
+        continual={"new_experts": 2},  # reuse_experts: false by default where experts are added
     )
     assert recipe.mixlora_config().added_exclusive is True
     model, _ = build_model(recipe, torch.device("cpu"))

@@ -6,9 +6,9 @@ update, and so its outputs, stay bit-identical, while the new task learns which 
 serves it. With `continual.new_experts: m` the run also adds m LoRA experts per adapted layer and their gate,
 used by the new tasks only (an old task's weights for them are exactly 0.0: `TaskRouter`, `MixLoraLinear`),
 so that a new task can learn what the frozen experts cannot express; a later continuation may add experts
-again for its own tasks (the earlier additions then stay frozen too). With `continual.reuse_experts: false`
-the new tasks route over their new experts alone, as a fresh run of that many experts would, and training
-skips the frozen experts' products. The continued run trains the new tasks
+again for its own tasks (the earlier additions then stay frozen too). By default the new tasks then route over
+their new experts alone, as a fresh run of that many experts would, and training skips the frozen experts'
+products; with `continual.reuse_experts: true` they route over every expert. The continued run trains the new tasks
 only (its sampler never draws an old one) and saves an ordinary task-router adapter with `num_tasks` = old +
 new tasks: it loads, evaluates, merges, exports and serves like any other.
 """
@@ -67,7 +67,7 @@ def read_previous_run(continue_from: str, tasks: list[str], model: str, quantiza
     return PreviousRun(folder, old, previous.mixlora)
 
 
-def continued_mixlora(previous: PreviousRun, tasks: list[str], new_experts: int, reuse_experts: bool = True) -> dict:
+def continued_mixlora(previous: PreviousRun, tasks: list[str], new_experts: int, reuse_experts: bool = False) -> dict:
     """The `mixlora:` section of a run continuing `previous` with `tasks`: the previous run's, with a task id
     for every task and the `new_experts` experts it adds for the new tasks (after those earlier continuations
     added), which they use alone unless `reuse_experts`."""

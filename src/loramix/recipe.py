@@ -154,13 +154,15 @@ class Continual:
     """How a run that adds tasks to a `task`-router run (`continue_from`) adds them (loramix.continual)."""
 
     new_experts: int = 0  # LoRA experts per adapted layer that only the added tasks use; 0: new gate rows only
-    reuse_experts: bool = True  # the added tasks also route over the frozen experts (false: their new ones alone)
+    # whether the added tasks also route over the frozen experts (false: over their new experts alone); default:
+    # only when no experts are added (new experts used alone learn as a fresh run of them would: RESULTS)
+    reuse_experts: bool | None = None
 
     def __post_init__(self) -> None:
         _check_types(self, "continual.")
         _at_least(self, "continual.", ("new_experts",), 0)
         _check(
-            self.reuse_experts or self.new_experts > 0,
+            self.reuse_experts is not False or self.new_experts > 0,
             "continual.reuse_experts",
             self.reuse_experts,
             "a task added without new experts (continual.new_experts: 0) can only use the frozen ones: use true",
@@ -351,7 +353,7 @@ class Recipe:
         )
         if self.mixlora is None:  # when the run's recipe.yaml is read back, it holds the section
             self.mixlora = continued_mixlora(
-                self.previous_run(), self.tasks, self.continual.new_experts, self.continual.reuse_experts
+                self.previous_run(), self.tasks, self.continual.new_experts, self.continual.reuse_experts is True
             )
 
     def previous_run(self) -> PreviousRun:
