@@ -716,14 +716,20 @@ def write_report(
             lines += [f"![ReMix samples]({link('remix_samples.png')})", ""]
     lines.append(end)
     section = "\n".join(lines)
-    text = results.read_text() if results.is_file() else "# Results\n"
+    write_between_markers(results, section, begin, end)
+    return section
+
+
+def write_between_markers(report: Path, section: str, begin: str, end: str, title: str = "# Results") -> None:
+    """Put `section` (which starts with `begin` and ends with `end`) in place of the report's text between those
+    markers, or at its end; a missing report starts with `title`."""
+    text = report.read_text() if report.is_file() else title + "\n"
     if begin in text and end in text:
         text = text[: text.index(begin)] + section + text[text.index(end) + len(end) :]
     else:
         text = text.rstrip("\n") + "\n\n" + section + "\n"
-    results.parent.mkdir(parents=True, exist_ok=True)
-    results.write_text(text)
-    return section
+    report.parent.mkdir(parents=True, exist_ok=True)
+    report.write_text(text)
 
 
 # ---- main ------------------------------------------------------------------------------------------------------

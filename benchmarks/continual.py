@@ -49,7 +49,7 @@ import matplotlib
 matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402  (the backend must be chosen first)
 import numpy as np  # noqa: E402
-from accuracy import Run, for_recipe, has_checkpoint, paired_difference, save  # noqa: E402
+from accuracy import Run, for_recipe, has_checkpoint, paired_difference, save, write_between_markers  # noqa: E402
 from safetensors import safe_open  # noqa: E402
 
 from loramix.evaluate import predict_run  # noqa: E402
@@ -395,13 +395,7 @@ def write_report(results, singles, zero_shot, settings, command, figures: Path, 
         end,
     ]
     text = "\n".join(lines)
-    old = report.read_text() if report.is_file() else "# Continual learning\n"
-    if begin in old and end in old:
-        old = old[: old.index(begin)] + text + old[old.index(end) + len(end) :]
-    else:
-        old = old.rstrip("\n") + "\n\n" + text + "\n"
-    report.parent.mkdir(parents=True, exist_ok=True)
-    report.write_text(old)
+    write_between_markers(report, text, begin, end, title="# Continual learning")
     return text
 
 

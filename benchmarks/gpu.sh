@@ -43,14 +43,7 @@ if $quick; then
 else
   steps=4 rounds=3 tokens=32 limit=130 static=75 eager=all compiled=topk,soft,prompt precisions=none,bf16 shape=""
 fi
-part() {  # part NAME SECONDS COMMAND...: run one benchmark with a time limit, its output in parts/NAME.txt
-  local name=$1 seconds=$2
-  shift 2
-  echo "== $name (at most ${seconds} s)"
-  timeout "$seconds" "$@" >"$work/parts/$name.txt" 2>"$work/parts/$name.err"
-  echo "$?" >"$work/parts/$name.rc"
-  tail -n 30 "$work/parts/$name.txt"
-}
+source benchmarks/gpu_part.sh
 part train-eager "$limit" $python benchmarks/train_step.py --model "$model" --variants "$eager" --autocast "$precisions" \
   $shape --steps "$steps" --json "$work/parts/train-eager.json"
 part train-compiled $((limit + 30)) $python benchmarks/train_step.py --model "$model" --variants "$compiled" \
@@ -62,22 +55,4 @@ part tenants 40 $python benchmarks/tenants.py --model "$model" --rounds "$rounds
 part methods 50 $python benchmarks/methods.py --model "$model" --rounds "$rounds" --new-tokens "$tokens"
 
 # one JSON: the training results as their script wrote them, the other tables as printed
-$python - "$out" "$work/parts" <<'EOF'
-import json, pathlib, sys
-import torch
-out, folder = pathlib.Path(sys.argv[1]), pathlib.Path(sys.argv[2])
-parts = {}
-for rc in sorted(folder.glob("*.rc")):
-    name = rc.stem
-    data = folder / f"{name}.json"
-    parts[name] = {
-        "exit_code": int(rc.read_text()),  # 124: stopped at its time limit
-        "results": json.loads(data.read_text()) if data.is_file() else None,
-        "printed": (folder / f"{name}.txt").read_text(),
-        "errors_tail": (folder / f"{name}.err").read_text()[-2000:],
-    }
-device = torch.cuda.get_device_name() if torch.cuda.is_available() else "cpu"
-summary = {"device": device, "torch": torch.__version__, "parts": parts}
-(out / "gpu.json").write_text(json.dumps(summary, indent=2))
-print(f"wrote {out / 'gpu.json'}: " + ", ".join(f"{n} exit {p['exit_code']}" for n, p in parts.items()))
-EOF
+$python benchmarks/gpu_summary.py "$out/gpu.json" "$work/parts"

@@ -48,34 +48,10 @@ if $quick; then
 else  # every copy of the model is ~7.6 GB in float32: peft and four variants fit an 80 GB card
   variants=topk,remix,contrastive,task steps=4 limit=200 precisions=none,bf16 shape="--batch 4 --length 512"
 fi
-part() {  # part NAME SECONDS COMMAND...: run one benchmark with a time limit, its output in parts/NAME.txt
-  local name=$1 seconds=$2
-  shift 2
-  echo "== $name (at most ${seconds} s)"
-  timeout "$seconds" "$@" >"$work/parts/$name.txt" 2>"$work/parts/$name.err"
-  echo "$?" >"$work/parts/$name.rc"
-  tail -n 30 "$work/parts/$name.txt"
-}
+source benchmarks/gpu_part.sh
 part train-eager "$limit" $python benchmarks/train_step.py --model "$model" --variants "$variants" \
   --autocast "$precisions" $shape --steps "$steps" --json "$work/parts/train-eager.json"
 part train-compiled $((limit + 60)) $python benchmarks/train_step.py --model "$model" --variants topk \
   --autocast "${precisions##*,}" $shape --steps "$steps" --compile --json "$work/parts/train-compiled.json"
 
-$python - "$out" "$work/parts" <<'EOF'
-import json, pathlib, sys
-import torch
-out, folder = pathlib.Path(sys.argv[1]), pathlib.Path(sys.argv[2])
-parts = {}
-for rc in sorted(folder.glob("*.rc")):
-    name = rc.stem
-    data = folder / f"{name}.json"
-    parts[name] = {
-        "exit_code": int(rc.read_text()),  # 124: stopped at its time limit
-        "results": json.loads(data.read_text()) if data.is_file() else None,
-        "printed": (folder / f"{name}.txt").read_text(),
-        "errors_tail": (folder / f"{name}.err").read_text()[-2000:],
-    }
-device = torch.cuda.get_device_name() if torch.cuda.is_available() else "cpu"
-(out / "llama8b.json").write_text(json.dumps({"device": device, "torch": torch.__version__, "parts": parts}, indent=2))
-print(f"wrote {out / 'llama8b.json'}: " + ", ".join(f"{n} exit {p['exit_code']}" for n, p in parts.items()))
-EOF
+$python benchmarks/gpu_summary.py "$out/llama8b.json" "$work/parts"
