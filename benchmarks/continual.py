@@ -122,9 +122,11 @@ def stage_recipe(variant: str, stage: int, settings: Settings, out: Path) -> Rec
     experts = settings.new_experts if variant in ("new-experts", "own-experts") else 0
     own += [f"tasks={listed(tasks)}", f"continue_from={stage_dir(variant, stage - 1, out, order)}"]
     own.append(f"continual.new_experts={experts}")
-    if experts:  # the experts' learning rate, as the single-task runs they are compared with (rows alone: 1e-2)
+    if experts:  # the experts' learning rate, as the single-task runs they are compared with
         own.append(f"continual.reuse_experts={'false' if variant == 'own-experts' else 'true'}")
         own.append(f"training.lr={config('task', [], settings).training.lr}")
+    else:  # an embedding row alone: a larger step
+        own.append("training.lr=1e-2")
     return config("continual", own, settings)
 
 
