@@ -208,6 +208,8 @@ def test_new_experts_name_what_is_wrong(tmp_path, task_file, first_run, continue
         loramix.MixLoraConfig(["q_proj"], router="task", added_experts=[2, 1], added_from_task=[2, 2], num_tasks=4)
     with pytest.raises(ValueError, match=r"added_from_task=\[1\] is invalid: .* a list of 2 ids"):
         loramix.MixLoraConfig(["q_proj"], router="task", added_experts=[2, 1], added_from_task=[1], num_tasks=4)
+    with pytest.raises(ValueError, match=r"init_from=.* is invalid: a run that adds tasks \(continue_from\)"):
+        recipe_for(task_file, ["parity", "parity2"], continue_from=str(first_run), init_from=str(first_run))
     chained = {"router": "task", "added_experts": [2, 1], "added_from_task": [1, 2], "num_tasks": 4}
     with pytest.raises(ValueError, match=r"added_exclusive=\[True\] is invalid: .* expected 2 flags"):
         loramix.MixLoraConfig(["q_proj"], **chained, added_exclusive=[True])
@@ -312,3 +314,22 @@ def test_new_experts_used_alone_skip_the_frozen_ones_and_leave_the_old_task_bit_
         assert torch.equal(new(**batch(0)).logits, old(**batch(0)).logits)
     with pytest.raises(ValueError, match=r"continual\.reuse_experts"):
         recipe_for(task_file, ["parity", "parity2"], continue_from=str(first_run), continual={"reuse_experts": False})
+
+
+def test_an_exclusive_addition_masks_the_older_experts_for_its_own_tasks_only():
+    """Experts added twice, the first addition exclusive: its task (1) weighs the 4 own experts 0.0 and the
+    later addition's 0.0; the task of the later, reusing addition (2) weighs every expert; task 0 keeps its own."""
+    from loramix.routing.task import TaskRouter
+
+    config = loramix.MixLoraConfig(
+        ["q_proj"], router="task", num_experts=4, num_tasks=3, added_experts=[2, 3], added_from_task=[1, 2],
+        added_exclusive=[True, False],
+    )  # fmt: skip
+    torch.manual_seed(0)
+    router = TaskRouter(config, 8, 4, "task")
+    ids = torch.arange(3)
+    probs = router.task_probs(ids, router.task_logits(ids))
+    assert (probs[0, :4] > 0).all() and probs[0, 4:].eq(0).all()
+    assert probs[1, :4].eq(0).all() and (probs[1, 4:6] > 0).all() and probs[1, 6:].eq(0).all()
+    assert (probs[2] > 0).all()
+    torch.testing.assert_close(probs.sum(-1), torch.ones(3))

@@ -107,19 +107,23 @@ class MixLoraLinear(nn.Module):
             added_up = None
             if self.added_experts:
                 added_up = [experts.transpose(0, 1).flatten(1) for experts in self.added_B.split(self.added_sizes)]
-        weights = routing.weights if self.slot is None else routing.weights[..., self.slot : self.slot + 1]
-        gates = (weights * self.router.expert_scale).unsqueeze(-1).to(dtype)
+        gates = self._gates(routing, dtype)
         if self.context.generating:
             self.context.layer_cache[self] = (routing.weights, gates, up, added_up)
         return gates, up, added_up
+
+    def _gates(self, routing: Routing, dtype: torch.dtype) -> Tensor:
+        """(B, T', n (+ m), 1) each expert's weight times the expert scale."""
+        weights = routing.weights if self.slot is None else routing.weights[..., self.slot : self.slot + 1]
+        return (weights * self.router.expert_scale).unsqueeze(-1).to(dtype)
 
     def _last_addition(self, dropped: Tensor, routing: Routing) -> Tensor:
         """The update from the experts of the last addition alone: what `forward` adds up for rows that weigh
         every other expert 0.0 (each other product is exactly 0.0), without computing the others."""
         count = self.added_sizes[-1]
         added = F.linear(dropped, self.added_A[-count:].flatten(0, 1)).unflatten(-1, (count, self.rank))
-        gates, _, added_up = self._gates_and_up(routing, added.dtype)
-        return F.linear((added * gates[..., -count:, :]).flatten(-2), added_up[-1])
+        gates = self._gates(routing, added.dtype)[..., -count:, :]
+        return F.linear((added * gates).flatten(-2), self.added_B[-count:].transpose(0, 1).flatten(1))
 
     def _sample_for_contrast(self, hidden: Tensor, indices: Tensor, up: Tensor) -> None:
         """Keep the expert activations of this forward's sampled tokens, and B as this forward used it, for the

@@ -32,7 +32,6 @@ class TaskRouter(Router):
         self.gate = nn.Linear(config.task_embed_dim, num_experts, bias=False)
         self.added_groups = config.added_groups()  # [(first task id, experts)] of each addition
         self.exclusive = config.exclusive_additions()  # of each addition: its tasks use only its experts
-        self.own_experts = num_experts
         added = sum(count for _, count in self.added_groups)
         self.added_gate = nn.Linear(config.task_embed_dim, added, bias=False) if added else None
         # The experts split the total rank n * r between them; scale = alpha / total rank. Added experts keep
@@ -56,7 +55,7 @@ class TaskRouter(Router):
             start += count
         if not any(self.exclusive):
             return torch.cat(logits, -1) if len(logits) > 1 else logits[0]
-        logits, start = torch.cat(logits, -1), self.own_experts
+        logits, start = torch.cat(logits, -1), self.gate.out_features
         firsts = [first for first, _ in self.added_groups[1:]] + [self.num_tasks]
         for (first, count), last, exclusive in zip(self.added_groups, firsts, self.exclusive, strict=True):
             if exclusive:  # this addition's tasks see none of the experts that existed before it
