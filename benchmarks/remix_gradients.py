@@ -4,6 +4,7 @@ and against a learned top-k router's, on real training batches.
     python benchmarks/remix_gradients.py                                   # fresh adapters, the demo's recipes
     python benchmarks/remix_gradients.py --run runs/long/remix-s0 --run runs/long/topk-s0   # trained ones
                                                    # (a run still training: its last checkpoint)
+    python benchmarks/remix_gradients.py --run runs/samples/remix-s0 --samples 2,4,8   # ReMix's estimate at each M
 
 For each router (`--routers`, recipes in configs/; or the adapter of each `--run`), on `--batches` training
 batches drawn as training draws them (one task per batch), the script computes `--repeats` gradients of the
@@ -18,6 +19,9 @@ repeat draws new routing samples) and reports:
   with s^2 = sum ||g - mean||^2 / (R - 1). Infinite for a deterministic gradient (top-k's), near 0 when one
   step's estimate is mostly the noise of its routing samples;
 - the mean cosine between two repeats' router gradients (1: the same direction).
+
+`--samples M1,M2,...` measures a ReMix adapter at each number of routing samples M (one row per M, the same
+batches): the RLOO estimate averages over M samples, so its variance should fall as 1/M and its SNR rise as M.
 
 Only the weights' gradients are computed; nothing trains. Each repeat is one forward and backward of a batch.
 """
@@ -142,6 +146,7 @@ def main(argv: list[str] | None = None) -> list[dict]:
     parser.add_argument("--batches", type=int, default=6)
     parser.add_argument("--repeats", type=int, default=4)
     parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--samples", default=None, help="ReMix: comma-separated M to measure (default: the recipe's)")
     parser.add_argument("--json", type=Path, default=None, help="also write the rows here")
     args = parser.parse_args(argv)
     names = args.run or args.routers.split(",")
@@ -151,14 +156,24 @@ def main(argv: list[str] | None = None) -> list[dict]:
     for name in names:
         model, tokenizer, recipe, label = subject(name, args.set)
         batches = training_batches(recipe, tokenizer, args.batches, args.seed)
-        torch.manual_seed(args.seed)
-        row = {"adapter": label, **measure(model, batches, args.repeats, recipe.training.max_grad_norm)}
-        rows.append(row)
-        print(
-            f"| {label} | {row['expert_norm']:.3f} | {row['router_norm']:.3f} | {row['clip']:.3f} | "
-            f"{row['snr']:.2f} ({args.repeats}) | {row['cosine']:.3f} |",
-            flush=True,
-        )
+        config = model.mixlora_config
+        counts = [int(m) for m in args.samples.split(",")] if args.samples and config.router == "remix" else [None]
+        for samples in counts:
+            if samples is not None:
+                config.remix_samples = samples  # read by compute_loss at every step
+            torch.manual_seed(args.seed)
+            row = {
+                "adapter": label,
+                "samples": samples,
+                **measure(model, batches, args.repeats, recipe.training.max_grad_norm),
+            }
+            rows.append(row)
+            print(
+                f"| {label}{'' if samples is None else f', M = {samples}'} | {row['expert_norm']:.3f} | "
+                f"{row['router_norm']:.3f} | {row['clip']:.3f} | {row['snr']:.3g} ({args.repeats}) | "
+                f"{row['cosine']:.3f} |",
+                flush=True,
+            )
     if args.json:
         args.json.write_text(json.dumps(rows, indent=2))
     return rows
