@@ -5,19 +5,22 @@ measured matrix-product rate, beside the seconds it takes, in one process.
     python benchmarks/eval_floor.py --max-examples 200   # the demo's size
 
 The base model is evaluated as `loramix eval` evaluates (the zero-shot half of the demo's evaluation: choice
-scoring, or greedy generation for tasks without choices; the recipe's prompt length, system prompt and
-precision; batches of EVAL_BATCH_SIZE prompts). Its FLOPs: per token that a forward runs, 2 x the decoder's
-linear weights, plus attention (4 x layers x heads x head size x the keys it attends), plus 2 x hidden x
-vocabulary where logits are computed (the prompt's last position, every continuation position, every generated
-token). Scored tokens: each prompt once, each choice's tokens but its last, each generated token; padding is
-not counted, so the floor is what a perfect kernel would need. The rate: a (2048 x d) @ (d x 4d) product of
-the model's hidden size d and dtype, timed before and after the evaluation (the mean). Printed per task:
-tokens, GFLOP, floor seconds, measured seconds and their ratio.
+scoring, or greedy generation for tasks without choices, then the reference answers' perplexity; the recipe's
+prompt length, system prompt and precision; batches of EVAL_BATCH_SIZE prompts), each part timed and counted on
+its own row. Its FLOPs: per token that a forward runs, 2 x the decoder's linear weights, plus attention (4 x
+layers x heads x head size x the keys it attends), plus 2 x hidden x vocabulary where logits are computed (the
+prompt's last position, every continuation position, every generated token, every answer token of the
+perplexity). Scored tokens: each prompt once, each choice's tokens but its last, each generated token, and for
+the perplexity each prompt with its answer; padding is not counted, so the floor is what a perfect kernel would
+need. The rate: a (2048 x d) @ (d x 4d) product of the model's hidden size d and dtype, timed before and after
+the evaluation (the mean). Printed per task and part: tokens, GFLOP, floor seconds, measured seconds and their
+ratio.
 """
 
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import time
 from pathlib import Path
@@ -26,7 +29,7 @@ import torch
 
 from loramix.data import get_task
 from loramix.data.encode import encode_example
-from loramix.evaluate import EVAL_BATCH_SIZE, _continuation_ids, evaluate_model
+from loramix.evaluate import EVAL_BATCH_SIZE, _continuation_ids, answer_perplexity, evaluate_model
 from loramix.models import load_model
 from loramix.precision import use_bf16
 from loramix.recipe import load_recipe
@@ -90,6 +93,22 @@ def task_flops(flops: Flops, examples, tokenizer, settings: dict, result: dict) 
     return tokens, total
 
 
+def perplexity_flops(flops: Flops, examples, tokenizer, settings: dict) -> tuple[int, float]:
+    """(tokens run, forward FLOPs) of answer_perplexity: each prompt with its answer, logits at the answer."""
+    tokens, total = 0, 0.0
+    for example in examples:
+        row = encode_example(
+            dataclasses.replace(example, train_on="last"),
+            tokenizer,
+            settings["max_prompt_length"],
+            True,
+            settings["system_prompt"],
+        )
+        scored = sum(label != -100 for label in row["labels"])
+        tokens, total = tokens + len(row["input_ids"]), total + flops.sequence(0, len(row["input_ids"]), scored)
+    return tokens, total
+
+
 def run(args: argparse.Namespace) -> dict:
     recipe = load_recipe(args.recipe, args.set)
     model, tokenizer = load_model(recipe.model)
@@ -108,11 +127,18 @@ def run(args: argparse.Namespace) -> dict:
     for name in recipe.tasks:
         examples = get_task(name).load(args.data_dir)["test"][: args.max_examples]
         started = time.perf_counter()
-        result = evaluate_model(model, tokenizer, {name: examples}, **settings)[name]
+        result = evaluate_model(model, tokenizer, {name: examples}, perplexity=False, **settings)[name]
         seconds = time.perf_counter() - started
         tokens, total = task_flops(flops, examples, tokenizer, settings, result)
         tasks[name] = {"mode": result["mode"], "examples": len(examples), "tokens": tokens, "flops": total}
         tasks[name]["seconds"] = seconds
+        options = {key: settings[key] for key in ("batch_size", "max_prompt_length", "bf16", "system_prompt")}
+        started = time.perf_counter()
+        answer_perplexity(model, tokenizer, examples, **options)
+        seconds = time.perf_counter() - started
+        tokens, total = perplexity_flops(flops, examples, tokenizer, settings)
+        tasks[f"{name} perplexity"] = {"mode": "perplexity", "examples": len(examples), "tokens": tokens}
+        tasks[f"{name} perplexity"].update(flops=total, seconds=seconds)
     rate = (rate_before + matmul_rate(model.config.hidden_size, dtype)) / 2
     for entry in tasks.values():
         entry["floor_seconds"] = entry["flops"] / rate

@@ -331,6 +331,27 @@ def test_choice_scores_equal_one_forward_per_choice(build):
     assert len({round(total, 3) for options in scores for total, _ in options}) > 8  # the scores differ
 
 
+@pytest.mark.parametrize("build", BUILDS)
+def test_answer_perplexity_equals_full_logits_one_example_at_a_time(build):
+    """answer_perplexity computes logits at the answer positions only, in padded batches: the same value as every
+    position's logits of one example at a time (routes of sequence-level routers included)."""
+    model, tokenizer = tiny_model_and_tokenizer()
+    model = BUILDS[build](model).eval()
+    answers = ["yes", "no", "maybe so", "x"]
+    examples = [Example(task="pubmedqa", prompt=p, answer=a) for p, a in zip(PROMPTS, answers, strict=True)]
+    losses, count = 0.0, 0
+    for example in examples:
+        row = encode_example(example, tokenizer, 64, True)
+        labels = torch.tensor(row["labels"][1:])
+        with torch.no_grad():
+            logits = model(input_ids=torch.tensor([row["input_ids"]])).logits[0, :-1]
+        losses += torch.nn.functional.cross_entropy(logits, labels, reduction="sum").item()
+        count += int((labels != -100).sum())
+    expected = torch.tensor(losses / count).exp().item()
+    got = evaluation.answer_perplexity(model, tokenizer, examples, batch_size=3, max_prompt_length=64)
+    assert got == pytest.approx(expected, rel=1e-5)
+
+
 def test_choice_scores_of_a_gpt2_model_and_batching():
     model, tokenizer = tiny_gpt2(), tiny_tokenizer()
     batched = score_choices(model, tokenizer, CHOICE_EXAMPLES, batch_size=4)

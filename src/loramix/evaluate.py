@@ -263,6 +263,7 @@ def answer_perplexity(
         for e in examples
     ]
     rows.sort(key=lambda row: -len(row["input_ids"]))  # less padding
+    parameters = inspect.signature(backbone(model).forward).parameters
     total, count = 0.0, 0
     was_training = model.training
     model.eval()
@@ -272,11 +273,18 @@ def answer_perplexity(
                 batch = collate(rows[start : start + batch_size], pad)
                 inputs = {key: batch[key].to(device) for key in ("input_ids", "attention_mask")}
                 task_ids = _task_ids(task_id, len(batch["input_ids"]), device)
-                logits = model(**inputs, **({} if task_ids is None else {"task_ids": task_ids})).logits
+                if task_ids is not None:
+                    inputs["task_ids"] = task_ids
                 labels = batch["labels"][:, 1:].to(device)
-                loss = nn.functional.cross_entropy(
-                    logits[:, :-1].flatten(0, 1).float(), labels.flatten(), reduction="sum"
-                )
+                # only the positions that predict an answer token get the (vocabulary-sized) logits
+                predicts = nn.functional.pad(labels != -100, (0, 1), value=False)
+                if "use_cache" in parameters:
+                    inputs["use_cache"] = False
+                if "logits_to_keep" in parameters:
+                    logits = model(**inputs, logits_to_keep=predicts).logits
+                else:
+                    logits = model(**inputs).logits[predicts]
+                loss = nn.functional.cross_entropy(logits.float(), labels[labels != -100], reduction="sum")
                 total, count = total + float(loss), count + int((labels != -100).sum())
     finally:
         model.train(was_training)
