@@ -222,16 +222,23 @@ def _score_chunk(
             model.select_rows(rows)
         cache = prompt[cache_key]
         cache.batch_select_indices(rows)
+        scored = real[:, 1:]  # the positions that predict a choice's token: no logits for the padding
         following = hf_model(
             input_ids=tokens[:, :-1],
             attention_mask=torch.cat([mask[rows], real[:, :-1].long()], dim=1),
             position_ids=mask.sum(-1)[rows, None] + torch.arange(width - 1, device=device),
             use_cache=True,
             **{cache_key: cache},
+            **({"logits_to_keep": scored} if last_only else {}),
         )
-        later = following.logits.float().log_softmax(-1)
-        log_probs = torch.cat([log_probs, later.gather(2, tokens[:, 1:, None])[..., 0]], dim=1)
-        greedy = torch.cat([greedy, later.argmax(-1) == tokens[:, 1:]], dim=1)
+        later = (following.logits if last_only else following.logits[scored]).float().log_softmax(-1)
+        targets = tokens[:, 1:][scored]
+        later_log_probs = torch.zeros(scored.shape, device=device).masked_scatter_(
+            scored, later.gather(1, targets[:, None])[:, 0]
+        )
+        later_greedy = torch.ones_like(scored).masked_scatter_(scored, later.argmax(-1) == targets)
+        log_probs = torch.cat([log_probs, later_log_probs], dim=1)
+        greedy = torch.cat([greedy, later_greedy], dim=1)
     totals = ((log_probs * real).sum(-1) + tail_log_prob[rows]).tolist()
     exact = ((greedy | ~real).all(-1) & tail_greedy[rows]).tolist()
     results: list[list[tuple[float, int, bool]]] = [[] for _ in choices]
