@@ -712,6 +712,13 @@ def write_report(
             lines += [f"![routing ESS over training]({link('routing_ess_curves.png')})", ""]
     if any(runs.get(v) for v in REMIX_SCALING[1:]):
         lines += ["ReMix routing samples M (same steps):", "", *scaling_table(runs, tasks), ""]
+        more = {v: runs[v] for v in REMIX_SCALING if runs.get(v)}
+        lines += [
+            "The same against ReMix M=2 (do more samples help?):",
+            "",
+            *difference_table(more, tasks, "remix"),
+            "",
+        ]
         if plot_scaling(runs, tasks, figures / "remix_samples.png"):
             lines += [f"![ReMix samples]({link('remix_samples.png')})", ""]
     lines.append(end)
