@@ -198,7 +198,8 @@ def _score_chunk(
     hf_model = backbone(model)
     parameters = inspect.signature(hf_model.forward).parameters
     kept = max(tails) + 1  # the positions whose logits are read: the tails' and the last
-    last_only = {"logits_to_keep": kept} if "logits_to_keep" in parameters else {}
+    keeps_logits = "logits_to_keep" in parameters
+    last_only = {"logits_to_keep": kept} if keeps_logits else {}
     cache_key = "cache" if "cache" in parameters else "past_key_values"  # transformers 5.2x renamed it
     owners = [row for row, options in enumerate(choices) for _ in options]
     continuations = [ids for options in choices for ids in options]
@@ -229,9 +230,9 @@ def _score_chunk(
             position_ids=mask.sum(-1)[rows, None] + torch.arange(width - 1, device=device),
             use_cache=True,
             **{cache_key: cache},
-            **({"logits_to_keep": scored} if last_only else {}),
+            **({"logits_to_keep": scored} if keeps_logits else {}),
         )
-        later = (following.logits if last_only else following.logits[scored]).float().log_softmax(-1)
+        later = (following.logits if keeps_logits else following.logits[scored]).float().log_softmax(-1)
         targets = tokens[:, 1:][scored]
         later_log_probs = torch.zeros(scored.shape, device=device).masked_scatter_(
             scored, later.gather(1, targets[:, None])[:, 0]
@@ -271,6 +272,7 @@ def answer_perplexity(
     ]
     rows.sort(key=lambda row: -len(row["input_ids"]))  # less padding
     parameters = inspect.signature(backbone(model).forward).parameters
+    no_cache = {"use_cache": False} if "use_cache" in parameters else {}
     total, count = 0.0, 0
     was_training = model.training
     model.eval()
@@ -278,15 +280,13 @@ def answer_perplexity(
         with without_grad(model), torch.autocast(device.type, dtype=torch.bfloat16, enabled=bf16):
             for start in range(0, len(rows), batch_size):
                 batch = collate(rows[start : start + batch_size], pad)
-                inputs = {key: batch[key].to(device) for key in ("input_ids", "attention_mask")}
+                inputs = {key: batch[key].to(device) for key in ("input_ids", "attention_mask")} | no_cache
                 task_ids = _task_ids(task_id, len(batch["input_ids"]), device)
                 if task_ids is not None:
                     inputs["task_ids"] = task_ids
                 labels = batch["labels"][:, 1:].to(device)
                 # only the positions that predict an answer token get the (vocabulary-sized) logits
                 predicts = nn.functional.pad(labels != -100, (0, 1), value=False)
-                if "use_cache" in parameters:
-                    inputs["use_cache"] = False
                 if "logits_to_keep" in parameters:
                     logits = model(**inputs, logits_to_keep=predicts).logits
                 else:
