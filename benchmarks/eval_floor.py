@@ -20,7 +20,6 @@ ratio.
 from __future__ import annotations
 
 import argparse
-import dataclasses
 import json
 import time
 from pathlib import Path
@@ -29,7 +28,7 @@ import torch
 
 from loramix.data import get_task
 from loramix.data.encode import encode_example
-from loramix.evaluate import EVAL_BATCH_SIZE, _continuation_ids, answer_perplexity, evaluate_model
+from loramix.evaluate import EVAL_BATCH_SIZE, _continuation_ids, answer_perplexity, answer_rows, evaluate_model
 from loramix.models import load_model
 from loramix.precision import use_bf16
 from loramix.recipe import load_recipe
@@ -96,14 +95,7 @@ def task_flops(flops: Flops, examples, tokenizer, settings: dict, result: dict) 
 def perplexity_flops(flops: Flops, examples, tokenizer, settings: dict) -> tuple[int, float]:
     """(tokens run, forward FLOPs) of answer_perplexity: each prompt with its answer, logits at the answer."""
     tokens, total = 0, 0.0
-    for example in examples:
-        row = encode_example(
-            dataclasses.replace(example, train_on="last"),
-            tokenizer,
-            settings["max_prompt_length"],
-            True,
-            settings["system_prompt"],
-        )
+    for row in answer_rows(examples, tokenizer, settings["max_prompt_length"], settings["system_prompt"]):
         scored = sum(label != -100 for label in row["labels"])
         tokens, total = tokens + len(row["input_ids"]), total + flops.sequence(0, len(row["input_ids"]), scored)
     return tokens, total
@@ -123,6 +115,7 @@ def run(args: argparse.Namespace) -> dict:
     dtype = torch.bfloat16 if bf16 else torch.float32
     flops = Flops(model)
     rate_before = matmul_rate(model.config.hidden_size, dtype)
+    options = {key: settings[key] for key in ("batch_size", "max_prompt_length", "bf16", "system_prompt")}
     tasks = {}
     for name in recipe.tasks:
         examples = get_task(name).load(args.data_dir)["test"][: args.max_examples]
@@ -132,7 +125,6 @@ def run(args: argparse.Namespace) -> dict:
         tokens, total = task_flops(flops, examples, tokenizer, settings, result)
         tasks[name] = {"mode": result["mode"], "examples": len(examples), "tokens": tokens, "flops": total}
         tasks[name]["seconds"] = seconds
-        options = {key: settings[key] for key in ("batch_size", "max_prompt_length", "bf16", "system_prompt")}
         started = time.perf_counter()
         answer_perplexity(model, tokenizer, examples, **options)
         seconds = time.perf_counter() - started

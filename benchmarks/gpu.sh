@@ -10,14 +10,7 @@
 #   PYTHON=.venv/bin/python bash benchmarks/gpu.sh --quick   # the same plumbing, narrow model, few steps (CPU)
 set -uo pipefail
 cd "$(dirname "$0")/.."
-out=${OUT:-runs/gpu}
-work=$(mktemp -d)  # the parts and the model stay outside $out: the device tool returns at most 8 files
-mkdir -p "$out" "$work/parts"
-trap 'rm -rf "$work"' EXIT
-export PYTHONPATH=src:benchmarks${PYTHONPATH:+:$PYTHONPATH} PYTHONUNBUFFERED=1
-python=${PYTHON:-python3}
-quick=false
-[ "${1:-}" = "--quick" ] && quick=true
+source benchmarks/gpu_common.sh "$@"  # $out, $work, $python, $quick and `part`
 model="$work/random-smollm2"
 
 # SmolLM2-135M's configuration with random weights, and the tiny tokenizer (only its special ids are used)
@@ -43,7 +36,6 @@ if $quick; then
 else
   steps=4 rounds=3 tokens=32 limit=130 static=75 eager=all compiled=topk,soft,prompt precisions=none,bf16 shape=""
 fi
-source benchmarks/gpu_part.sh
 part train-eager "$limit" $python benchmarks/train_step.py --model "$model" --variants "$eager" --autocast "$precisions" \
   $shape --steps "$steps" --json "$work/parts/train-eager.json"
 part train-compiled $((limit + 30)) $python benchmarks/train_step.py --model "$model" --variants "$compiled" \

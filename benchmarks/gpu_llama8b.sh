@@ -10,14 +10,7 @@
 #   PYTHON=.venv/bin/python bash benchmarks/gpu_llama8b.sh --quick   # the same plumbing on narrow shapes (CPU)
 set -uo pipefail
 cd "$(dirname "$0")/.."
-out=${OUT:-runs/gpu}
-work=$(mktemp -d)
-mkdir -p "$out" "$work/parts"
-trap 'rm -rf "$work"' EXIT
-export PYTHONPATH=src:benchmarks${PYTHONPATH:+:$PYTHONPATH} PYTHONUNBUFFERED=1
-python=${PYTHON:-python3}
-quick=false
-[ "${1:-}" = "--quick" ] && quick=true
+source benchmarks/gpu_common.sh "$@"  # $out, $work, $python, $quick and `part`
 model="$work/random-llama3-8b-slice"
 layers=${LAYERS:-4}
 
@@ -48,7 +41,6 @@ if $quick; then
 else  # every copy of the model is ~7.6 GB in float32: peft and four variants fit an 80 GB card
   variants=topk,remix,contrastive,task steps=4 limit=200 precisions=none,bf16 shape="--batch 4 --length 512"
 fi
-source benchmarks/gpu_part.sh
 part train-eager "$limit" $python benchmarks/train_step.py --model "$model" --variants "$variants" \
   --autocast "$precisions" $shape --steps "$steps" --json "$work/parts/train-eager.json"
 part train-compiled $((limit + 60)) $python benchmarks/train_step.py --model "$model" --variants topk \

@@ -249,6 +249,17 @@ def _score_chunk(
 
 
 # ---- perplexity ---------------------------------------------------------------------------------------------
+def answer_rows(
+    examples: Sequence[Example], tokenizer, max_prompt_length: int, system_prompt: str | None
+) -> list[dict]:
+    """The examples encoded as `answer_perplexity` scores them: prompt and answer, the answer's tokens (with its end
+    of turn) labelled, a conversation's last answer alone."""
+    return [
+        encode_example(dataclasses.replace(e, train_on="last"), tokenizer, max_prompt_length, True, system_prompt)
+        for e in examples
+    ]
+
+
 def answer_perplexity(
     model: nn.Module,
     tokenizer,
@@ -266,10 +277,7 @@ def answer_perplexity(
         return math.nan
     pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else eos_token_ids(backbone(model), tokenizer)[0]
     device = next(model.parameters()).device
-    rows = [
-        encode_example(dataclasses.replace(e, train_on="last"), tokenizer, max_prompt_length, True, system_prompt)
-        for e in examples
-    ]
+    rows = answer_rows(examples, tokenizer, max_prompt_length, system_prompt)
     rows.sort(key=lambda row: -len(row["input_ids"]))  # less padding
     parameters = inspect.signature(backbone(model).forward).parameters
     no_cache = {"use_cache": False} if "use_cache" in parameters else {}
