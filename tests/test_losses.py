@@ -7,7 +7,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from loramix import MixLoraConfig
+from loramix import MixLoraConfig, losses
 from loramix.losses import (
     ExpertMemoryQueue,
     expert_contrastive_loss,
@@ -121,6 +121,27 @@ def test_memory_queue_is_fifo_per_layer_and_expert():
     assert queue.filled[0].sum() == 1 and queue.queue[0, 1, 0, 0] == 7.0
 
 
+def test_memory_queue_keeps_the_last_rows_of_a_push_larger_than_a_queue():
+    queue = ExpertMemoryQueue(num_layers=1, num_experts=2, size=3, dim=1)
+    values = torch.arange(1.0, 8.0).view(1, 7, 1)  # expert 0 gets 1, 3, 4, 6, 7; expert 1 gets 2, 5
+    queue.push(values, torch.tensor([[0, 1, 0, 0, 1, 0, 0]]))
+    queue.flush()
+    assert queue.queue[0, 0, :, 0].tolist() == [6.0, 7.0, 4.0]  # 1 and 3 out; 4 sits where it was written
+    assert queue.queue[0, 1, :2, 0].tolist() == [2.0, 5.0] and queue.filled[0, 1].tolist() == [True, True, False]
+    queue.push(torch.tensor([[[8.0]]]), torch.tensor([[0]]))
+    queue.flush()
+    assert queue.queue[0, 0, :, 0].tolist() == [6.0, 7.0, 8.0]  # the oldest, 4, goes next
+
+
+def test_memory_queue_load_clears_the_empty_slots():
+    """The contrastive loss reads zeros in an empty slot, whatever a loaded state holds there."""
+    queue = ExpertMemoryQueue(num_layers=1, num_experts=2, size=2, dim=3)
+    state = {"queue": torch.randn(1, 2, 2, 3), "filled": torch.tensor([[[True, False], [False, False]]])}
+    queue.load_state_dict(state | {"position": torch.tensor([[1, 0]])})
+    assert torch.equal(queue.queue[0, 0, 0], state["queue"][0, 0, 0])
+    assert queue.queue[0, 0, 1].eq(0).all() and queue.queue[0, 1].eq(0).all()
+
+
 def contrastive_loss_by_loops(hidden, active, up, queue: ExpertMemoryQueue, temperature: float, layers=None):
     """The reference for the contrastive loss, straight from its definition: per layer, token and (query,
     positive) pair, the experts' outputs B_e A_e x normalised one by one, the positive against every filled
@@ -157,9 +178,12 @@ def random_contrast(layers=2, tokens=5, n=5, k=2, rank=3, dim=6, size=4):
 
 
 @pytest.mark.parametrize("temperature", [0.07, 0.5, 0.01], ids=["default", "warm", "cold-row-maximum"])
-def test_contrastive_loss_and_gradients_against_a_per_token_loop(temperature):
-    """The rank-space loss (queue against B once, logits shifted by 1/t or, for t < 0.025, by the row's
-    largest included value) equals the loss from the experts' outputs, value and gradients."""
+@pytest.mark.parametrize("chunk_bytes", [losses.EXPONENTIALS_CHUNK_BYTES, 1], ids=["all-layers", "layer-by-layer"])
+def test_contrastive_loss_and_gradients_against_a_per_token_loop(temperature, chunk_bytes, monkeypatch):
+    """The rank-space loss (queue against B once, logits shifted by 1/t or, for t <= 0.04, by the row's
+    largest included value, computed for all layers at once or layer by layer) equals the loss from the
+    experts' outputs, value and gradients."""
+    monkeypatch.setattr(losses, "EXPONENTIALS_CHUNK_BYTES", chunk_bytes)
     torch.manual_seed(0)
     hidden, active, up, queue = random_contrast(k=3 if temperature == 0.5 else 2)
     expected = contrastive_loss_by_loops(hidden, active, up, queue, temperature)

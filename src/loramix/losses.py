@@ -58,7 +58,7 @@ class ExpertMemoryQueue(nn.Module):
     A push is written when the queue is next read (or saved), not at once: the loss that read the queue in
     this step needs its contents until its backward, and writing after it spares copying every queue in
     every step. Should a push (or a load) be written while such a backward is still to come, the queue is
-    copied first.
+    copied first. An empty slot holds zeros (also after a load), which the contrastive loss relies on.
     """
 
     def __init__(self, num_layers: int, num_experts: int, size: int, dim: int) -> None:
@@ -71,6 +71,7 @@ class ExpertMemoryQueue(nn.Module):
         self._generation = 0
         self.register_state_dict_pre_hook(lambda module, prefix, keep_vars: module.flush())
         self.register_load_state_dict_pre_hook(lambda module, *args: module._before_load())
+        self.register_load_state_dict_post_hook(lambda module, _: module._clear_empty_slots())
 
     def push(self, representations: Tensor, experts: Tensor, layers: list[int] | None = None) -> None:
         """Add representations (L', S, d) to the queues of their experts (L', S), oldest out first; `layers`
@@ -106,6 +107,10 @@ class ExpertMemoryQueue(nn.Module):
             self.queue = self.queue.clone()
             self._reads_awaiting_backward, self._generation = 0, self._generation + 1
 
+    @torch.no_grad()
+    def _clear_empty_slots(self) -> None:
+        self.queue.masked_fill_(~self.filled.unsqueeze(-1), 0.0)
+
     def _before_load(self) -> None:
         self._pending.clear()
         self._copy_if_read()
@@ -127,15 +132,18 @@ class ExpertMemoryQueue(nn.Module):
         # Each (layer, expert) queue is one row of the flattened buffers.
         queues = (layer[:, None] * num_experts + experts.to(device)).flatten()
         queue, filled, position = self.queue.view(-1, size, dim), self.filled.view(-1, size), self.position.view(-1)
-        order = queues.argsort(stable=True)
-        queues = queues[order]
         counts = torch.bincount(queues, minlength=len(position))
-        rank = torch.arange(len(queues), device=queues.device) - (counts.cumsum(0) - counts)[queues]
-        # Written in arrival order, only the last `size` rows of each queue would survive.
-        keep = rank >= counts[queues] - size
+        # each row's rank among its queue's rows, in arrival order
+        order = queues.argsort(stable=True)
+        rank = torch.empty_like(order)
+        rank[order] = torch.arange(len(queues), device=device) - (counts.cumsum(0) - counts)[queues[order]]
         slots = (position[queues] + rank) % size
-        queue[queues[keep], slots[keep]] = representations.to(queue).flatten(0, 1)[order[keep]]
-        filled[queues[keep], slots[keep]] = True
+        rows = representations.to(queue).flatten(0, 1)
+        keep = rank >= counts[queues] - size  # written in arrival order, only the last `size` would survive
+        if not keep.all():  # (rows are copied only if a queue overflows in one push)
+            queues, slots, rows = queues[keep], slots[keep], rows[keep]
+        queue[queues, slots] = rows
+        filled[queues, slots] = True
         position.copy_((position + counts) % size)
 
 
@@ -174,54 +182,76 @@ class _OutputGram(torch.autograd.Function):
         return grad_chosen, up @ (grad_gram_up + grad_gram_up.transpose(1, 2))
 
 
+EMPTY_LOGIT = -85.0  # an empty queue slot's shifted logit: its exponential is a normal float32, 1.2e-37
+# Exponentials are computed for this many bytes of layers at a time: a tensor above 32 MiB comes from the
+# operating system fresh (its pages faulted in) at every step, one below it from the allocator's reused memory.
+EXPONENTIALS_CHUNK_BYTES = 16 * 2**20
+
+
 class _NegativeLogSumExp(torch.autograd.Function):
     """(L, R) log sum_v exp(q . v / t) over the negatives v of each of R queries, with the query and the queued
-    representations given in the rank space: `scaled` (L, R, n r) = c / (|o| t) and `projected` (L, n Q, n r)
-    = B^T v, so that q . v / t = scaled . projected. `included` (L, R, n): which experts' queues are the
-    query's negatives (not its token's active experts); `empty` (L, n Q): slots not filled yet. -inf where a
-    query has no negative.
+    representations given in the rank space: `scaled` (L, R, n r) = c / (|o| t) and `projected` (L, n r, n Q)
+    = B^T v for every queued v, queue by queue, so that q . v / t = scaled . projected. `included` (L, R, n):
+    which experts' queues are the query's negatives (not its token's active experts); `filled` (L, n Q): slots
+    that hold a representation. -inf where a query has no negative.
 
-    One product per expert queue, (R x n r) by (n r x Q), laid out queue by queue (L, n, R, Q), shifted by
-    the largest value q . v / t can take, 1/t (q and v are unit vectors), so that every exponential is a
-    normal float32 (where 2/t < 80; else by the largest included value), then exp in place and sums per
-    queue, of which the included ones are added: no masked logits, whose exponentials (underflowing to 0.0)
-    cost a CPU ten times as much. The backward reuses the exponentials and applies each queue's weight to
-    the products' small results (R x n r, Q x n r), never to the exponentials themselves.
+    One product of each layer's queries with all of its queued vectors, (R x n r) by (n r x n Q), shifted by
+    the largest value q . v / t can take, 1/t (q and v are unit vectors), so that every exponential is a normal
+    float32 (where 2/t < 50; else by the largest included value), then exp in place, the excluded queues' set
+    to 0.0. An empty slot's logit is -85, not -inf: a CPU computes exp(-inf) at a third of the speed of a
+    normal value, and underflowing values at a twentieth. Its exponential, 1.2e-37, is below the float32
+    resolution of any sum with one filled slot (each at least exp(-2/t) > 1.9e-22). The backward applies each
+    query's weight to the products' small results (R x n r, its queries), never to the exponentials.
     """
 
     @staticmethod
-    def forward(ctx, scaled: Tensor, projected: Tensor, included: Tensor, empty: Tensor, temperature: float) -> Tensor:
-        num_layers, rows, width = scaled.shape
+    def forward(ctx, scaled: Tensor, projected: Tensor, included: Tensor, filled: Tensor, temperature: float) -> Tensor:
+        num_layers, rows, _ = scaled.shape
         num_experts = included.shape[-1]
-        bounded = 2 / temperature < 80
-        # a last column of ones against -1/t (the shift) or -inf (an empty slot) in the product
-        ones = scaled.new_ones(num_layers, rows, 1)
-        offset = torch.where(empty, float("-inf"), -1 / temperature if bounded else 0.0).to(projected.dtype)
-        keys = torch.cat([projected, offset.unsqueeze(-1)], -1).view(num_layers, num_experts, -1, width + 1)
-        queries = torch.cat([scaled, ones], -1).unsqueeze(1).expand(-1, num_experts, -1, -1)
-        logits = queries @ keys.transpose(-1, -2)  # (L, n, R, Q)
-        by_queue = included.transpose(1, 2)  # (L, n, R)
+        bounded = 2 / temperature < 50
         if bounded:
-            shift = torch.full((num_layers, rows), 1 / temperature, device=scaled.device)
+            offset = torch.where(filled, -1 / temperature, EMPTY_LOGIT)
         else:
-            largest = logits.amax(-1).masked_fill(~by_queue, float("-inf")).amax(1)
-            shift = torch.where(largest > float("-inf"), largest, 0.0)  # no negative: exponentials 0.0
-            logits.sub_(shift[:, None, :, None]).clamp_max_(0.0)  # excluded queues' larger values: not to overflow
-        exponentials = logits.exp_()
-        total = (exponentials.sum(-1) * by_queue).sum(1)
-        ctx.save_for_backward(scaled, projected, by_queue, exponentials, total)
+            offset = torch.where(filled, 0.0, float("-inf"))
+        offset = offset.unsqueeze(1).to(projected.dtype)
+        has_negative = (included & filled.view(num_layers, 1, num_experts, -1).any(-1)).any(-1)
+        shift = torch.full((num_layers, rows), 1 / temperature, device=scaled.device)
+        total = scaled.new_empty(num_layers, rows)
+        chunks = _layer_chunks(num_layers, rows * projected.shape[-1] * projected.element_size())
+        saved = []
+        for part in chunks:
+            logits = torch.baddbmm(offset[part], scaled[part], projected[part])  # (L', R, n Q)
+            by_queue = logits.unflatten(-1, (num_experts, -1))
+            if not bounded:
+                largest = by_queue.amax(-1).masked_fill(~included[part], float("-inf")).amax(-1)
+                shift[part] = torch.where(has_negative[part], largest, 0.0)
+                logits.sub_(shift[part].unsqueeze(-1)).clamp_max_(0.0)  # excluded queues' larger values
+            logits.exp_()
+            by_queue.mul_(included[part].unsqueeze(-1))
+            torch.sum(logits, -1, out=total[part])
+            saved.append(logits)
+        total = torch.where(has_negative, total, 0.0)
+        ctx.chunks = chunks
+        ctx.save_for_backward(scaled, projected, total, *saved)
         return total.log() + shift
 
     @staticmethod
     def backward(ctx, grad: Tensor) -> tuple[Tensor | None, ...]:
-        scaled, projected, by_queue, exponentials, total = ctx.saved_tensors
-        num_layers, num_experts, rows, size = exponentials.shape
-        # (L, n, R, 1): d loss / d exp(logit) for every logit of a queue; 0 where there is no negative
-        weight = (by_queue * torch.where(total > 0, grad / total, 0.0).unsqueeze(1)).unsqueeze(-1)
-        keys = projected.view(num_layers, num_experts, size, -1)
-        grad_scaled = ((exponentials @ keys) * weight).sum(1)
-        grad_projected = exponentials.transpose(-1, -2) @ (weight * scaled.unsqueeze(1))
-        return grad_scaled, grad_projected.view_as(projected), None, None, None
+        scaled, projected, total, *exponentials = ctx.saved_tensors
+        # (L, R, 1): d loss / d exp(logit) of each query's negatives; 0 where it has none
+        weight = torch.where(total > 0, grad / total, 0.0).unsqueeze(-1)
+        weighted = scaled * weight
+        grad_scaled, grad_projected = torch.empty_like(scaled), torch.empty_like(projected)
+        for part, values in zip(ctx.chunks, exponentials, strict=True):
+            torch.bmm(values, projected[part].transpose(1, 2), out=grad_scaled[part])  # an empty slot's v is 0
+            torch.bmm(weighted[part].transpose(1, 2), values, out=grad_projected[part])  # meets it as 0 in B
+        return grad_scaled.mul_(weight), grad_projected, None, None, None
+
+
+def _layer_chunks(num_layers: int, bytes_per_layer: int) -> list[slice]:
+    """Slices of at most EXPONENTIALS_CHUNK_BYTES of layers (at least one layer each)."""
+    step = max(1, EXPONENTIALS_CHUNK_BYTES // bytes_per_layer)
+    return [slice(start, start + step) for start in range(0, num_layers, step)]
 
 
 def expert_contrastive_loss(
@@ -258,13 +288,13 @@ def expert_contrastive_loss(
         off_diagonal = ~torch.eye(k, dtype=torch.bool, device=active.device)
         pairs = cosines[..., off_diagonal].view(num_layers, tokens, k, k - 1) / temperature
         vectors, filled = queue.negatives(layers)
-        projected = vectors.float() @ up  # (L, n Q, n r)
+        projected = up.transpose(1, 2) @ vectors.float().transpose(1, 2)  # (L, n r, n Q)
         queue.read_until_backward(projected)
         scaled = (chosen / (norms.unsqueeze(-1) * temperature)).flatten(1, 2)
         included = torch.ones(num_layers, tokens, hidden.shape[2], dtype=torch.bool, device=hidden.device)
         included = included.scatter_(2, active, False).unsqueeze(2).expand(-1, -1, k, -1).flatten(1, 2)
-        negative_mass = _NegativeLogSumExp.apply(scaled, projected, included, ~filled, temperature)
+        negative_mass = _NegativeLogSumExp.apply(scaled, projected, included, filled, temperature)
         negative_mass = negative_mass.view(num_layers, tokens, k, 1).expand_as(pairs)
         losses = (torch.logaddexp(pairs, negative_mass) - pairs).mean((1, 2, 3))
-        queries = outputs / norms.detach().unsqueeze(-1)
+        queries = outputs.div_(norms.detach().unsqueeze(-1))  # outputs: computed for the queue, not saved
     return losses, queries
