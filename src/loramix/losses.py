@@ -183,8 +183,8 @@ class _OutputGram(torch.autograd.Function):
 
 
 EMPTY_LOGIT = -85.0  # an empty queue slot's shifted logit: its exponential is a normal float32, 1.2e-37
-# Exponentials are computed for this many bytes of layers at a time: a tensor above 32 MiB comes from the
-# operating system fresh (its pages faulted in) at every step, one below it from the allocator's reused memory.
+# On a CPU, exponentials are computed for this many bytes of layers at a time: a tensor above 32 MiB comes
+# from the operating system fresh (its pages faulted in) at every step, one below it from reused memory.
 EXPONENTIALS_CHUNK_BYTES = 16 * 2**20
 
 
@@ -217,7 +217,7 @@ class _NegativeLogSumExp(torch.autograd.Function):
         has_negative = (included & filled.view(num_layers, 1, num_experts, -1).any(-1)).any(-1)
         shift = torch.full((num_layers, rows), 1 / temperature, device=scaled.device)
         total = scaled.new_empty(num_layers, rows)
-        chunks = _layer_chunks(num_layers, rows * projected.shape[-1] * projected.element_size())
+        chunks = _layer_chunks(num_layers, rows * projected.shape[-1] * projected.element_size(), scaled.device)
         saved = []
         for part in chunks:
             logits = torch.baddbmm(offset[part], scaled[part], projected[part])  # (L', R, n Q)
@@ -248,8 +248,11 @@ class _NegativeLogSumExp(torch.autograd.Function):
         return grad_scaled.mul_(weight), grad_projected, None, None, None
 
 
-def _layer_chunks(num_layers: int, bytes_per_layer: int) -> list[slice]:
-    """Slices of at most EXPONENTIALS_CHUNK_BYTES of layers (at least one layer each)."""
+def _layer_chunks(num_layers: int, bytes_per_layer: int, device: torch.device) -> list[slice]:
+    """Slices of at most EXPONENTIALS_CHUNK_BYTES of layers (at least one layer each) on a CPU; all layers at
+    once elsewhere (a GPU's caching allocator reuses its memory)."""
+    if device.type != "cpu":
+        return [slice(0, num_layers)]
     step = max(1, EXPONENTIALS_CHUNK_BYTES // bytes_per_layer)
     return [slice(start, start + step) for start in range(0, num_layers, step)]
 
